@@ -1,0 +1,280 @@
+"""Typed run configuration: YAML file + dotted `key=value` overrides, validated before any model loads.
+
+    cfg = load_config("configs/llama-3.1-8b-lora.yaml", ["lora.r=32", "train.learning_rate=2e-4"])
+
+Unknown keys and wrong types raise `ConfigError` naming the dotted key (and the closest valid key).
+Our config names what users choose; `train/` maps it onto HF `TrainingArguments`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which base model to fine-tune and how."""
+
+    name: str = Field(..., description="Hub id, local HF directory, or a .gguf file.")
+    gguf_file: Optional[str] = Field(None, description="GGUF file name inside `name` (auto when `name` is a .gguf path).")
+    tokenizer: Optional[str] = Field(
+        None, description="Tokenizer source: `llama3` / `llama3.1` (Meta's offline file), a hub id or a directory; default: the model's."
+    )
+    family: Literal["auto", "llama3", "llama3.1", "other"] = Field("auto", description="Template/special-token rules; auto-detected.")
+    instruct: Optional[bool] = Field(None, description="Chat (instruct) model? Default: yes when a chat template is available.")
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="LoRA adapters, LoRA on a 4-bit base, or all weights.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype; auto = bf16 on GPUs that support it, else fp32 on CPU.")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust the source.")
+    add_pad_token: bool = Field(False, description="Add a new <|pad|> token (resizing embeddings) when no unused special token exists.")
+
+
+class LoraConfig(_Section):
+    """LoRA adapter settings (also used by qlora)."""
+
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field("all-linear", description="Module names, or all-linear (every projection except lm_head).")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+
+class QuantizationConfig(_Section):
+    """Base-model quantisation for qlora (needs a CUDA GPU and bitsandbytes)."""
+
+    bits: Literal[4, 8] = Field(4, description="4-bit (QLoRA) or 8-bit base weights.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too.")
+    compute_dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="Dtype of the matmuls.")
+
+
+class ColumnsConfig(_Section):
+    """Column (field) names in the data files."""
+
+    text: str = "text"
+    question: str = "question"
+    answer: str = "answer"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+    role: str = "role"
+    content: str = "content"
+    system: str = "system"
+
+
+class DataConfig(_Section):
+    """What to train and validate on, and how rows become tokens."""
+
+    train: list[str] = Field(..., min_length=1, description="Training files (jsonl, json, csv, parquet, or a save_to_disk directory).")
+    format: Literal["auto", "text", "qa", "alpaca", "messages"] = Field("auto", description="Row format; auto picks it from the columns.")
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    system_prompt: Optional[str] = Field(None, description="System message added to rows that have none.")
+    chat_template: Optional[str] = Field(None, description="Path to a .jinja chat template overriding the tokenizer's.")
+    date: Optional[str] = Field(None, description="'Today Date' for the Llama 3.1 system header, e.g. '26 Jul 2024' (default: the template's).")
+    validation: Union[None, str, dict[str, str]] = Field(
+        None, description="A file, a mapping name -> file, or a directory of *val.json / *val.jsonl files (each a named set)."
+    )
+    test: Optional[str] = Field(None, description="Test file (default: a split of the training data when test_ratio > 0).")
+    val_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of training rows held out for validation when no validation file is given.")
+    test_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of training rows held out for testing when no test file is given.")
+    split_seed: int = Field(42, description="Seed of the train/validation/test split.")
+    max_seq_length: int = Field(2048, gt=8, description="Longest example in tokens.")
+    truncation: Literal["drop", "truncate"] = Field(
+        "drop", description="Longer examples: drop them (default; never trains a cut-off answer without its end token) or cut them at max_seq_length."
+    )
+    train_on: Literal["completion", "all"] = Field("completion", description="Loss on assistant turns only, or on every token.")
+    assistant_turns: Literal["all", "last"] = Field("all", description="With train_on=completion: every assistant turn, or only the last.")
+    packing: Literal["auto", "on", "off"] = Field("auto", description="Padding-free packing of several examples per row (auto: on GPU fast path).")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _ratios(self) -> "DataConfig":
+        if self.val_ratio + self.test_ratio >= 1.0:
+            raise ValueError("val_ratio + test_ratio must be below 1")
+        return self
+
+
+Every = Union[int, float]
+
+
+class TrainConfig(_Section):
+    """Optimisation and run bookkeeping (mapped onto HF TrainingArguments)."""
+
+    output_dir: str = Field("runs/run", description="Run directory: config, adapter/weights, tokenizer, metrics, plots, checkpoints.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; > 0 overrides epochs.")
+    learning_rate: float = Field(2e-4, gt=0)
+    scheduler: Literal["linear", "cosine", "constant"] = Field("cosine")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warm-up as a share of all steps.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps (wins over warmup_ratio when > 0).")
+    micro_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
+    gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw_torch")
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="Recompute activations to save memory (auto: off on CPU).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Mixed precision; auto = bf16 where supported, fp16 on older GPUs, fp32 on CPU.")
+    seed: int = Field(42)
+    eval_every: Every = Field(0.25, description="Evaluate every N steps (int) or every fraction of the run (0 < x < 1); 0 = only at the end.")
+    save_every: Every = Field(0.5, description="Checkpoint every N steps (int) or fraction of the run; 0 = only at the end.")
+    logging_every: Every = Field(1, description="Log train loss every N steps (int) or fraction of the run.")
+    save_total_limit: Optional[int] = Field(2, description="Keep at most this many checkpoints.")
+    resume: Union[bool, str] = Field(False, description="true: continue from the latest complete checkpoint in output_dir; or a checkpoint path.")
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Loggers besides metrics.jsonl.")
+
+    @field_validator("eval_every", "save_every", "logging_every")
+    @classmethod
+    def _every(cls, v: Every) -> Every:
+        if v < 0 or (isinstance(v, float) and not v.is_integer() and v >= 1):
+            raise ValueError("use a whole number of steps or a fraction between 0 and 1")
+        return v
+
+
+class RunConfig(_Section):
+    """A whole run."""
+
+    model: ModelConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, and error messages that name the key
+
+
+def _fields_at(path: list[str]) -> list[str]:
+    """Valid field names at a dotted path inside RunConfig (for 'did you mean')."""
+    model: Any = RunConfig
+    for part in path:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _suggest(path: list[str], key: str) -> str:
+    close = difflib.get_close_matches(key, _fields_at(path), n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean '{'.'.join(path + [close[0]])}'?)"
+    valid = _fields_at(path)
+    return f" (valid keys: {', '.join(valid)})" if valid else ""
+
+
+def _parse_value(text: str) -> Any:
+    """Override values use YAML syntax: 32, 2e-4, true, [q_proj, v_proj], null."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads '2e-4' as a string; users mean a number.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. lora.r=32)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            if part not in _fields_at(parts[:i]) and not isinstance(node.get(part), dict):
+                raise ConfigError(f"override '{key}': unknown key '{'.'.join(parts[: i + 1])}'{_suggest(parts[:i], part)}")
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'{_suggest(loc[:-1], loc[-1])}"
+    if first["type"] == "missing":
+        return f"{source}: missing required key '{key}'"
+    got = first.get("input")
+    got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    where = f"key '{key}'" if key else "config"
+    return f"{source}: {where}: {first['msg']}{got_s}{more}"
+
+
+def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with model:, data:, ...")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = config_from_dict(raw, str(path))
+    return resolve_paths(cfg, path.parent)
+
+
+def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    """Relative data/template paths in a YAML file are relative to that file (if they exist there)."""
+
+    def fix(p: str) -> str:
+        cand = base / p
+        return str(cand) if not Path(p).is_absolute() and not Path(p).exists() and cand.exists() else p
+
+    d = cfg.data
+    d.train = [fix(p) for p in d.train]
+    if isinstance(d.validation, str):
+        d.validation = fix(d.validation)
+    elif isinstance(d.validation, dict):
+        d.validation = {k: fix(v) for k, v in d.validation.items()}
+    if d.test:
+        d.test = fix(d.test)
+    if d.chat_template:
+        d.chat_template = fix(d.chat_template)
+    if not Path(cfg.model.name).is_absolute() and (base / cfg.model.name).exists() and not Path(cfg.model.name).exists():
+        cfg.model.name = str(base / cfg.model.name)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Every problem a user can fix (bad config, bad data, missing file, wrong hardware) is raised as
+`LlamaftError` with a one-line message that says what is wrong, where, and how to fix it. The CLI
+prints it without a traceback and exits with code 2. Internal bugs stay ordinary exceptions.
+"""
+
+
+class LlamaftError(Exception):
+    """A problem in the user's input or environment; the message is shown as-is."""
+
+
+class DataError(LlamaftError):
+    """Bad training/eval data; the message names the file, line/row and field."""
+
+    def __init__(self, where: str, message: str):
+        self.where = where
+        super().__init__(f"{where}: {message}")
+
+
+class ConfigError(LlamaftError):
+    """Bad run configuration; the message names the key."""
