@@ -147,6 +147,15 @@ class TrainConfig(_Section):
         return v
 
 
+class FastConfig(_Section):
+    """GPU fast path (issue 5): every part is chosen automatically on CUDA and can be turned off here."""
+
+    enabled: bool = Field(True, description="Use the fast path where it applies (CUDA); off = plain HF path everywhere.")
+    attention: Literal["auto", "sdpa", "varlen", "flex", "eager"] = Field("auto", description="Attention kernel; packed batches need varlen or flex.")
+    fused_loss: Literal["auto", "on", "off"] = Field("auto", description="Fused linear + cross-entropy (no full-vocab logits).")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile of decoder blocks.")
+
+
 class RunConfig(_Section):
     """A whole run."""
 
@@ -155,6 +164,7 @@ class RunConfig(_Section):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    fast: FastConfig = Field(default_factory=FastConfig)
 
 
 # ---------------------------------------------------------------------------------------------
