@@ -156,6 +156,29 @@ class FastConfig(_Section):
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile of decoder blocks.")
 
 
+class GenerationEvalConfig(_Section):
+    """Generation-based metrics for one validation set (issue 6)."""
+
+    metrics: list[str] = Field(
+        default_factory=lambda: ["exact_match", "contains", "rouge_l"],
+        description="exact_match, contains, accuracy, macro_f1, rouge_l, bleu, chrf, or module:function.",
+    )
+    labels: Optional[list[str]] = Field(None, description="Label set for accuracy / macro_f1 (e.g. [relevant, irrelevant]).")
+    max_samples: int = Field(32, gt=0, description="Rows generated per evaluation (a fixed sample).")
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(8, gt=0)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
+
+
+class EvalConfig(_Section):
+    """Evaluation during and after training."""
+
+    generation: dict[str, GenerationEvalConfig] = Field(
+        default_factory=dict, description="Validation-set name (or '*' for every set) -> generation metrics to compute at each evaluation."
+    )
+    max_prompt_tokens: int = Field(1024, gt=0, description="Longer prompts are cut from the left (and counted in the report).")
+
+
 class RunConfig(_Section):
     """A whole run."""
 
@@ -165,6 +188,7 @@ class RunConfig(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     fast: FastConfig = Field(default_factory=FastConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------
