@@ -1,0 +1,107 @@
+"""`llamaft data CONFIG.yaml [--show N] [--dump FILE.jsonl]`: show exactly what will be trained.
+
+    from llamaft.config import load_config
+    from llamaft.data.inspect import inspect_data
+    inspect_data(load_config("configs/demo.yaml"), show=2, dump="/tmp/train.jsonl")
+
+Prints a few rendered training examples with the loss-bearing spans highlighted, a table of token
+lengths per split, and what was truncated or dropped (and where). `dump` writes one line per
+training example, ``{"input_ids": [...], "labels": [...]}``, in the trainer's order; it is written to
+a temporary file and renamed, so a crash never leaves a half-written dump.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .pipeline import NO_TRAINED, TOO_LONG, Datasets, build_datasets
+
+
+def inspect_data(cfg, show: int = 3, dump: str | None = None, console=None) -> dict:
+    """Build every split as the trainer would, print it, optionally dump train; returns the stats (+ "dump")."""
+    from rich.console import Console
+
+    from ..model.tokenizer import load_tokenizer
+
+    console = console or Console()
+    tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
+    ds = build_datasets(cfg.data, tokenizer, rules)
+    _print_examples(ds, tokenizer, show, console)
+    console.print(stats_table(ds.stats))
+    _print_drops(ds.stats, console)
+    result = dict(ds.stats)
+    if dump:
+        result["dump"] = write_dump(ds.train, dump)
+        console.print(f"wrote {len(ds.train)} training examples to {result['dump']}")
+    return result
+
+
+def _print_examples(ds: Datasets, tokenizer, show: int, console) -> None:
+    from rich.panel import Panel
+
+    from .chat import render_trained
+
+    files = ", ".join(f"{path} ({fmt})" for path, fmt in ds.stats["formats"].items())
+    console.print(f"[bold]data:[/bold] {files}")
+    if show <= 0:
+        return
+    console.print("[bold]legend:[/bold] [reverse green]highlighted[/reverse green] text is trained (has loss); "
+                  "plain text is context only (label -100)")
+    for ex in ds.train[:show]:
+        trained = sum(1 for label in ex.labels if label != -100)
+        title = f"{ex.where} — {len(ex.input_ids)} tokens, {trained} trained"
+        console.print(Panel(render_trained(ex, tokenizer), title=title, title_align="left"))
+
+
+def _splits(stats: dict, with_empty_test: bool) -> list[tuple[str, dict]]:
+    named = [(n if n == "validation" else f"val:{n}", s) for n, s in stats["validation"].items()]
+    test = [("test", stats["test"])] if with_empty_test or stats["test"]["rows"] else []
+    return [("train", stats["train"])] + named + test
+
+
+def stats_table(stats: dict):
+    """A rich Table: one line per split with rows, kept examples, drops and token lengths."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"tokens per example (max_seq_length={stats['max_seq_length']}, truncation={stats['truncation']})",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    rows = _splits(stats, with_empty_test=False)
+    table.add_column("split", no_wrap=True, min_width=max(len(name) for name, _ in rows))
+    for col in ("rows", "kept", "cut", "dropped", "min", "mean", "p95", "max", "trained"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for name, s in rows:
+        t = s["tokens"]
+        cells = (s["rows"], s["examples"], s["truncated"], sum(s["dropped"].values()), t["min"], f"{t['mean']:.1f}", t["p95"],
+                 t["max"], s["trained_tokens"])
+        table.add_row(name, *map(str, cells))
+    table.caption = "kept: examples trained/evaluated; cut: truncated; dropped: reasons below; trained: tokens with loss"
+    return table
+
+
+def _print_drops(stats: dict, console) -> None:
+    labels = {TOO_LONG: "longer than max_seq_length", NO_TRAINED: "no trained tokens"}
+    for name, s in _splits(stats, with_empty_test=True):
+        for reason, wheres in s["dropped_where"].items():
+            if wheres:
+                more = "" if s["dropped"][reason] <= len(wheres) else f" (+{s['dropped'][reason] - len(wheres)} more)"
+                console.print(f"[yellow]{name}: dropped {s['dropped'][reason]} ({labels[reason]}):[/yellow] {', '.join(wheres)}{more}")
+
+
+def write_dump(examples: list, path: str) -> str:
+    """One JSON line per example, in order, written atomically (temp file in the same directory + os.replace)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for ex in examples:
+                f.write(json.dumps({"input_ids": list(ex.input_ids), "labels": list(ex.labels)}) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(target)
