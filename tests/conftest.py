@@ -1,0 +1,33 @@
+"""Shared fixtures (owned by the tokenizer/chat engineer; keep it small and reusable)."""
+
+import os
+
+import pytest
+
+# No internet here: never let a test wait on the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """Llama 3.1 fast tokenizer (128,256 ids) built offline from Meta's file (cached on disk)."""
+    from llamaft.model.tokenizer import llama3_tokenizer as build
+
+    return build("3.1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama31_model():
+    """A random 1-layer Llama with the Llama 3 vocabulary (128,256), nothing saved."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128256, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+        pad_token_id=128004, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )
+    return LlamaForCausalLM(cfg).eval()
