@@ -108,6 +108,15 @@ def test_parquet_style_none_extras_are_dropped(tmp_path):
     assert to_conversation(rec, "messages", COLS).messages == msgs
 
 
+def test_tools_column():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert conv({"messages": [U, A], "tools": tools}).tools == tools
+    assert conv({"messages": [U, A], "tools": json.dumps(tools)}).tools == tools  # CSV: JSON text
+    assert conv({"messages": [U, A], "tools": None}).tools is None
+    assert conv({"messages": [U, A]}).tools is None
+    assert err({"messages": [U, A], "tools": 5}) == f"{W}: field 'tools': expected a list of tool definitions (objects), got int"
+
+
 def test_sharegpt():
     row = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
     assert conv(row).messages == [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
@@ -146,7 +155,7 @@ def test_system_prompt_and_row_system_column():
         ({"text": ["a"]}, "text", "field 'text': expected a string, got list"),
         ({"messages": "hi"}, "messages", "field 'messages': expected a list of messages, got str"),
         ({"messages": '[{"role": "user"'}, "messages",
-         "field 'messages': malformed JSON list of messages (Expecting ',' delimiter at column 17)"),
+         "field 'messages': malformed JSON list (Expecting ',' delimiter at column 17)"),
         ({"messages": []}, "messages", "field 'messages': empty list of messages"),
         ({"other": []}, "messages", "field 'messages': missing (columns in this row: ['other'])"),
         ({"messages": [U, "hello"]}, "messages", "field 'messages[1]': expected an object with 'role' and 'content', got str"),

@@ -7,7 +7,8 @@ Formats (column names come from `data.columns.*`):
 
 - ``messages``: a list of ``{role, content}`` (extra keys such as ``tool_calls``, ``tool_call_id``
   and ``name`` pass through untouched). Roles: system, user, assistant, tool; ``ipython`` (Llama 3.1's
-  name for tool output) is read as tool. In CSV the cell holds the list as JSON text. ShareGPT rows (a ``conversations`` column of
+  name for tool output) is read as tool. An optional ``tools`` column (tool definitions) is passed
+  to the chat template. In CSV the cell holds the list as JSON text. ShareGPT rows (a ``conversations`` column of
   ``{from, value}`` with human/gpt) are accepted too.
 - ``alpaca``: instruction [+ "\\n\\n" + input] -> user, output -> assistant.
 - ``qa``: question -> user, answer -> assistant (``query``/``response`` and ``prompt``/``completion``
@@ -43,6 +44,7 @@ class Conversation:
     messages: list[dict]
     where: str
     text: str | None = None
+    tools: list | None = None  # tool (function) definitions of a messages row, passed to the chat template
 
 
 def _column(keys, columns: ColumnsConfig, field: str) -> str | None:
@@ -80,6 +82,7 @@ def to_conversation(record: Record, fmt: str, columns: ColumnsConfig, system_pro
                     *, require_assistant: bool = True) -> Conversation:
     """One row as a Conversation; `require_assistant` (completion training) rejects chats with no assistant turn."""
     where = record.where
+    tools = None
     if fmt == "text":
         return Conversation([], where, text=_string(record, columns.text, allow_empty=False))
     if fmt == "qa":
@@ -94,6 +97,7 @@ def to_conversation(record: Record, fmt: str, columns: ColumnsConfig, system_pro
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _string(record, columns.output, allow_empty=False)}]
     elif fmt == "messages":
         messages = _messages(record, columns)
+        tools = _tools(record)
     else:
         raise DataError(where, f"unknown data format '{fmt}' (expected text, qa, alpaca, messages)")
 
@@ -105,7 +109,19 @@ def to_conversation(record: Record, fmt: str, columns: ColumnsConfig, system_pro
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(where, f"field '{columns.messages}': no assistant message, so nothing to train on "
                         "(add an assistant turn, or use data.train_on=all)")
-    return Conversation(messages, where)
+    return Conversation(messages, where, tools=tools)
+
+
+def _tools(record: Record) -> list | None:
+    """An optional `tools` column: a list of tool definitions (JSON text in CSV)."""
+    raw = record.data.get("tools")
+    if isinstance(raw, str) and raw.strip():
+        raw = _json_list(raw, record.where, "tools")
+    if raw is None or raw == "" or raw == []:
+        return None
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(t, dict) for t in raw):
+        raise DataError(record.where, f"field 'tools': expected a list of tool definitions (objects), got {_type(raw)}")
+    return list(raw)
 
 
 def _string(record: Record, column: str, *, allow_empty: bool, optional: bool = False) -> str:
@@ -142,7 +158,7 @@ def _json_list(text: str, where: str, col: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(where, f"field '{col}': malformed JSON list of messages ({err.msg} at column {err.colno})") from None
+        raise DataError(where, f"field '{col}': malformed JSON list ({err.msg} at column {err.colno})") from None
 
 
 def _message(m, field: str, where: str, columns: ColumnsConfig) -> dict:
