@@ -1,0 +1,197 @@
+"""W512 (and longer) training throughput of llamaft's fast path on one GPU, HF Trainer driven.
+
+    python benchmarks/bench.py DIR MODE SEQ BS GA STEPS OUT.json [--variant fast|plain] [--gc auto|on|off]
+        DIR   a saved random Llama-3.1-8B-shaped model (`seed_baseline.py save DIR`)
+        MODE  lora | qlora | full
+
+Same workload as ../shared/bench/seed_baseline.py: identical lengths (lognormal, seed 0), token ids
+(seed 1), Trainer sampler seed 0, BS x GA sequences per optimizer step, LoRA r=16 alpha=16 on all
+seven projections, lr 1e-4 (full: 1e-5), linear schedule with 1 warm-up step, bf16; the first two
+optimizer steps are not timed. Differences, on purpose: lora_dropout 0 (llamaft's default), and the
+fast variant's own choices (packing, varlen attention, fused loss, checkpointing only if needed).
+
+--variant plain is the plain HF path (right padding, SDPA, HF loss, no packing) with the SAME model
+settings, for per-step loss parity with the fast path.
+
+Real tokens are counted from the batches the model actually receives (a forward pre-hook), not
+from an estimate; peak memory is torch.cuda.max_memory_allocated over the whole training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+PAD = 128004
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lengths(n, seq, seed=0):
+    # identical to seed_baseline.lengths: guanaco-like lognormal around ~300 tokens, capped at seq
+    g = torch.Generator().manual_seed(seed)
+    x = torch.exp(torch.randn(n, generator=g) * 0.6 + math.log(300))
+    return [int(min(seq, max(16, v))) for v in x.tolist()]
+
+
+def make_rows(n, seq):
+    lens = lengths(n, seq)
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 128000, (L,), generator=g).tolist()} for L in lens]
+
+
+def padded_collate(batch):
+    # the seed recipe's collator: right padding to the longest, labels -100 on pad
+    m = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), m), PAD, dtype=torch.long)
+    att = torch.zeros((len(batch), m), dtype=torch.long)
+    for i, b in enumerate(batch):
+        ids[i, : len(b["input_ids"])] = torch.tensor(b["input_ids"])
+        att[i, : len(b["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": att, "labels": ids.masked_fill(att == 0, -100)}
+
+
+def run_config(args):
+    from llamaft.config import config_from_dict
+
+    return config_from_dict({
+        "model": {"name": args.dir, "method": args.mode, "dtype": "bfloat16"},
+        "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
+        "data": {"train": ["<bench>"], "max_seq_length": args.seq, "packing": "auto" if args.variant == "fast" else "off"},
+        "train": {"micro_batch_size": args.bs, "gradient_accumulation": args.ga, "gradient_checkpointing": args.gc,
+                  "learning_rate": 1e-5 if args.mode == "full" else 1e-4, "optimizer": args.optim},
+        "fast": {"enabled": args.variant == "fast", "compile": args.compile},
+    }, "bench")
+
+
+def load_model(args):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw = dict(dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
+    if args.mode == "qlora":
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(args.dir, **kw)
+    if args.mode != "full":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
+                                                 task_type="CAUSAL_LM", target_modules=TARGETS))
+    return model
+
+
+def versions():
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "triton"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is just not reported
+            pass
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir"); ap.add_argument("mode", choices=["lora", "qlora", "full"])
+    ap.add_argument("seq", type=int); ap.add_argument("bs", type=int); ap.add_argument("ga", type=int)
+    ap.add_argument("steps", type=int); ap.add_argument("out")
+    ap.add_argument("--variant", choices=["fast", "plain"], default="fast")
+    ap.add_argument("--gc", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--optim", default=None, help="default: adamw_torch (lora), paged_adamw_8bit (qlora), adamw_8bit (full)")
+    ap.add_argument("--fixed-len", type=int, default=0, help="every sequence this long (seq 2048/8192 workloads)")
+    args = ap.parse_args()
+    args.optim = args.optim or {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "adamw_8bit"}[args.mode]
+
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from llamaft.model.fast import apply_fast_path, choose_plan, make_collator
+
+    torch.manual_seed(0)
+    cfg = run_config(args)
+    t0 = time.time()
+    model = load_model(args)
+    load_s = time.time() - t0
+    plan = choose_plan(cfg, model)
+    if args.variant == "fast":
+        model = apply_fast_path(model, plan)
+        collate = make_collator(plan, PAD) if plan.packing else padded_collate
+    else:
+        if plan.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        collate = padded_collate
+    print("plan:", plan, flush=True)
+
+    n = args.bs * args.ga * (args.steps + 2)
+    rows = make_rows(n, args.seq)
+    if args.fixed_len:
+        g = torch.Generator().manual_seed(1)
+        rows = [{"input_ids": torch.randint(0, 128000, (args.fixed_len,), generator=g).tolist()} for _ in range(n)]
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    # count what the model really sees: real tokens (non-pad) and computed tokens (incl. pad)
+    seen = {"real": 0, "computed": 0}
+
+    def count(_module, _args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None:
+            att = kwargs.get("attention_mask")
+            seen["real"] += int(att.sum()) if att is not None else ids.numel()
+            seen["computed"] += ids.numel()
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    stamps = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **k):
+            torch.cuda.synchronize()
+            stamps.append((time.time(), seen["real"], seen["computed"]))
+
+    targs = TrainingArguments(
+        output_dir=f"/tmp/bench_{args.mode}_{args.variant}", per_device_train_batch_size=args.bs,
+        gradient_accumulation_steps=args.ga, optim=args.optim, learning_rate=cfg.train.learning_rate,
+        bf16=True, max_steps=args.steps + 2, logging_steps=1, save_strategy="no", report_to=[],
+        warmup_steps=1, lr_scheduler_type="linear", dataloader_drop_last=True,
+        remove_unused_columns=False, seed=0)
+    tr = Trainer(model=model, args=targs, train_dataset=DS(), data_collator=collate, callbacks=[Clock()])
+    torch.cuda.reset_peak_memory_stats()
+    tr.train()
+    (t1, r1, c1), (t2, r2, c2) = stamps[1], stamps[-1]
+    res = dict(
+        mode=args.mode, variant=args.variant, seq=args.seq, bs=args.bs, ga=args.ga, steps=args.steps,
+        fixed_len=args.fixed_len, optimizer=args.optim, lora_dropout=0.0 if args.mode != "full" else None,
+        plan=dict(packing=plan.packing, attention=plan.attention, fused_loss=plan.fused_loss,
+                  gradient_checkpointing=plan.gradient_checkpointing, compile=plan.compile, reasons=plan.reasons)
+        if args.variant == "fast" else dict(packing=False, attention="sdpa", fused_loss=False,
+                                            gradient_checkpointing=plan.gradient_checkpointing),
+        timed_steps=len(stamps) - 2, timed_s=round(t2 - t1, 3), timed_real_tokens=r2 - r1,
+        timed_computed_tokens=c2 - c1, tokens_per_s=round((r2 - r1) / (t2 - t1), 1),
+        computed_tokens_per_s=round((c2 - c1) / (t2 - t1), 1), load_s=round(load_s, 1),
+        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        losses=[h.get("loss") for h in tr.state.log_history if "loss" in h],
+        device=torch.cuda.get_device_name(0), versions=versions(),
+        command="python " + " ".join(sys.argv))
+    print(json.dumps(res), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

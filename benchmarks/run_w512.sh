@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device invocation: GPU parity tests, then W512 for llamaft's fast path AND the seed recipe on
+# the same card, same model weights, same data. Results land in $OUT (or ./benchmarks/results/raw).
+#   bash benchmarks/run_w512.sh [STEPS] [WHAT...]   WHAT: tests lora seed plain qlora seedq lora16 ...
+# Needs: .bench/seed_baseline.py (copy of ../shared/bench) and wheels in .whl/ (bitsandbytes, pydantic).
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-benchmarks/results/raw}; mkdir -p "$OUT"
+STEPS=${1:-10}; shift || true
+WHAT=${*:-tests lora seed plain qlora seedq}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+M=/tmp/llama31_8b_random
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log.txt"
+[ -d $M ] || python3 .bench/seed_baseline.py save $M 2>&1 | tail -2 | tee -a "$OUT/log.txt"
+B="python3 benchmarks/bench.py $M"
+for w in $WHAT; do
+  echo "=== $w $(date +%T)" | tee -a "$OUT/log.txt"
+  case $w in
+    tests)  python3 -m pytest -q -m gpu tests/test_fast_gpu.py 2>&1 | tail -25 > "$OUT/gpu_tests.txt"; tail -3 "$OUT/gpu_tests.txt" ;;
+    lora)   $B lora 512 8 4 $STEPS "$OUT/w512_lora_fast.json" ;;
+    lora16) $B lora 512 16 2 $STEPS "$OUT/w512_lora_fast_bs16.json" ;;
+    plain)  $B lora 512 8 4 $STEPS "$OUT/w512_lora_plain.json" --variant plain --gc off ;;
+    seed)   python3 .bench/seed_baseline.py run $M lora 512 8 4 $STEPS "$OUT/w512_lora_seed.json" ;;
+    qlora)  $B qlora 512 8 4 $STEPS "$OUT/w512_qlora_fast.json" ;;
+    qlorang) $B qlora 512 8 4 $STEPS "$OUT/w512_qlora_fast_nogc.json" --gc off ;;
+    seedq)  python3 .bench/seed_baseline.py run $M qlora 512 8 4 $STEPS "$OUT/w512_qlora_seed.json" ;;
+    full)   $B full 512 8 4 $STEPS "$OUT/w512_full_fast.json" ;;
+    s2048)  $B lora 2048 4 2 $STEPS "$OUT/seq2048_lora_fast.json" --fixed-len 2048 ;;
+    s8192)  $B lora 8192 1 2 $STEPS "$OUT/seq8192_lora_fast.json" --fixed-len 8192 ;;
+  esac 2>&1 | grep -v -E "it/s\]|s/it\]|Warning|warn\(" | tail -15 | tee -a "$OUT/log.txt"
+done

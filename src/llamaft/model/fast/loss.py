@@ -1,0 +1,130 @@
+"""Fused linear + cross-entropy: the causal-LM loss without the [T, 128256] logits tensor.
+
+`chunked_linear_cross_entropy(h, W, targets, denom)` computes sum(CE(h @ W.T, targets)) / denom in
+chunks of rows. The gradients are computed inside the forward, chunk by chunk (as Liger's FLCE does),
+so neither pass ever holds more than one chunk of logits: peak extra memory is about
+chunk x vocab x 6 bytes (~1.5 GiB at 2048 x 128256) instead of T x vocab x 10 bytes (bf16 logits +
+fp32 upcast + fp32 grad), and no logits are kept for the backward. Rows whose target is -100 are
+skipped entirely (completion-only training spends no vocab matmul on prompt tokens).
+
+Numerics follow HF's path (lm_head in bf16 -> upcast to fp32 -> CE); the reference is
+`reference_causal_lm_loss` = plain lm_head + HF's ForCausalLMLoss arithmetic.
+
+`install_fused_loss(model)` replaces the forward of the (PEFT-wrapped or plain) HF causal LM on
+that instance only: with labels it runs the decoder, then this loss, and returns logits=None;
+without labels it is the original forward (generation untouched). It accepts `num_items_in_batch`
+like HF's loss, so the Trainer's gradient-accumulation normalisation is identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def _chunk_rows(vocab: int) -> int:
+    # ~2^28 fp32 logits per chunk (1 GiB): large enough that the matmul saturates the GPU
+    return max(256, (1 << 28) // vocab)
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, denom, chunk):
+        # h [N, H] (bf16), weight [V, H], targets [N] long, denom: float or 0-dim tensor
+        valid = torch.nonzero(targets != IGNORE, as_tuple=False).reshape(-1)
+        grad_h = torch.zeros_like(h)
+        need_w = weight.requires_grad
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        scale = 1.0 / denom if not torch.is_tensor(denom) else 1.0 / denom.to(h.device, torch.float32)
+        for start in range(0, valid.numel(), chunk):
+            rows = valid[start:start + chunk]
+            hc, tc = h.index_select(0, rows), targets.index_select(0, rows)
+            logits = (hc @ weight.t()).float()  # bf16 matmul, fp32 softmax: as HF's lm_head + loss
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            # d(CE)/d(logits) = softmax - onehot, built in place over the logits buffer
+            logits.sub_(lse[:, None]).exp_()
+            logits.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
+            g = (logits * scale).to(h.dtype)
+            del logits
+            grad_h.index_copy_(0, rows, g @ weight)
+            if need_w:
+                grad_w += (g.t() @ hc).float()  # full fine-tuning: lm_head is trained
+        ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
+        ctx.need_w = need_w
+        ctx.w_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype)
+        gw = (grad_w * grad_out).to(ctx.w_dtype) if ctx.need_w else None
+        return gh, gw, None, None, None
+
+
+def chunked_linear_cross_entropy(h, weight, targets, denom=None, chunk: int | None = None):
+    """sum over rows with target != -100 of CE(h @ weight.T, target), divided by `denom`
+    (default: the number of such rows, i.e. the mean)."""
+    h = h.reshape(-1, h.shape[-1])
+    targets = targets.reshape(-1).to(h.device)
+    if denom is None:
+        denom = (targets != IGNORE).sum().clamp(min=1)
+    return _ChunkedLinearCE.apply(h, weight, targets, denom, chunk or _chunk_rows(weight.shape[0]))
+
+
+def shift_targets(labels: torch.Tensor) -> torch.Tensor:
+    """HF's causal shift: position t predicts labels[t + 1]; the last position predicts nothing."""
+    return F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+
+
+def fused_causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
+    return chunked_linear_cross_entropy(hidden, weight, shift_targets(labels), denom=num_items_in_batch)
+
+
+def reference_causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
+    """Plain reference: full logits, then HF's ForCausalLMLoss arithmetic."""
+    logits = (hidden @ weight.t()).float()
+    targets = shift_targets(labels).reshape(-1)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE, reduction="sum")
+    denom = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum()
+    return loss / denom
+
+
+def _causal_lm(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base
+
+
+def install_fused_loss(model) -> bool:
+    """Patch the causal LM's forward (this instance only). Returns False (and changes nothing) when the
+    model has no plain `model` + bias-free `lm_head` layout, so callers can record the fallback."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    lm = _causal_lm(model)
+    head = getattr(lm, "lm_head", None)
+    decoder = getattr(lm, "model", None)
+    if decoder is None or type(head) is not torch.nn.Linear or head.bias is not None:  # not LoRA/4-bit wrapped
+        return False
+    if getattr(lm, "_llamaft_fused_loss", False):
+        return True
+    original = lm.forward
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        if labels is None:
+            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                            logits_to_keep=logits_to_keep, **kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        loss = fused_causal_lm_loss(out.last_hidden_state, lm.lm_head.weight, labels, num_items)
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
+
+    lm.forward = forward
+    lm._llamaft_fused_loss = True
+    return True

@@ -1,0 +1,59 @@
+"""Should gradient checkpointing be on? A coarse estimate of peak training memory vs the card.
+
+Checkpointing costs ~45% more FLOPs at 8B (the whole forward is recomputed), so it is only worth it
+when the activations would not fit. The estimate is deliberately pessimistic (a full micro-batch of
+max_seq_length tokens per example, no packing gain) and is logged in the plan's reasons.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Bytes of saved activations per token per decoder layer without checkpointing, HF Llama + PEFT LoRA
+# in bf16: two RMSNorms save their fp32 input (2 x 4H) and bf16 output (2 x 2H), attention saves
+# q/k/v/out + rope inputs (~6H + 8 Hkv), the MLP saves gate, up, silu(gate) and the product (4 x 2I).
+def activation_bytes_per_token_layer(hidden: int, inter: int, kv_hidden: int) -> int:
+    return 24 * hidden + 8 * kv_hidden + 8 * inter
+
+
+def _model_bytes(model) -> tuple[int, int]:
+    total, trainable = 0, 0
+    for p in model.parameters():
+        total += p.numel() * p.element_size()
+        if p.requires_grad:
+            trainable += p.numel()
+    return total, trainable
+
+
+def estimate_peak_bytes(cfg, model, checkpointing: bool) -> int:
+    c = model.config
+    h, i, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    kvh = h // c.num_attention_heads * getattr(c, "num_key_value_heads", c.num_attention_heads)
+    weights, trainable = _model_bytes(model)
+    if cfg.model.method == "full" and trainable == 0:  # adapters not applied yet / everything trained
+        trainable = sum(p.numel() for p in model.parameters())
+    opt_bytes = 2 if "8bit" in cfg.train.optimizer else 8
+    # grads in the weight dtype (bf16) + optimizer states
+    state = trainable * (2 + opt_bytes)
+    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_length
+    per_layer = activation_bytes_per_token_layer(h, i, kvh)
+    if checkpointing:  # layer inputs kept + one layer live during recomputation
+        acts = tokens * (2 * h * layers + per_layer)
+    else:
+        acts = tokens * per_layer * layers
+    loss_bytes = min(tokens, 2048) * c.vocab_size * 6 if cfg.fast.fused_loss != "off" else tokens * c.vocab_size * 10
+    return weights + state + acts + loss_bytes + (1 << 30)  # +1 GiB: CUDA context, allocator slack
+
+
+def needs_checkpointing(cfg, model) -> tuple[bool, str]:
+    if cfg.model.method == "qlora":
+        # QLoRA is picked to fit a small memory budget: keep the activation footprint small as well
+        return True, "qlora: memory-lean by choice"
+    if model is None or not hasattr(model, "config") or not torch.cuda.is_available():
+        return True, "no model/GPU to size: safe default"
+    free = torch.cuda.get_device_properties(0).total_memory * 0.9
+    need = estimate_peak_bytes(cfg, model, checkpointing=False)
+    gib = 1 << 30
+    if need <= free:
+        return False, f"estimated peak {need / gib:.1f} GiB fits in {free / gib:.1f} GiB"
+    return True, f"estimated peak {need / gib:.1f} GiB > {free / gib:.1f} GiB usable"
