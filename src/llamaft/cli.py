@@ -24,6 +24,16 @@ from .errors import LlamaftError
 # Heavy imports (torch, transformers) happen inside the command functions, so `--help` is instant.
 
 
+def _load(a: argparse.Namespace):
+    """Config + overrides, with `model.name: embedded:smollm2` resolved to the cached demo model."""
+    from .assets import resolve_model_name
+    from .config import load_config
+
+    cfg = load_config(a.config, a.overrides)
+    cfg.model.name = resolve_model_name(cfg.model.name)
+    return cfg
+
+
 def _cmd_demo(a: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -31,19 +41,17 @@ def _cmd_demo(a: argparse.Namespace) -> None:
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
-    from .config import load_config
     from .train import train
 
-    cfg = load_config(a.config, a.overrides)
+    cfg = _load(a)
     run_dir = train(cfg)
     print(f"run directory: {run_dir}")
 
 
 def _cmd_data(a: argparse.Namespace) -> None:
-    from .config import load_config
     from .data.inspect import inspect_data
 
-    cfg = load_config(a.config, a.overrides)
+    cfg = _load(a)
     inspect_data(cfg, show=a.show, dump=a.dump)
 
 

@@ -11,48 +11,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 from rich.console import Console
 
-from .assets import cache_dir, smollm2_gguf
+from .assets import prepare_smollm2
 from .demo_data import QUESTION, write_demo_data
 
-DEMO_MODEL_DIRNAME = "SmolLM2-135M-Instruct-hf"
 DEMO_PROMPTS = ["Iceland", "Kenya", "Peru"]
-
-
-def prepare_smollm2(console: Console | None = None) -> Path:
-    """Dequantize the embedded GGUF into an HF model directory once (cached; ~1 min the first time)."""
-    target = cache_dir() / DEMO_MODEL_DIRNAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = smollm2_gguf()
-    if console:
-        console.print(f"[bold]Converting[/] the embedded model {gguf.name} to an HF directory (once) ...")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The GGUF names <|im_start|> as EOS; the model's config (and its chat template) end turns with
-    # <|im_end|> (id 2). Save the truth so every later tool sees the right stop token.
-    tok.eos_token = "<|im_end|>"
-    # The weights are plain floats now: drop the GGUF quantizer so save_pretrained accepts them.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.pad_token_id = None  # llamaft picks a pad that is not EOS
-    model.generation_config.pad_token_id = None
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # atomic: a crash never leaves a half-written cache
-    return target
 
 
 def demo_config(model_dir: Path, data: dict[str, Path], out_dir: Path, steps: int | None):

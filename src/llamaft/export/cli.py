@@ -1,0 +1,78 @@
+"""`llamaft export`: one entry over merged HF export, GGUF export + self-check, and hub upload."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import LlamaftError
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir())
+
+
+def _merged_dir(path: Path, dtype: str) -> Path:
+    """A run directory is merged first (into RUN/merged); a model directory is used as it is."""
+    if _is_run_dir(path):
+        from .merge import merge
+
+        return merge(path, path / "merged", dtype=dtype, overwrite=True)
+    if (path / "config.json").is_file():
+        return path
+    raise LlamaftError(f"{path}: not a run directory (config.yaml + adapter/ or model/) nor a model directory (config.json)")
+
+
+def export_command(a: argparse.Namespace) -> Path:
+    path = Path(a.path)
+    if not path.exists():
+        raise LlamaftError(f"{path}: no such run or model directory")
+    if a.format == "hf":
+        from .hf import export_hf
+
+        out = Path(a.out) if a.out else path / "export-hf"
+        result = Path(export_hf(path, out, dtype=a.dtype, max_shard_size=a.max_shard_size))
+    else:
+        from .gguf import check_gguf, export_gguf
+
+        model_dir = _merged_dir(path, a.dtype)
+        out = Path(a.out) if a.out else (path / f"model-{a.quant}.gguf")
+        result = Path(export_gguf(model_dir, out, outtype=a.quant, ollama=a.ollama))
+        print(f"GGUF: {result}")
+        if not a.no_check:
+            report = check_gguf(result, model_dir)
+            print(report.verdict() if hasattr(report, "verdict") else report)
+    print(f"exported: {result}")
+    if a.push_to_hub:
+        push_to_hub(result, a.push_to_hub, private=a.private)
+    return result
+
+
+def push_to_hub(path: Path, repo_id: str, private: bool = False) -> str:
+    """Upload a folder (or one file) to the Hub. The token comes from HF_TOKEN or the saved login
+    (huggingface_hub reads both) and is never printed."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    api = HfApi()
+    try:
+        if not api.token and not _saved_token():
+            raise LlamaftError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then retry --push-to-hub")
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if path.is_dir():
+            api.upload_folder(folder_path=str(path), repo_id=repo_id)
+        else:
+            api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id)
+    except (HfHubHTTPError, LocalTokenNotFoundError) as err:
+        raise LlamaftError(f"push to {repo_id} failed: {str(err).splitlines()[0]}") from None
+    except OSError as err:  # connection refused / no network
+        raise LlamaftError(f"push to {repo_id} failed: cannot reach the Hugging Face Hub ({type(err).__name__})") from None
+    url = f"https://huggingface.co/{repo_id}"
+    print(f"pushed: {url}")
+    return url
+
+
+def _saved_token() -> bool:
+    from huggingface_hub import get_token
+
+    return get_token() is not None
