@@ -233,7 +233,7 @@ def test_inspect_dump_is_the_trainers_order_and_content(tmp_path, monkeypatch, f
     assert lines == [{"input_ids": e.input_ids, "labels": e.labels} for e in ds.train]
     assert stats["dump"] == str(dump) and stats["train"]["examples"] == len(lines)
     assert [p.name for p in dump.parent.iterdir()] == ["train.jsonl"]  # no temp file left behind
-    assert "highlighted" in text and "validation" in text and "dropped" in text
+    assert "bold green = trained" in text and "validation" in text and "dropped" in text
     assert text.count("<") == 2  # exactly `show` rendered examples
     n_long = stats["train"]["dropped"]["too_long"]
     assert n_long > 0 and f"train: dropped {n_long} (longer than max_seq_length):" in text
@@ -242,3 +242,78 @@ def test_inspect_dump_is_the_trainers_order_and_content(tmp_path, monkeypatch, f
 def test_inspect_show_zero_and_no_dump(tmp_path, monkeypatch, fake_chat):
     _, stats, text = _run_inspect(tmp_path, monkeypatch, fake_chat, show=0)
     assert "dump" not in stats and "<" not in text
+
+
+# -- the real chat.encode ----------------------------------------------------------------------
+
+BYTE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """One id per byte (no merges) + Llama-3-style specials at 256.. — exact ids are easy to write down."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llamaft.model.tokenizer import TokenRules
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"]})
+    tok.pad_token = "<|pad|>"
+    ids = tok.convert_tokens_to_ids
+    rules = TokenRules(family="llama3", instruct=True, pad_id=ids("<|pad|>"), eos_id=ids("<|end_of_text|>"),
+                       stop_ids=[ids("<|end_of_text|>"), ids("<|eot_id|>")], turn_end_ids=[ids("<|eot_id|>")],
+                       chat_template=BYTE_TEMPLATE, template_kwargs={})
+    return tok, rules
+
+
+def test_real_encode_through_build_and_dump(tmp_path):
+    from llamaft.data.inspect import write_dump
+
+    tok, rules = byte_tokenizer()
+    t = tmp_path / "t.jsonl"
+    rows = [{"question": "2+2?", "answer": "4"}, {"question": "long " * 20, "answer": "5"}, {"question": "3+3?", "answer": "6"}]
+    t.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(train=[str(t)], val_ratio=0.0, system_prompt="Be brief.", max_seq_length=64)
+    ds = build_datasets(cfg, tok, rules)
+    assert [e.where for e in ds.train] == [f"{t}:line 1", f"{t}:line 3"]
+    assert ds.stats["train"]["dropped"] == {"too_long": 1, "no_trained_tokens": 0}
+    ex = ds.train[0]
+    assert tok.decode(ex.input_ids) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>")
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    four = tok("4", add_special_tokens=False)["input_ids"]
+    assert [x for x in ex.labels if x != -100] == four + [eot]  # the answer and its end-of-turn, nothing else
+    assert ex.labels[-2:] == four + [eot] and ex.labels[:-2] == [-100] * (len(ex.labels) - 2)
+    dump = write_dump(ds.train, str(tmp_path / "d.jsonl"))
+    assert [json.loads(line) for line in open(dump)] == [{"input_ids": e.input_ids, "labels": e.labels} for e in ds.train]
+
+
+@pytest.mark.slow
+def test_real_llama31_tokenizer_exact_ids(tmp_path, llama3_tokenizer):
+    """Exact Llama 3.1 Instruct ids from build_datasets (Meta's tokenizer, our template, fixed date)."""
+    from llamaft.config import ModelConfig
+    from llamaft.model.tokenizer import load_tokenizer
+
+    t = tmp_path / "t.jsonl"
+    t.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}) + "\n")
+    cfg = DataConfig(train=[str(t)], val_ratio=0.0, date="26 Jul 2024", max_seq_length=40, truncation="truncate")
+    tok, rules = load_tokenizer(ModelConfig(name="meta-llama/Llama-3.1-8B-Instruct", tokenizer="llama3.1",
+                                            family="llama3.1", instruct=True), cfg)
+    full = [128000, 128006, 9125, 128007, 271, 38766, 1303, 33025, 2696, 25, 6790, 220, 2366, 18, 198, 15724, 2696, 25,
+            220, 1627, 10263, 220, 2366, 19, 271, 128009, 128006, 882, 128007, 271, 17, 10, 17, 30, 128009, 128006, 78191,
+            128007, 271, 19, 128009]
+    (ex,) = build_datasets(cfg.model_copy(update={"max_seq_length": 64}), tok, rules).train
+    assert ex.input_ids == full and ex.labels == [-100] * 39 + [19, 128009]
+    ds = build_datasets(cfg, tok, rules)  # truncate at 40: the answer stays, its <|eot_id|> is cut
+    assert ds.train[0].input_ids == full[:40] and ds.stats["train"]["truncated"] == 1
+    with pytest.raises(DataError, match=r"all 1 rows of data.train have no trained tokens .*the cut removed every answer"):
+        build_datasets(cfg.model_copy(update={"max_seq_length": 39}), tok, rules)

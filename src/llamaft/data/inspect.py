@@ -48,8 +48,9 @@ def _print_examples(ds: Datasets, tokenizer, show: int, console) -> None:
     console.print(f"[bold]data:[/bold] {files}")
     if show <= 0:
         return
-    console.print("[bold]legend:[/bold] [reverse green]highlighted[/reverse green] text is trained (has loss); "
-                  "plain text is context only (label -100)")
+    # Styles match chat.render_trained: trained spans bold green, the rest dim.
+    console.print("[bold]legend:[/bold] [bold green]bold green[/bold green] = trained (has loss); "
+                  "[dim]dim[/dim] = context only (label -100); special tokens are shown as text")
     for ex in ds.train[:show]:
         trained = sum(1 for label in ex.labels if label != -100)
         title = f"{ex.where} — {len(ex.input_ids)} tokens, {trained} trained"
