@@ -99,6 +99,16 @@ def test_build_splits_by_ratio(tmp_path, fake_chat):
     assert ds.train[0].where == f"{tmp_path / 't.jsonl'}:line {train[0] + 1}"
 
 
+def test_load_conversations_matches_build(tmp_path, fake_chat):
+    from llamaft.data.pipeline import load_conversations
+
+    cfg = DataConfig(train=[qa_file(tmp_path / "t.jsonl", 20)], val_ratio=0.2, test_ratio=0.1, split_seed=3)
+    ds = build_datasets(cfg, None, None)
+    val, test = load_conversations(cfg)
+    assert {k: [c.where for c in v] for k, v in val.items()} == {k: [e.where for e in v] for k, v in ds.validation.items()}
+    assert [c.where for c in test] == [e.where for e in ds.test]
+
+
 def test_validation_file_means_no_val_split_and_test_file_no_test_split(tmp_path, fake_chat):
     t = qa_file(tmp_path / "t.jsonl", 10)
     v = qa_file(tmp_path / "v.jsonl", 3)

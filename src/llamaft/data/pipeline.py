@@ -5,6 +5,7 @@
     ds.train                      # [Example(input_ids, labels, where)], in file order (the trainer's sampler shuffles)
     ds.validation["validation"]   # named sets, in config order
     ds.stats["train"]             # {"rows", "examples", "truncated", "dropped": {...}, "tokens": {...}, "trained_tokens"}
+    val, test = load_conversations(cfg.data)   # held-out rows as Conversations (generation eval)
 
 Order of work and why:
 1. Rows are read and converted (format detected once per file) before any tokenizer runs, so bad
@@ -43,19 +44,8 @@ class Datasets:
 
 def build_datasets(data_cfg, tokenizer, rules) -> Datasets:
     """Every split as token examples, plus statistics (see the module docstring for the rules)."""
-    formats: dict[str, str] = {}
-    train_rows = _load_files(data_cfg.train, data_cfg, formats)
+    train_rows, val_sets, test_rows, formats = split_conversations(data_cfg)
     named = validation_sets(data_cfg.validation)
-    val_ratio = 0.0 if named else data_cfg.val_ratio
-    test_ratio = 0.0 if data_cfg.test else data_cfg.test_ratio
-    train_rows, val_rows, test_rows = split_rows(train_rows, val_ratio, test_ratio, data_cfg.split_seed)
-
-    val_sets = {name: _load_files([path], data_cfg, formats) for name, path in named.items()}
-    if val_rows:
-        val_sets["validation"] = val_rows
-    if data_cfg.test:
-        test_rows = _load_files([data_cfg.test], data_cfg, formats)
-
     stats: dict = {"formats": formats, "max_seq_length": data_cfg.max_seq_length, "truncation": data_cfg.truncation}
     train, stats["train"] = _encode_split(train_rows, tokenizer, rules, data_cfg)
     _require_some(train, stats["train"], data_cfg, "data.train", ", ".join(data_cfg.train))
@@ -68,6 +58,31 @@ def build_datasets(data_cfg, tokenizer, rules) -> Datasets:
     if data_cfg.test:
         _require_some(test, stats["test"], data_cfg, "data.test", data_cfg.test)
     return Datasets(train, validation, test, stats)
+
+
+def split_conversations(data_cfg) -> tuple[list[Conversation], dict[str, list[Conversation]], list[Conversation], dict[str, str]]:
+    """(train, named validation sets, test, {file: format}) as Conversations, before any tokenizer runs.
+
+    Generation-based eval uses this too, so it evaluates exactly the rows `build_datasets` holds out.
+    """
+    formats: dict[str, str] = {}
+    train_rows = _load_files(data_cfg.train, data_cfg, formats)
+    named = validation_sets(data_cfg.validation)
+    val_ratio = 0.0 if named else data_cfg.val_ratio
+    test_ratio = 0.0 if data_cfg.test else data_cfg.test_ratio
+    train_rows, val_rows, test_rows = split_rows(train_rows, val_ratio, test_ratio, data_cfg.split_seed)
+    val_sets = {name: _load_files([path], data_cfg, formats) for name, path in named.items()}
+    if val_rows:
+        val_sets["validation"] = val_rows
+    if data_cfg.test:
+        test_rows = _load_files([data_cfg.test], data_cfg, formats)
+    return train_rows, val_sets, test_rows, formats
+
+
+def load_conversations(data_cfg) -> tuple[dict[str, list[Conversation]], list[Conversation]]:
+    """(validation sets, test rows) as Conversations: the held-out part of `split_conversations`."""
+    _, val_sets, test_rows, _ = split_conversations(data_cfg)
+    return val_sets, test_rows
 
 
 def _load_files(paths: list[str], data_cfg, formats: dict[str, str]) -> list[Conversation]:
