@@ -1,0 +1,180 @@
+"""Load a trained model for generation: a run directory (base + adapter) or a model directory.
+
+    model, tokenizer, rules = load_for_inference("runs/demo")                 # base + LoRA adapter
+    model, tokenizer, rules = load_for_inference("runs/demo", adapter=False)  # the base alone (before/after)
+    model, tokenizer, rules = load_for_inference("runs/demo-merged")          # merged / any HF model dir
+
+Chat, evaluation, merge and export all load through here, so "what the run means" is decided once:
+the run's config snapshot rebuilds the base exactly as training saw it (tokenizer rules, added pad
+token, resized embeddings), then the PEFT adapter goes on top.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LlamaftError
+from .tokenizer import TokenRules, detect_family, load_tokenizer, make_rules
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Source:
+    """What a path points at (resolved before any weights load, so errors come early)."""
+
+    kind: str                 # "adapter" (run with a PEFT adapter) | "full" (run with model/) | "model"
+    run_dir: Path | None      # the run directory (holds config.yaml), None for plain model dirs
+    weights: Path             # adapter dir, or the HF model dir
+
+
+def _is_model_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def resolve_source(path: str | Path) -> Source:
+    """Classify `path`: run dir, adapter/checkpoint dir inside a run, or HF model dir."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise LlamaftError(f"{p}: no such file or directory")
+    if not p.is_dir():
+        raise LlamaftError(f"{p}: expected a run directory or a model directory, got a file")
+    if (p / "config.yaml").is_file():
+        if (p / "adapter" / "adapter_config.json").is_file():
+            return Source("adapter", p, p / "adapter")
+        if _is_model_dir(p / "model"):
+            return Source("full", p, p / "model")
+        raise LlamaftError(f"{p}: run directory has neither adapter/ nor model/ (did training finish? try a checkpoint)")
+    if (p / "adapter_config.json").is_file():
+        # An adapter or checkpoint dir inside a run (RUN/adapter, RUN/checkpoints/checkpoint-N):
+        # the base comes from the nearest config.yaml above it.
+        for parent in list(p.parents)[:3]:
+            if (parent / "config.yaml").is_file():
+                return Source("adapter", parent, p)
+        raise LlamaftError(f"{p}: adapter without a run config.yaml above it; pass the run directory")
+    if _is_model_dir(p):
+        return Source("model", None, p)
+    if (p / "config.json").is_file() and any(p.glob("*.bin")):
+        raise LlamaftError(f"{p}: only pickle (.bin) weights found; llamaft loads safetensors only")
+    raise LlamaftError(f"{p}: not a run directory (config.yaml + adapter/ or model/) nor a model directory (config.json + *.safetensors)")
+
+
+def torch_dtype(name: str | None, method: str = "lora") -> torch.dtype:
+    """`None`/"auto" → bf16 on GPUs that support it; on CPU fp32 (fast, exact), except qlora runs, whose
+    bases are large enough that 16-bit halves the memory that matters more there."""
+    if name in (None, "auto"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.bfloat16 if method == "qlora" else torch.float32
+    if name not in _DTYPES:
+        raise LlamaftError(f"dtype '{name}' is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules for a model directory (merged output or any HF Llama-architecture model)
+
+
+def rules_from_dir(model_dir: Path, tokenizer) -> TokenRules:
+    """Rules of a saved model dir: the tokenizer module's family rules, plus every stop id that
+    generation_config.json lists (merge writes them all; a foreign dir may list more)."""
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(str(model_dir))
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    family = detect_family(tokenizer, hf_config)
+    try:
+        rules = make_rules(tokenizer, family, bool(template), template, hf_config=hf_config)
+    except LlamaftError:
+        # No spare special token to pad with. Inference pads on the left under an attention mask,
+        # so any id that is not a stop id will do (training would need a real pad token).
+        special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        tokenizer.pad_token_id = next(i for i in reversed(range(len(tokenizer))) if i not in special)
+        rules = make_rules(tokenizer, family, bool(template), template, hf_config=hf_config)
+    gen_file = model_dir / "generation_config.json"
+    gen = json.loads(gen_file.read_text(encoding="utf-8")) if gen_file.is_file() else {}
+    eos = gen.get("eos_token_id")
+    extra = [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None and i not in rules.stop_ids]
+    if rules.pad_id in extra:
+        raise LlamaftError(f"{model_dir}: generation_config.json lists the pad id {rules.pad_id} as a stop id")
+    rules.stop_ids = sorted([*rules.stop_ids, *extra])
+    return rules
+
+
+def _load_model_dir(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    rules = rules_from_dir(model_dir, tokenizer)
+    tokenizer.pad_token_id = rules.pad_id
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+    return model, tokenizer, rules
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories: rebuild the base from the config snapshot, then the adapter
+
+
+def _adapter_vocab_size(adapter_dir: Path) -> int | None:
+    """Rows of the embedding saved with the adapter (training added a pad token), if any."""
+    from safetensors import safe_open
+
+    f = adapter_dir / "adapter_model.safetensors"
+    if not f.is_file():
+        return None
+    with safe_open(str(f), framework="pt") as st:
+        for key in st.keys():
+            if "embed_tokens" in key and "lora_" not in key and key.endswith("weight"):
+                return st.get_slice(key).get_shape()[0]
+    return None
+
+
+def load_run_base(cfg, tokenizer, rules, dtype: torch.dtype, adapter_dir: Path | None = None):
+    """The base model of a run, unquantized (qlora bases too: inference and merges want 16-bit
+    weights, and 4-bit needs CUDA), with embeddings sized as training left them."""
+    from .load import load_base
+
+    model_cfg = cfg.model.model_copy(update={"method": "lora" if cfg.model.method == "qlora" else cfg.model.method})
+    model = load_base(model_cfg, cfg.quantization, rules, tokenizer, dtype)
+    # Idempotent when load_base already resized: the adapter's saved embedding (or the tokenizer)
+    # says how many rows training used.
+    rows = (_adapter_vocab_size(adapter_dir) if adapter_dir else None) or len(tokenizer)
+    if rows > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+    return model.to(dtype)
+
+
+def load_for_inference(path: str | Path, *, dtype: str | None = None, device: str | None = None, adapter: bool = True):
+    """(model, tokenizer, rules) ready for `llamaft.chat.generate`; model in eval mode on `device`.
+
+    path: a run directory, an adapter/checkpoint dir inside one, or a model directory.
+    adapter=False on a run gives its base model (before/after comparisons).
+    """
+    src = resolve_source(path)
+    if src.kind == "model" or (src.kind == "full" and adapter):
+        trust = False
+        if src.run_dir is not None:
+            from ..config import load_config
+
+            trust = load_config(src.run_dir / "config.yaml").model.trust_remote_code
+        model, tokenizer, rules = _load_model_dir(src.weights, torch_dtype(dtype), trust)
+    else:
+        from ..config import load_config
+
+        cfg = load_config(src.run_dir / "config.yaml")
+        tdtype = torch_dtype(dtype or cfg.model.dtype, cfg.model.method)
+        tokenizer, rules = load_tokenizer(cfg.model, cfg.data)  # exactly as training built it
+        model = load_run_base(cfg, tokenizer, rules, tdtype, src.weights if src.kind == "adapter" else None)
+        if adapter and src.kind == "adapter":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(src.weights), is_trainable=False)
+            model = model.to(tdtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.config.use_cache = True  # load_base turns the KV cache off for training; generation needs it
+    model = model.to(device).eval()
+    return model, tokenizer, rules
