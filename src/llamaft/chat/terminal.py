@@ -1,0 +1,79 @@
+"""Terminal chat with a run directory or a model directory (`llamaft chat PATH`).
+
+    chat_loop("runs/demo", system="You are terse.", temperature=0.7)
+
+Replies stream as they are generated, with the model's chat template and stop tokens (through
+`llamaft.chat.generate`, shared with the web UI and evaluation). Commands: /reset clears the
+history, /exit (or Ctrl-D) quits, Ctrl-C interrupts a reply (or quits at the prompt).
+Input and output are injectable so tests can script a conversation.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TextIO
+
+from .generate import GenParams, stream_chat
+
+HELP = "commands: /reset (new conversation), /exit (quit); Ctrl-C stops a reply"
+
+
+def chat_loop(path, system: str | None = None, temperature: float = 0.7, top_p: float = 0.9,
+              max_new_tokens: int = 512, top_k: int = 0, repetition_penalty: float = 1.0, *,
+              input_fn: Callable[[str], str] = input, out: TextIO = sys.stdout, loaded=None,
+              dtype: str | None = None, device: str | None = None) -> list[dict]:
+    """Run the chat until /exit or EOF; returns the last conversation (for tests and callers).
+
+    loaded: an already loaded (model, tokenizer, rules), e.g. from a caller that shows a spinner.
+    """
+    params = GenParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                       repetition_penalty=repetition_penalty)  # invalid settings fail before loading
+    if loaded is None:
+        from ..model.inference import load_for_inference
+
+        out.write(f"loading {path} ...\n")
+        out.flush()
+        loaded = load_for_inference(path, dtype=dtype, device=device)
+    model, tokenizer, rules = loaded
+
+    def fresh() -> list[dict]:
+        return [{"role": "system", "content": system}] if system else []
+
+    history = fresh()
+    out.write(HELP + "\n")
+    while True:
+        try:
+            line = input_fn("you> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = fresh()
+            out.write("(conversation cleared)\n")
+            continue
+        if text.startswith("/") and " " not in text:
+            out.write(f"unknown command {text}; {HELP}\n")
+            continue
+        history.append({"role": "user", "content": line})
+        out.write("assistant> ")
+        out.flush()
+        reply = []
+        stream = stream_chat(model, tokenizer, rules, history, params)
+        try:
+            for piece in stream:
+                reply.append(piece)
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            stream.close()  # cancels the generation thread
+            history.pop()   # an interrupted exchange is not part of the conversation
+            out.write("\n(interrupted)\n")
+            continue
+        out.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return history

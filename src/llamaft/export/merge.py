@@ -1,0 +1,122 @@
+"""Merge a run's LoRA adapter into its base: one 16-bit model directory that plain transformers loads.
+
+    llamaft merge runs/demo --out runs/demo-merged
+    merge("runs/demo", "runs/demo-merged", dtype="bfloat16")
+
+The output holds safetensors weights, the tokenizer with its chat template, and a
+generation_config.json whose eos_token_id lists every stop id (Llama 3.1 Instruct: 128001, 128008,
+128009), so `AutoModelForCausalLM.from_pretrained(out).generate(...)` stops where our chat does.
+It is written to a temporary sibling directory and renamed into place: a crash never leaves a
+half-written model behind.
+
+QLoRA runs merge into the base loaded unquantized (16-bit): merging into 4-bit weights would round
+the adapter away, and the dequantized base is what the adapter was trained to correct.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import LlamaftError
+from ..model.inference import load_for_inference, resolve_source, torch_dtype
+from ..model.tokenizer import save_tokenizer
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """Fail before any model loads when the output would clobber something."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise LlamaftError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LlamaftError(f"{out}: directory is not empty; choose another --out or pass --overwrite")
+    return out
+
+
+def refuse_clobber(out: Path, source: Path) -> None:
+    """With overwrite=True, out must still not be the source nor a folder that contains it."""
+    o, s = out.resolve(), source.resolve()
+    if o == s or o in s.parents:
+        raise LlamaftError(f"{out}: would overwrite the input {source}; choose another output directory")
+
+
+def check_shard_size(max_shard_size: int | str) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        if convert_file_size_to_int(max_shard_size) <= 0:
+            raise ValueError
+    except (ValueError, TypeError):
+        raise LlamaftError(f"max shard size '{max_shard_size}' is not a size like 5GB, 500MB or a byte count") from None
+
+
+def write_model_dir(model, tokenizer, rules, out_dir: str | Path, *, max_shard_size: int | str = "5GB",
+                    overwrite: bool = False) -> Path:
+    """Save weights (safetensors, sharded) + tokenizer + generation config atomically into out_dir."""
+    out = check_out_dir(out_dir, overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        # A run's base had its cache off for training; the shipped model should generate fast.
+        model.config.use_cache = True
+        model.config.pad_token_id = rules.pad_id
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        # Tokenizer + chat template, then eos_token_id = all stop ids and pad_token_id = pad, merged
+        # into the generation_config.json that save_pretrained just wrote.
+        save_tokenizer(tokenizer, rules, tmp)
+        _check_written(tmp, rules)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        # Swap, then delete: at every moment either the old or the complete new directory is there.
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def _check_written(d: Path, rules) -> None:
+    """Catch silent regressions in what we hand to other tools (llama.cpp, vLLM, plain transformers)."""
+    if not any(d.glob("*.safetensors")):
+        raise RuntimeError(f"{d}: no safetensors weights were written")
+    if any(d.glob("*.bin")) or any(d.glob("*.pt")):
+        raise RuntimeError(f"{d}: pickle weights were written")
+    gen = json.loads((d / "generation_config.json").read_text(encoding="utf-8"))
+    eos = gen.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [eos]
+    if sorted(eos) != sorted(rules.stop_ids) or gen.get("pad_token_id") != rules.pad_id:
+        raise RuntimeError(f"{d}: generation_config.json has eos {eos} / pad {gen.get('pad_token_id')}, expected {rules.stop_ids} / {rules.pad_id}")
+
+
+def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", *, overwrite: bool = False,
+          max_shard_size: int | str = "5GB") -> Path:
+    """base (+ adapter, merged) of a run → a standalone model directory; returns its path.
+
+    Full fine-tuning runs have no adapter: their model/ is converted to `dtype` and re-saved.
+    """
+    if dtype not in DTYPES:
+        raise LlamaftError(f"merge dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    check_shard_size(max_shard_size)
+    src = resolve_source(run_dir)
+    if src.kind == "model":
+        raise LlamaftError(f"{run_dir}: a model directory has no adapter to merge; use `llamaft export --format hf` to re-save it")
+    out = check_out_dir(out_dir, overwrite)
+    refuse_clobber(out, src.run_dir)
+    # Loading in the target dtype costs no accuracy: PEFT computes the LoRA delta in fp32 and rounds
+    # once when adding it, exactly as merging in fp32 and casting afterwards would; and it halves
+    # the memory an 8B merge needs.
+    model, tokenizer, rules = load_for_inference(run_dir, dtype=dtype, device="cpu")
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model = model.to(torch_dtype(dtype))
+    return write_model_dir(model, tokenizer, rules, out, max_shard_size=max_shard_size, overwrite=overwrite)
