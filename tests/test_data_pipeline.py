@@ -249,6 +249,20 @@ def test_inspect_dump_is_the_trainers_order_and_content(tmp_path, monkeypatch, f
     assert n_long > 0 and f"train: dropped {n_long} (longer than max_seq_length):" in text
 
 
+def test_inspect_reads_data_before_loading_the_tokenizer(tmp_path, monkeypatch, fake_chat):
+    from llamaft.config import config_from_dict
+    from llamaft.data.inspect import inspect_data
+
+    tok = types.ModuleType("llamaft.model.tokenizer")
+    tok.load_tokenizer = lambda *a: pytest.fail("tokenizer loaded before the data was checked")
+    monkeypatch.setitem(sys.modules, "llamaft.model.tokenizer", tok)
+    t = tmp_path / "t.jsonl"
+    t.write_text('{"question": "q"}\n')
+    cfg = config_from_dict({"model": {"name": "m"}, "data": {"train": [str(t)], "format": "qa"}})
+    with pytest.raises(DataError, match=r"t\.jsonl:line 1: field 'answer': missing"):
+        inspect_data(cfg)
+
+
 def test_inspect_show_zero_and_no_dump(tmp_path, monkeypatch, fake_chat):
     _, stats, text = _run_inspect(tmp_path, monkeypatch, fake_chat, show=0)
     assert "dump" not in stats and "<" not in text

@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .pipeline import NO_TRAINED, TOO_LONG, Datasets, build_datasets
+from .pipeline import NO_TRAINED, TOO_LONG, Datasets, build_datasets, split_conversations
 
 
 def inspect_data(cfg, show: int = 3, dump: str | None = None, console=None) -> dict:
@@ -27,8 +27,9 @@ def inspect_data(cfg, show: int = 3, dump: str | None = None, console=None) -> d
     from ..model.tokenizer import load_tokenizer
 
     console = console or Console()
+    splits = split_conversations(cfg.data)  # bad rows fail here, before the (slow) tokenizer load
     tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
-    ds = build_datasets(cfg.data, tokenizer, rules)
+    ds = build_datasets(cfg.data, tokenizer, rules, splits=splits)
     _print_examples(ds, tokenizer, show, console)
     console.print(stats_table(ds.stats))
     _print_drops(ds.stats, console)

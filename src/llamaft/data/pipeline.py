@@ -42,9 +42,13 @@ class Datasets:
     stats: dict = field(default_factory=dict)
 
 
-def build_datasets(data_cfg, tokenizer, rules) -> Datasets:
-    """Every split as token examples, plus statistics (see the module docstring for the rules)."""
-    train_rows, val_sets, test_rows, formats = split_conversations(data_cfg)
+def build_datasets(data_cfg, tokenizer, rules, *, splits=None) -> Datasets:
+    """Every split as token examples, plus statistics (see the module docstring for the rules).
+
+    `splits`: the result of `split_conversations(data_cfg)` when the caller already has it — read
+    the data before loading a tokenizer or model, so bad rows fail in a second, not after a load.
+    """
+    train_rows, val_sets, test_rows, formats = splits or split_conversations(data_cfg)
     named = validation_sets(data_cfg.validation)
     stats: dict = {"formats": formats, "max_seq_length": data_cfg.max_seq_length, "truncation": data_cfg.truncation}
     train, stats["train"] = _encode_split(train_rows, tokenizer, rules, data_cfg)
