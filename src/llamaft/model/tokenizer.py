@@ -261,11 +261,11 @@ def _model_source(model_cfg) -> tuple[str, str | None]:
 
 
 def _from_source(model_cfg):
-    from transformers import AutoTokenizer
-
     src = model_cfg.tokenizer
     if src in ("llama3", "llama3.1"):
         return llama3_tokenizer("3.1" if src == "llama3.1" else "3"), True
+    from transformers import AutoTokenizer
+
     name, gguf = (src, None) if src else _model_source(model_cfg)
     try:
         tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf, revision=model_cfg.revision,
@@ -290,7 +290,10 @@ def load_tokenizer(model_cfg, data_cfg):
         if not custom:
             raise ConfigError(f"data.chat_template: {template_file} is empty")
     tok, offline = _from_source(model_cfg)
-    hf_config = None if offline and model_cfg.family != "auto" else _hf_config(model_cfg)
+    # The HF config only refines detection (rope type, eos ids); for Meta's offline file it is
+    # read only from a local model directory, never looked up on the hub.
+    local = Path(model_cfg.name).exists()
+    hf_config = _hf_config(model_cfg) if (not offline or local) else None
     family = model_cfg.family if model_cfg.family != "auto" else detect_family(tok, hf_config)
     own = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
     ours = template_text(family) if family in ("llama3", "llama3.1") else None
