@@ -1,0 +1,94 @@
+"""What gets trained: LoRA / rsLoRA / DoRA adapters through PEFT (lora, qlora), or every weight (full).
+
+    model = apply_adapters(load_base(...), cfg.model, cfg.lora)
+
+qlora differs from lora only by `prepare_model_for_kbit_training` (fp32 norms, input grads) on the
+4-bit base that `load.py` produced — one training loop for all three methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import LlamaftError
+from .load import ADDED_TOKENS_ATTR
+
+log = logging.getLogger(__name__)
+
+
+def lora_config(model_cfg, lora_cfg, added_token_ids: list[int] | None = None):
+    """Our lora section → peft.LoraConfig (target_modules may be the string 'all-linear')."""
+    from peft import LoraConfig
+
+    target = lora_cfg.target_modules if isinstance(lora_cfg.target_modules, str) else list(lora_cfg.target_modules)
+    extra = {}
+    if added_token_ids:
+        # New tokens (e.g. an added <|pad|>) get trainable rows in the input embedding (and the tied
+        # or untied lm_head): only those rows train, so the adapter stays small.
+        extra["trainable_token_indices"] = list(added_token_ids)
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=target,
+        bias=lora_cfg.bias,
+        use_rslora=lora_cfg.use_rslora,
+        use_dora=lora_cfg.use_dora,
+        **extra,
+    )
+
+
+def apply_adapters(model, model_cfg, lora_cfg, *, gradient_checkpointing: bool = False):
+    """Wrap `model` for training according to model.method; logs the trainable parameter count."""
+    added = list(getattr(model, ADDED_TOKENS_ATTR, []) or [])
+    if model_cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if model_cfg.method == "qlora":
+            # Casts norms to fp32 and makes the embedding output require grad (needed once the base
+            # weights are frozen integers); checkpointing itself is switched on by the Trainer.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        try:
+            model = get_peft_model(model, lora_config(model_cfg, lora_cfg, added))
+        except ValueError as err:
+            first = str(err).strip().splitlines()[0]
+            raise LlamaftError(f"lora.target_modules: {first} (use all-linear, or names like q_proj, v_proj)") from None
+        setattr(model, ADDED_TOKENS_ATTR, added)
+    trainable, total = count_parameters(model)
+    msg = f"{model_cfg.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+    log.info(msg)
+    print(msg)
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total); PEFT knows how to count 4-bit packed weights."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_trained(model, out_dir: str | Path) -> None:
+    """adapter/ (PEFT format) or model/ (full weights): safetensors only.
+
+    With added tokens the whole (resized) embedding and lm_head travel with the adapter, so merge and
+    load_for_inference never depend on re-creating new rows the same way.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_peft(model):
+        added = bool(getattr(model, ADDED_TOKENS_ATTR, None))
+        model.save_pretrained(str(out_dir), save_embedding_layers=added)
+    else:
+        model.save_pretrained(str(out_dir))

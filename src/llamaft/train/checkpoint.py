@@ -1,0 +1,148 @@
+"""Atomic checkpoints and resume.
+
+transformers 5.17 writes `checkpoint-N/` in place (weights, optimizer, scheduler, RNG, then
+trainer_state.json), so a crash mid-save leaves a directory that `get_last_checkpoint` would pick.
+Here the Trainer writes into `checkpoints/.staging/checkpoint-N`, files are fsynced, and the
+directory is renamed into place: a `checkpoint-N` either is complete or does not exist. Resume also
+requires `trainer_state.json` (written last by HF), so directories from other writers count only
+when finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from ..errors import LlamaftError
+
+log = logging.getLogger(__name__)
+
+STAGING = ".staging"
+STATE_FILE = "trainer_state.json"  # HF writes it after weights, optimizer, scheduler and RNG
+_CKPT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush file contents, then directory entries, so a rename never publishes unwritten data."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Move a finished checkpoint into place; an older one at the same step is replaced."""
+    _fsync_tree(staged)
+    old = None
+    if final.exists():
+        old = final.with_name(f".replaced-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staged, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class AtomicCheckpointTrainer(Trainer):
+    """HF Trainer whose checkpoints appear only when complete (the one behaviour we change)."""
+
+    _staging_root: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        # While saving, HF's _save_checkpoint asks this for the parent of checkpoint-N.
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        root = Path(super()._get_output_dir(trial))
+        staging = root / STAGING
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self._staging_root = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        if not self.args.should_save:
+            return
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        publish(staging / name, root / name)
+        shutil.rmtree(staging, ignore_errors=True)
+        # HF rotated inside .staging (a no-op); rotate the real directory by step number (mtime is
+        # meaningless after a rename).
+        rotate_checkpoints(str(root), save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / STATE_FILE).is_file()
+
+
+def _step(path: Path) -> int | None:
+    m = _CKPT.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def clean_incomplete(ckpt_root: Path) -> list[Path]:
+    """Remove leftovers of crashed saves (staging dirs, checkpoint dirs without trainer state).
+
+    Left in place they would sort as the newest checkpoint in HF's rotation and push out real ones.
+    """
+    removed = []
+    if not ckpt_root.is_dir():
+        return removed
+    for p in ckpt_root.iterdir():
+        if p.name == STAGING or p.name.startswith(".replaced-") or (_step(p) is not None and not is_complete(p)):
+            log.warning("removing incomplete checkpoint %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def latest_complete(ckpt_root: Path) -> Path | None:
+    if not ckpt_root.is_dir():
+        return None
+    done = [(s, p) for p in ckpt_root.iterdir() if (s := _step(p)) is not None and is_complete(p)]
+    return max(done)[1] if done else None
+
+
+def resolve_resume(resume: bool | str, ckpt_root: Path) -> Path | None:
+    """train.resume → the checkpoint to continue from (None: fresh run)."""
+    if resume is False or resume in ("", "false", "False"):
+        return None
+    if resume is True or resume in ("true", "True", "latest"):
+        found = latest_complete(ckpt_root)
+        if found is None:
+            raise LlamaftError(
+                f"train.resume=true but {ckpt_root} holds no complete checkpoint; "
+                "start a fresh run (train.resume=false) or pass a checkpoint path"
+            )
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise LlamaftError(f"train.resume: checkpoint not found: {resume}")
+    if not is_complete(path):
+        raise LlamaftError(f"train.resume: {resume} is not a complete checkpoint (no {STATE_FILE}); pick another")
+    return path

@@ -1,0 +1,36 @@
+"""loss.png: the train loss and each named validation set's loss against the optimizer step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_losses(rows: list[dict], set_names: list[str], out: str | Path, title: str = "") -> Path | None:
+    """Draw from metrics.jsonl rows; None when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers / CI
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["train/loss"]) for r in rows if r.get("train/loss") is not None]
+    curves = {n: [(r["step"], r[f"eval/{n}/loss"]) for r in rows if r.get(f"eval/{n}/loss") is not None] for n in set_names}
+    if not train and not any(curves.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1.2, alpha=0.85)
+    for name, pts in curves.items():
+        if pts:
+            # markers: evaluations are sparse, a lone point must still be visible
+            ax.plot(*zip(*pts), marker="o", markersize=4, label=f"eval/{name}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

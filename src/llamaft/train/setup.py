@@ -1,0 +1,133 @@
+"""Our `train` section → HF TrainingArguments, and the pieces the Trainer is built from.
+
+Our config names what users choose; this file is the one place that knows HF's 200 field names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..data.collate import Collator
+from ..model.load import cuda_available, require_bitsandbytes
+
+_OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A list of Examples as a map-style dataset: the collator turns them into tensors."""
+
+    def __init__(self, items: list):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.items[i]
+        if isinstance(ex, dict):
+            return ex
+        return {"input_ids": list(ex.input_ids), "labels": list(ex.labels)}
+
+
+def check_optimizer(train_cfg) -> str:
+    """HF optim name; 8-bit optimizers need CUDA + bitsandbytes (checked before any model loads)."""
+    if train_cfg.optimizer != "adamw_torch":
+        require_bitsandbytes(f"train.optimizer={train_cfg.optimizer}", "use train.optimizer=adamw_torch on CPU")
+    return _OPTIMIZERS[train_cfg.optimizer]
+
+
+def _every(value: float | int) -> tuple[str, float | int]:
+    """(strategy, steps): 0 → 'no'; 0 < x < 1 → ratio of the run (HF reads floats < 1 as ratios); else steps."""
+    if value == 0:
+        return "no", 1
+    if 0 < value < 1:
+        return "steps", float(value)
+    return "steps", int(value)
+
+
+def warmup(train_cfg) -> int | float:
+    """warmup_steps wins when > 0; else warmup_ratio (HF 5 takes a float < 1 in warmup_steps as a ratio)."""
+    if train_cfg.warmup_steps > 0:
+        return int(train_cfg.warmup_steps)
+    return float(train_cfg.warmup_ratio)
+
+
+def scheduler(train_cfg) -> str:
+    # HF's "constant" ignores warm-up; "constant_with_warmup" with 0 warm-up steps is the same as constant.
+    return {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[train_cfg.scheduler]
+
+
+def gradient_checkpointing(train_cfg, plan=None) -> bool:
+    """on/off from the config; auto: the fast-path plan decides, else on for GPUs and off on CPU."""
+    if train_cfg.gradient_checkpointing != "auto":
+        return train_cfg.gradient_checkpointing == "on"
+    if plan is not None:
+        return bool(plan.gradient_checkpointing)
+    return cuda_available()
+
+
+def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval: bool, grad_ckpt: bool, extra: dict | None = None):
+    """Build TrainingArguments; `extra` lets tests and callers set fields we do not expose."""
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    eval_strategy, eval_steps = _every(t.eval_every) if has_eval else ("no", 1)
+    save_strategy, save_steps = _every(t.save_every)
+    _, logging_steps = _every(t.logging_every or 1)
+    cuda = cuda_available()
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=float(t.epochs),
+        max_steps=int(t.max_steps) if t.max_steps > 0 else -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=scheduler(t),
+        warmup_steps=warmup(t),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        optim=check_optimizer(t),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=grad_ckpt,
+        # non-reentrant: works with frozen embeddings (LoRA) without forcing input grads
+        gradient_checkpointing_kwargs={"use_reentrant": False} if grad_ckpt else None,
+        bf16=bf16,
+        fp16=fp16,
+        seed=t.seed,
+        data_seed=t.seed,  # same shuffle order on resume and across methods
+        eval_strategy=eval_strategy,
+        eval_steps=eval_steps if eval_strategy != "no" else None,
+        save_strategy=save_strategy,
+        save_steps=save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=logging_steps,
+        # tensorboard is attached by the recipe with RUN/tb as its directory (HF 5 dropped logging_dir)
+        report_to=[r for r in t.report_to if r not in ("tensorboard", "none")] or "none",
+        remove_unused_columns=False,  # our collator builds the tensors from Examples
+        label_names=["labels"],  # PEFT wraps forward(**kwargs): HF cannot infer it, and eval needs it for loss
+        dataloader_num_workers=0,  # tokenised lists in memory: workers only add fork cost on small CPUs
+        dataloader_pin_memory=cuda,
+        use_cpu=not cuda,
+        disable_tqdm=False,
+    )
+    kwargs.update(extra or {})
+    return TrainingArguments(**kwargs)
+
+
+def pick_collator_and_plan(cfg, model, pad_id: int) -> tuple[Any, Callable, Any]:
+    """(model, collator, plan): the GPU fast path when llamaft.model.fast exists, else plain padding.
+
+    The plan is None when the module is missing; CPU runs get `Collator` unless the plan packs.
+    """
+    try:
+        from ..model.fast import apply_fast_path, choose_plan, make_collator
+    except ImportError:
+        return model, Collator(pad_id), None
+    plan = choose_plan(cfg, model)
+    model = apply_fast_path(model, plan)
+    collator = make_collator(plan, pad_id) if plan.packing else Collator(pad_id)
+    return model, collator, plan

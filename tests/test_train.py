@@ -1,0 +1,151 @@
+"""End-to-end training on a tiny random Llama (CPU, seconds): run directory, resume, atomic checkpoints."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llamaft.train import train
+from llamaft.train.checkpoint import AtomicCheckpointTrainer
+from test_train_support import patch_data_layer, run_config, tiny_model_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny matmuls: on a shared 2-core box, 2 threads are ~50x slower than 1 (contention)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def full_run(model_dir, tmp_path_factory):
+    """One uninterrupted LoRA run of 8 steps (2 epochs, grad accumulation 2, dropout on)."""
+    mp = pytest.MonkeyPatch()
+    patch_data_layer(mp)
+    out = tmp_path_factory.mktemp("runs") / "full"
+    try:
+        train(run_config(model_dir, out, dropout=0.1, scheduler="linear", warmup_steps=2))
+    finally:
+        mp.undo()
+    return out
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contents(full_run):
+    run = full_run
+    assert (run / "config.yaml").read_text().startswith("model:")
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert (run / "adapter" / "tokenizer.json").is_file()
+    assert json.loads((run / "adapter" / "generation_config.json").read_text())["eos_token_id"] == [1, 3]
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # save_every=3 of 8 steps, save_total_limit=2 → checkpoint-3 rotated out
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-6", "checkpoint-8"]
+
+    rows = _rows(run)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    assert all(r["train/grad_norm"] > 0 for r in train_rows)
+    # eval_every=0.25 of 8 steps → every 2 steps, plus the final evaluation at step 8
+    eval_steps = [r["step"] for r in rows if "eval/alpha/loss" in r]
+    assert eval_steps == [2, 4, 6, 8, 8]
+    assert [r["step"] for r in rows if "eval/b_set/loss" in r] == eval_steps
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_loss"] == train_rows[-1]["train/loss"]
+    assert summary["steps"] == 8 and summary["method"] == "lora"
+    last = {n: [r for r in rows if f"eval/{n}/loss" in r][-1][f"eval/{n}/loss"] for n in ("alpha", "b_set")}
+    assert summary["eval"] == {"alpha": {"loss": last["alpha"]}, "b_set": {"loss": last["b_set"]}}
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    # training on 32 examples for 2 epochs at lr 1e-2 must reduce the loss
+    assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
+
+
+def test_linear_warmup_schedule_in_metrics(full_run):
+    # linear, warmup_steps=2, 8 steps: HF logs the lr used for the step just taken
+    lrs = [r["train/learning_rate"] for r in _rows(full_run) if "train/learning_rate" in r]
+    expected = [1e-2 * (s / 2 if s < 2 else (8 - s) / 6) for s in range(0, 8)]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+
+
+def test_interrupted_run_resumes_to_identical_weights(full_run, model_dir, tmp_path, monkeypatch):
+    patch_data_layer(monkeypatch)
+    out = tmp_path / "interrupted"
+    real = AtomicCheckpointTrainer._save_rng_state
+
+    def crash_at_6(self, output_dir):  # a crash in the middle of writing checkpoint-6
+        if self.state.global_step == 6:
+            raise KeyboardInterrupt("simulated crash while saving")
+        return real(self, output_dir)
+
+    monkeypatch.setattr(AtomicCheckpointTrainer, "_save_rng_state", crash_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(model_dir, out, dropout=0.1, scheduler="linear", warmup_steps=2))
+    monkeypatch.setattr(AtomicCheckpointTrainer, "_save_rng_state", real)
+    ckpts = out / "checkpoints"
+    assert not (ckpts / "checkpoint-6").exists()  # the half-written one never appeared
+    assert (ckpts / ".staging" / "checkpoint-6").is_dir()
+    # and a foreign half-written dir (no trainer_state.json) must be ignored, then removed
+    (ckpts / "checkpoint-7").mkdir()
+    (ckpts / "checkpoint-7" / "adapter_model.safetensors").write_bytes(b"partial")
+
+    train(run_config(model_dir, out, dropout=0.1, scheduler="linear", warmup_steps=2, resume=True))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-3")
+    assert not (ckpts / "checkpoint-7").exists() and not (ckpts / ".staging").exists()
+
+    a = load_file(full_run / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:  # same ops in the same order on CPU: bitwise equal
+        assert torch.equal(a[k], b[k]), k
+    losses = lambda run: [(r["step"], r["train/loss"]) for r in _rows(run) if "train/loss" in r]
+    assert losses(out) == losses(full_run)
+    assert summary["eval"] == json.loads((full_run / "summary.json").read_text())["eval"]
+
+
+def test_fresh_run_refuses_existing_run_dir(full_run, model_dir, monkeypatch):
+    from llamaft.errors import LlamaftError
+
+    patch_data_layer(monkeypatch)
+    with pytest.raises(LlamaftError, match="already holds a run; set train.resume=true"):
+        train(run_config(model_dir, full_run))
+
+
+def test_resume_without_checkpoint_is_clear_error(model_dir, tmp_path, monkeypatch):
+    from llamaft.errors import LlamaftError
+
+    patch_data_layer(monkeypatch)
+    with pytest.raises(LlamaftError, match="no complete checkpoint"):
+        train(run_config(model_dir, tmp_path / "new", resume=True))
+
+
+def test_full_finetuning_writes_loadable_weights(model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    patch_data_layer(monkeypatch)
+    out = train(run_config(model_dir, tmp_path / "full-ft", method="full", max_steps=2, save_every=0, eval_every=0))
+    assert not (out / "adapter").exists() and not list((out / "checkpoints").glob("checkpoint-*"))
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainable_params"] == summary["total_params"] == sum(p.numel() for p in base.parameters())
+    # eval_every=0: no periodic evaluation, only the final one
+    assert set(summary["eval"]) == {"alpha", "b_set"}
+    assert [r["step"] for r in _rows(out) if "eval/alpha/loss" in r] == [2]
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert "model.embed_tokens.weight" in changed and "lm_head.weight" in changed
+    assert json.loads((out / "model" / "generation_config.json").read_text())["eos_token_id"] == [1, 3]
