@@ -156,10 +156,10 @@ def test_callback_runs_real_generation_on_a_tiny_model_inside_a_trainer(tmp_path
     logged = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
     for s in ("a", "b"):
         for m in ("perplexity", "exact_match", "chrf", "stops_on_eos", "mean_new_tokens", "samples", "prompts_truncated"):
-            assert f"eval/{s}/{m}" in logged, (s, m)
-        assert logged[f"eval/{s}/perplexity"] == pytest.approx(math.exp(logged[f"eval_{s}_loss"]))
-        assert logged[f"eval/{s}/samples"] == 2
-        assert 1 <= logged[f"eval/{s}/mean_new_tokens"] <= 3
+            assert f"eval_{s}_{m}" in logged, (s, m)  # HF spelling; metrics.jsonl renames to eval/<set>/<metric>
+        assert logged[f"eval_{s}_perplexity"] == pytest.approx(math.exp(logged[f"eval_{s}_loss"]))
+        assert logged[f"eval_{s}_samples"] == 2
+        assert 1 <= logged[f"eval_{s}_mean_new_tokens"] <= 3
 
 
 def test_batched_left_padded_generation_equals_one_by_one():
@@ -176,3 +176,13 @@ def test_batched_left_padded_generation_equals_one_by_one():
         _, rows[bs] = G.generation_metrics(model, tok, rules, convs, cfg, EvalConfig())
     assert [r["prediction"] for r in rows[1]] == [r["prediction"] for r in rows[3]]
     assert [r["n_tokens"] for r in rows[1]] == [r["n_tokens"] for r in rows[3]]
+
+
+def test_logged_keys_become_slash_names_in_metrics_jsonl():
+    """Our keys go through trainer.log in HF spelling; the metrics.jsonl renamer maps them back."""
+    from llamaft.eval.callback import hf_key
+
+    callbacks = pytest.importorskip("llamaft.train.callbacks")
+    keys = {hf_key(f"eval/{s}/{m}"): 1.0 for s in ("cls_val", "cls") for m in ("accuracy", "stops_on_eos")}
+    assert set(callbacks.rename_logs(keys, ["cls", "cls_val"])) == {
+        "eval/cls_val/accuracy", "eval/cls_val/stops_on_eos", "eval/cls/accuracy", "eval/cls/stops_on_eos"}

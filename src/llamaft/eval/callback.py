@@ -9,9 +9,11 @@ with that set's metrics (`eval_<set>_loss`). For each set we log, in one event a
     eval/<set>/<metric>                        when cfg.eval.generation names the set (or "*"):
     eval/<set>/stops_on_eos, .../mean_new_tokens, .../samples, .../prompts_truncated
 
-Logging goes through `trainer.log`, so whatever writes metrics.jsonl / TensorBoard on `on_log` sees
-these keys next to `eval/<set>/loss`. Without a trainer (log=None) the callback appends
-`{"step": N, ...}` lines to metrics.jsonl itself.
+Logging goes through `trainer.log` in the Trainer's own spelling, `eval_<set>_<metric>` (like
+`eval_<set>_loss`), so every `on_log` consumer treats them like the loss: metrics.jsonl's renamer
+(train/callbacks.py) turns them into `eval/<set>/<metric>`, TensorBoard shows them next to the loss.
+Without a trainer (log=None) the callback appends `{"step": N, "eval/<set>/<metric>": ...}` lines
+to metrics.jsonl itself.
 
 The model is put in eval mode for generation (no dropout; no grad inside generate_batch) and back in
 train mode afterwards, so training continues exactly as before.
@@ -37,6 +39,12 @@ log = logging.getLogger(__name__)
 def metric_key(set_name: str, metric: str) -> str:
     """The one spelling of an eval metric in metrics.jsonl / TensorBoard / the report."""
     return f"eval/{set_name}/{metric}"
+
+
+def hf_key(key: str) -> str:
+    """eval/<set>/<metric> -> eval_<set>_<metric>, the spelling HF log consumers expect."""
+    _, set_name, metric = key.split("/", 2)
+    return f"eval_{set_name}_{metric}"
 
 
 def set_loss(metrics: dict, set_name: str, n_sets: int) -> float | None:
@@ -109,7 +117,7 @@ class GenerationEvalCallback(TrainerCallback):
 
     def _emit(self, values: dict, step: int, args) -> None:
         if self.log_fn is not None:
-            self.log_fn(dict(values))
+            self.log_fn({hf_key(k): v for k, v in values.items()})
             return
         path = Path(self.metrics_path or Path(args.output_dir) / "metrics.jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
