@@ -21,6 +21,14 @@ CONV = [
     {"role": "assistant", "content": "6"},
 ]
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls on a shared CPU: threads only contend
+    yield
+    torch.set_num_threads(n)
+
+
 
 def test_prompt_is_everything_before_the_last_assistant_turn():
     prompt, ref = G.split_conversation(CONV)

@@ -126,7 +126,7 @@ class GenerationEvalCallback(TrainerCallback):
 
 
 def make_eval_callback(cfg, tokenizer, rules, *, log: Callable[[dict], None] | None = None,
-                       sets: dict[str, list] | None = None) -> GenerationEvalCallback:
+                       sets: dict[str, list] | None = None, metrics_path: str | Path | None = None) -> GenerationEvalCallback:
     """The callback for a run config; reads the validation conversations only when generation is configured.
 
     sets: validation set names -> conversations; default: rebuilt from cfg.data (same split as training).
@@ -139,7 +139,7 @@ def make_eval_callback(cfg, tokenizer, rules, *, log: Callable[[dict], None] | N
 
             names = list(validation_sets(cfg.data.validation)) or (["validation"] if cfg.data.val_ratio > 0 else [])
             sets = {name: [] for name in names}
-    return GenerationEvalCallback(cfg.eval, tokenizer, rules, sets, log=log)
+    return GenerationEvalCallback(cfg.eval, tokenizer, rules, sets, log=log, metrics_path=metrics_path)
 
 
 def attach_eval_callback(trainer, cfg, tokenizer, rules) -> GenerationEvalCallback:
