@@ -139,34 +139,7 @@ def gen_config_for(eval_cfg, set_name: str, default: bool = False):
 
 
 def load_conversations(data_cfg) -> tuple[dict[str, list], list]:
-    """(validation sets, test rows) as Conversations, split exactly as `build_datasets` splits them.
+    """(validation sets, test rows) as Conversations, held out exactly as `build_datasets` holds them out."""
+    from ..data.pipeline import load_conversations as held_out
 
-    Generation needs the conversations, while `build_datasets` returns token examples; this repeats
-    its split (same files, ratios and seed, via the data module's own functions) without tokenizing.
-    """
-    from ..data import pipeline
-    from ..data.formats import detect_format, to_conversation
-    from ..data.sources import read_records, validation_sets
-
-    if hasattr(pipeline, "load_conversations"):  # the data module's own, when it exposes one
-        return pipeline.load_conversations(data_cfg)
-
-    def load(paths):
-        convs = []
-        for path in paths:
-            records = read_records(path)
-            fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(records, data_cfg.columns)
-            convs += [to_conversation(r, fmt, data_cfg.columns, data_cfg.system_prompt,
-                                      require_assistant=data_cfg.train_on == "completion") for r in records]
-        return convs
-
-    named = validation_sets(data_cfg.validation)
-    val_ratio = 0.0 if named else data_cfg.val_ratio
-    test_ratio = 0.0 if data_cfg.test else data_cfg.test_ratio
-    _, val_rows, test_rows = pipeline.split_rows(load(data_cfg.train), val_ratio, test_ratio, data_cfg.split_seed)
-    sets = {name: load([path]) for name, path in named.items()}
-    if val_rows:
-        sets["validation"] = val_rows
-    if data_cfg.test:
-        test_rows = load([data_cfg.test])
-    return sets, test_rows
+    return held_out(data_cfg)
