@@ -7,8 +7,9 @@ import pytest
 
 from llamaft.config import DataConfig, ModelConfig
 from llamaft.errors import ConfigError, LlamaftError
+from llamaft.model.tokenizer import llama3_tokenizer as build_llama3
 from llamaft.model.tokenizer import (
-    detect_family, llama3_tokenizer, load_tokenizer, make_rules, save_tokenizer, special_token_names, template_text,
+    detect_family, load_tokenizer, make_rules, save_tokenizer, special_token_names, template_text,
 )
 
 TEXTS = [
@@ -61,15 +62,16 @@ def test_cached_build_is_reused(llama3_tokenizer):
     from llamaft.assets import cache_dir
 
     assert list((cache_dir() / "tokenizers").glob("llama3.1-*/tokenizer.json"))
-    again = llama3_tokenizer.__class__  # second call comes from the in-process/disk cache
-    assert llama3_tokenizer("ok")["input_ids"] == [128000, 564]
-    assert again is not None
+    again = build_llama3("3.1")  # from the in-process cache: a copy, so changes stay apart
+    again.pad_token = "<|reserved_special_token_5|>"
+    assert llama3_tokenizer.pad_token_id == 128004 and again("ok")["input_ids"] == [128000, 564]
 
 
 def test_detect_family(llama3_tokenizer):
     from types import SimpleNamespace
 
     assert detect_family(llama3_tokenizer) == "llama3.1"
+    assert detect_family(SimpleNamespace(convert_tokens_to_ids=lambda t: None, unk_token_id=None, unk_token=None)) == "other"
 
 
 def test_rules_31_instruct_and_base(llama3_tokenizer):
@@ -129,3 +131,27 @@ def test_save_tokenizer_writes_stop_ids(tmp_path):
     back = AutoTokenizer.from_pretrained(str(tmp_path))
     assert back.pad_token_id == 128004 and back.chat_template == r.chat_template
     assert back("héllo 123")["input_ids"] == tok("héllo 123")["input_ids"]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_tokenizer_rules(tmp_path):
+    from types import SimpleNamespace
+
+    from llamaft.assets import smollm2_gguf
+    from llamaft.data.chat import IGNORE, encode
+
+    tok, r = load_tokenizer(ModelConfig(name=str(smollm2_gguf())), None)
+    assert (r.family, r.instruct) == ("other", True)
+    assert tok.convert_ids_to_tokens(r.turn_end_ids) == ["<|im_end|>"] and 2 in r.stop_ids
+    assert r.pad_id not in r.stop_ids and r.pad_id not in (r.eos_id, tok.bos_token_id, 1, 2)
+    assert tok.pad_token_id == r.pad_id and tok.eos_token == "<|im_end|>"
+    assert r.eos_id == tok.convert_tokens_to_ids("<|endoftext|>")  # plain-text document end
+    c = SimpleNamespace(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                        where="w", text=None)
+    ex = encode(c, tok, r)
+    trained = [t for t in ex.labels if t != IGNORE]
+    assert trained[-1] == 2 and tok.decode(trained) == "yo<|im_end|>"
+    assert ex.labels[-1] == IGNORE and ex.input_ids[-1] == tok.convert_tokens_to_ids("\u010a")  # trailing "\n"
+    save_tokenizer(tok, r, tmp_path)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == r.stop_ids and gen["pad_token_id"] == r.pad_id

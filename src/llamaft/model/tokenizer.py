@@ -228,6 +228,9 @@ def make_rules(tokenizer, family: str, instruct: bool, template: str | None, *, 
             if tok_eos is not None and tok_eos != tokenizer.bos_token_id:
                 stops.add(tok_eos)
         stops = sorted(stops)
+    if family == "other" and instruct and tokenizer.eos_token_id == tokenizer.bos_token_id and turn_end[0] != eos:
+        # Broken metadata (SmolLM2's GGUF says eos = <|im_start|>): make plain `generate` stop at the turn end.
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(turn_end[0])
     pad, added = _pick_pad(tokenizer, family, set(stops) | {eos, *turn_end}, template, add_pad_token)
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
     tokenizer.padding_side = "right"
