@@ -133,6 +133,17 @@ def test_save_tokenizer_writes_stop_ids(tmp_path):
     assert back("héllo 123")["input_ids"] == tok("héllo 123")["input_ids"]
 
 
+def test_saved_template_keeps_the_date(tmp_path):
+    tok, r = load_tokenizer(ModelConfig(name="x", tokenizer="llama3.1"), DataConfig(train=["x"], date="02 Mar 2025"))
+    save_tokenizer(tok, r, tmp_path)
+    from transformers import AutoTokenizer
+
+    back = AutoTokenizer.from_pretrained(str(tmp_path))
+    msgs = [{"role": "user", "content": "x"}]
+    assert back.apply_chat_template(msgs, tokenize=False) == tok.apply_chat_template(msgs, tokenize=False, **r.template_kwargs)
+    assert "Today Date: 02 Mar 2025" in back.apply_chat_template(msgs, tokenize=False)
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_tokenizer_rules(tmp_path):
     from types import SimpleNamespace

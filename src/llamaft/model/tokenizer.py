@@ -320,6 +320,18 @@ def load_tokenizer(model_cfg, data_cfg):
     return tok, rules
 
 
+def bake_template_kwargs(template: str, kwargs: dict) -> str:
+    """The template with our Jinja variables (e.g. date_string) as defaults, so a saved tokenizer
+    renders like training did under plain transformers; a caller's own value still wins."""
+    import json as _json
+
+    head = "".join(
+        f"{{%- if {k} is not defined %}}{{%- set {k} = {_json.dumps(v)} %}}{{%- endif %}}"
+        for k, v in sorted(kwargs.items()) if isinstance(v, str) and k.isidentifier()
+    )
+    return head + template
+
+
 def save_tokenizer(tokenizer, rules: TokenRules, out_dir) -> None:
     """Tokenizer files (with the chat template) + generation_config.json listing every stop id."""
     from transformers import GenerationConfig
@@ -327,7 +339,7 @@ def save_tokenizer(tokenizer, rules: TokenRules, out_dir) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if rules.chat_template:
-        tokenizer.chat_template = rules.chat_template
+        tokenizer.chat_template = bake_template_kwargs(rules.chat_template, rules.template_kwargs)
     tokenizer.save_pretrained(str(out))
     gen = GenerationConfig.from_pretrained(str(out)) if (out / "generation_config.json").is_file() else GenerationConfig()
     gen.eos_token_id = list(rules.stop_ids)
