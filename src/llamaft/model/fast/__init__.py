@@ -29,6 +29,7 @@ class FastPlan:
     gradient_checkpointing: bool  # recompute activations (only when the estimate says memory is short)
     compile: bool                 # torch.compile of decoder blocks
     reasons: list[str] = field(default_factory=list)  # one line per decision, logged by train/
+    fused_lora: bool = False      # PEFT LoRA linears as 3-GEMM autograd functions (model/fast/lora.py)
 
 
 def _model_device(model) -> torch.device:
@@ -91,10 +92,11 @@ def choose_plan(cfg, model=None) -> FastPlan:
         gc = gc_cfg == "on"
         reasons.append(f"gradient checkpointing {gc_cfg} (train.gradient_checkpointing)")
 
-    # compile: off under auto until a benchmark shows it wins for this shape (see benchmarks/README.md)
+    # compile: off under auto: +3% on W512 LoRA for ~80 s of compilation (benchmarks/README.md)
     comp = f.compile == "on"
     reasons.append(f"torch.compile {'on' if comp else 'off'} (fast.compile={f.compile})")
-    return FastPlan(packing, attention, fused, gc, comp, reasons)
+    reasons.append("fused LoRA linears on (fast path): scale and add inside the GEMMs")
+    return FastPlan(packing, attention, fused, gc, comp, reasons, fused_lora=True)
 
 
 def apply_fast_path(model, plan: FastPlan):
@@ -103,8 +105,13 @@ def apply_fast_path(model, plan: FastPlan):
     from .loss import install_fused_loss
 
     install_attention(model, plan.attention)
-    if plan.fused_loss:
-        install_fused_loss(model)
+    if plan.fused_loss and not install_fused_loss(model):
+        plan.fused_loss = False
+        plan.reasons.append("fused loss off: lm_head is not a plain bias-free nn.Linear")
+    if plan.fused_lora:
+        from .lora import fuse_lora
+
+        fuse_lora(model)  # call after the adapters are attached; PEFT-free models are left as they are
     if plan.gradient_checkpointing:
         _enable_checkpointing(model)
     if plan.compile:

@@ -1,0 +1,132 @@
+"""Fused LoRA linear: y = x W^T + s (x A^T) B^T in 3 GEMMs forward and 5 backward, no elementwise ops.
+
+PEFT's LoRA forward is `base(x) + lora_B(lora_A(dropout(x))) * scaling`: on an 8B model at W512
+the extra casts, the scaling multiply and the add (each a full [T, out] pass, forward and backward)
+cost ~15% of the step (benchmarks/results/profile_w512_lora.json). Here the scale and the add ride
+in cuBLAS's epilogue (`addmm_` with alpha, beta=1) and the backward adds the low-rank input gradient
+in place into the base one.
+
+Adapter weights stay fp32 masters (PEFT's default); they are cast to the activation dtype per call
+(16 x 4096 elements: free), and their gradients come back in fp32 as autograd expects.
+
+`fuse_lora(model)` patches every eligible PEFT `lora.Linear` forward (one active adapter, no dropout,
+no DoRA / variants, not merged, a plain nn.Linear base -> full fusion, a bnb 4-bit base -> the
+low-rank half only). At call time any other state (adapters disabled, merged, several adapters)
+falls back to PEFT's own forward. Reference: PEFT's forward itself (tests compare both).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_fwd = torch.amp.custom_fwd(device_type="cuda")
+_bwd = torch.amp.custom_bwd(device_type="cuda")
+
+
+class _LoraLinear(torch.autograd.Function):
+    """Frozen dense base weight W: y = x W^T + s (x A^T) B^T."""
+
+    @staticmethod
+    @_fwd
+    def forward(ctx, x, weight, a, b, scale):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        ac, bc = a.to(x.dtype), b.to(x.dtype)
+        xa = x2 @ ac.t()
+        y = x2 @ weight.to(x.dtype).t()
+        y.addmm_(xa, bc.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, weight, ac, bc)
+        ctx.scale, ctx.shape = scale, shape
+        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
+        return y.reshape(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @_bwd
+    def backward(ctx, g):
+        x2, xa, weight, ac, bc = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)
+        gb = (g2 @ bc).mul_(ctx.scale)  # [N, r]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = g2 @ weight.to(g2.dtype)
+            dx.addmm_(gb, ac)
+            dx = dx.reshape(ctx.shape)
+        da = (gb.t() @ x2).to(ctx.a_dtype) if ctx.needs_input_grad[2] else None
+        db = (g2.t() @ xa).mul_(ctx.scale).to(ctx.b_dtype) if ctx.needs_input_grad[3] else None
+        return dx, None, da, db, None
+
+
+class _LoraDelta(torch.autograd.Function):
+    """Any base (e.g. bnb 4-bit): returns base_out + s (x A^T) B^T; base_out's own graph is untouched."""
+
+    @staticmethod
+    @_fwd
+    def forward(ctx, base_out, x, a, b, scale):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(base_out.dtype)
+        ac, bc = a.to(base_out.dtype), b.to(base_out.dtype)
+        xa = x2 @ ac.t()
+        y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), xa, bc.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, ac, bc)
+        ctx.scale, ctx.shape, ctx.x_dtype = scale, shape, x.dtype
+        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
+        return y.reshape(base_out.shape)
+
+    @staticmethod
+    @_bwd
+    def backward(ctx, g):
+        x2, xa, ac, bc = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)
+        gb = (g2 @ bc).mul_(ctx.scale)
+        dx = (gb @ ac).reshape(ctx.shape).to(ctx.x_dtype) if ctx.needs_input_grad[1] else None
+        da = (gb.t() @ x2).to(ctx.a_dtype) if ctx.needs_input_grad[2] else None
+        db = (g2.t() @ xa).mul_(ctx.scale).to(ctx.b_dtype) if ctx.needs_input_grad[3] else None
+        return g, dx, da, db, None
+
+
+def lora_linear(x, weight, a, b, scale: float):
+    return _LoraLinear.apply(x, weight, a, b, scale)
+
+
+def lora_delta(base_out, x, a, b, scale: float):
+    return _LoraDelta.apply(base_out, x, a, b, scale)
+
+
+def _eligible(layer) -> bool:
+    names = list(layer.lora_A.keys())
+    if len(names) != 1 or getattr(layer, "lora_variant", {}).get(names[0]) is not None:
+        return False
+    if getattr(layer, "use_dora", {}).get(names[0], False):
+        return False
+    return isinstance(layer.lora_dropout[names[0]], torch.nn.Identity)
+
+
+def fuse_lora(model) -> int:
+    """Patch eligible PEFT LoRA linears in place; returns how many were patched."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return 0
+    count = 0
+    for layer in model.modules():
+        if not isinstance(layer, LoraLinear) or getattr(layer, "_llamaft_fused", False) or not _eligible(layer):
+            continue
+        name = next(iter(layer.lora_A.keys()))
+        dense = type(layer.base_layer) is torch.nn.Linear and layer.base_layer.bias is None
+        original = layer.forward
+
+        def forward(x, *args, _layer=layer, _name=name, _dense=dense, _orig=original, **kwargs):
+            if (args or kwargs or _layer.disable_adapters or _layer.merged
+                    or list(_layer.active_adapters) != [_name]):
+                return _orig(x, *args, **kwargs)
+            a, b = _layer.lora_A[_name].weight, _layer.lora_B[_name].weight
+            s = float(_layer.scaling[_name])
+            base = _layer.base_layer
+            if _dense and not base.weight.requires_grad:
+                return lora_linear(x, base.weight, a, b, s)
+            return lora_delta(base(x), x, a, b, s)
+
+        layer.forward = forward
+        layer._llamaft_fused = True
+        count += 1
+    return count
