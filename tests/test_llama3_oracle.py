@@ -1,7 +1,8 @@
 """Token-exact equality with Meta's reference dialog encoder (llama_models ChatFormat), 3 and 3.1.
 
-Meta's encoder appends an assistant header for the model to complete; we compare without it. Our
-templates (like HF's official ones) trim message content, so the reference gets trimmed content;
+Meta's encoder appends an assistant header for the model to complete; we compare without it. Like
+Meta's encoder (llama-models 0.3) and unlike HF's hub templates, our templates keep message content
+exactly as given (no trimming), so whitespace at the edges reaches the reference untouched;
 the 3.1 reference gets the same "Cutting Knowledge Date / Today Date" text in its system message.
 Expected labels come from Meta's per-message encoding: assistant content + its closing token.
 """
@@ -71,7 +72,7 @@ def rules3(llama3_tokenizer):
 def to_meta(messages, version, date="26 Jul 2024"):
     out = []
     if version == "3.1":
-        system = messages[0]["content"].strip() if messages and messages[0]["role"] == S else ""
+        system = messages[0]["content"] if messages and messages[0]["role"] == S else ""
         out.append(RawMessage(role=S, content=DATE.format(date) + system))
         messages = messages[1:] if messages and messages[0]["role"] == S else messages
     for msg in messages:
@@ -82,7 +83,7 @@ def to_meta(messages, version, date="26 Jul 2024"):
         elif msg["role"] in ("tool", "ipython"):
             out.append(RawMessage(role="tool", content=msg["content"]))  # tool output is not trimmed
         else:
-            out.append(RawMessage(role=msg["role"], content=msg["content"].strip(),
+            out.append(RawMessage(role=msg["role"], content=msg["content"],
                                   stop_reason=StopReason.end_of_turn))
     return out
 
