@@ -35,7 +35,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 from ..errors import LlamaftError  # noqa: E402
 from .generate import GenParams  # noqa: E402
 from .ui_backends import Models, resolve_models  # noqa: E402
-from .ui_summary import run_summary_markdown  # noqa: E402
+from .ui_summary import run_summary_parts  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 CSS = "#status {min-height: 1.6em; opacity: 0.8} footer {display: none !important}"
@@ -61,8 +61,14 @@ def new_state() -> dict:
 
 
 def view(messages: list[dict], pending: bool = False) -> list[dict]:
-    """Chatbot value for one conversation: a cursor on the reply being streamed, a note on an empty one."""
-    out = [dict(m) for m in messages]
+    """Chatbot value for one conversation: a cursor on the reply being streamed, a note on an empty
+    one, and a label on replies the base column only holds as context (see _sync_base)."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if m.get("context"):
+            content = f"_(fine-tuned reply, kept as context)_\n\n{content}"
+        out.append({"role": m["role"], "content": content})
     if out and out[-1]["role"] == "assistant":
         if pending:
             out[-1]["content"] += CURSOR
@@ -79,7 +85,7 @@ def _sync_base(state: dict) -> None:
     """Side-by-side switched on mid-conversation: the base model gets the conversation so far (the
     fine-tuned replies included), so both models answer the same next prompt in the same context."""
     if _users(state["base"]) != _users(state["tuned"]):
-        state["base"] = [dict(m) for m in state["tuned"]]
+        state["base"] = [dict(m, context=m["role"] == "assistant") for m in state["tuned"]]
 
 
 def turn(models: Models, state: dict, system: str, side: bool, params: GenParams) -> Iterator[tuple[dict, str]]:
@@ -95,7 +101,7 @@ def turn(models: Models, state: dict, system: str, side: bool, params: GenParams
     for key in keys:
         backend = models.tuned if key == "tuned" else models.base()
         conv = state[key]
-        messages = prefix + [dict(m) for m in conv]
+        messages = prefix + [{"role": m["role"], "content": m["content"]} for m in conv]
         conv.append({"role": "assistant", "content": ""})
         yield state, f"generating ({backend.label}) …"
         for piece in backend.stream(messages, params):
@@ -213,8 +219,11 @@ def build_app(path: str | Path, *, base: bool | str | Path = False, system: str 
                     gr.Slider(1, 4096, value=params.max_new_tokens, step=1, label="Max new tokens"),
                     gr.Slider(0.8, 2.0, value=params.repetition_penalty, step=0.01, label="Repetition penalty (1 = off)"),
                 ]
-        with gr.Accordion("Run summary", open=models.run_dir is not None):
-            gr.Markdown(run_summary_markdown(models.run_dir), elem_id="summary")
+        with gr.Accordion("Run summary", open=models.run_dir is not None, elem_id="summary"):
+            facts, metrics = run_summary_parts(models.run_dir)
+            with gr.Row():
+                gr.Markdown(facts)
+                gr.Markdown(metrics)
 
         chats = [state, tuned_chat, base_chat, status]
         # One queue slot shared by every generating event: the model serves one reply at a time

@@ -73,9 +73,14 @@ def _metrics_table(summary: dict) -> list[str]:
 
 
 def run_summary_markdown(run_dir: Path | None) -> str:
-    """Markdown for the run panel; a short explanation when there is no run to describe."""
+    """Markdown for the run panel, in one piece."""
+    return "\n\n".join(p for p in run_summary_parts(run_dir) if p)
+
+
+def run_summary_parts(run_dir: Path | None) -> tuple[str, str]:
+    """(facts, metrics) Markdown for the run panel's two columns; an explanation when there is no run."""
     if run_dir is None:
-        return "_No run directory: this is a plain model, so there is no training summary to show._"
+        return "_No run directory: this is a plain model, so there is no training summary to show._", ""
     cfg, summary = _load(run_dir / "config.yaml"), _load(run_dir / "summary.json")
     model, data = cfg.get("model") or {}, cfg.get("data") or {}
     lora, train = cfg.get("lora") or {}, cfg.get("train") or {}
@@ -100,12 +105,10 @@ def run_summary_markdown(run_dir: Path | None) -> str:
               ("learning rate", train.get("learning_rate")), ("precision", summary.get("precision")),
               ("final train loss", summary.get("train_loss")), ("runtime (s)", summary.get("runtime_s"))]
     lines += ["| run | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in facts if v not in (None, "")]
-    table = _metrics_table(summary)
-    if table:
-        lines += ["", "**Metrics**", "", *table]
     for name, d in (("config.yaml", cfg), ("summary.json", summary)):
         if "__error__" in d:
             lines += ["", f"_could not read {_cell(d['__error__'])}_"]
         elif not d:
             lines += ["", f"_no {name} in this run (training unfinished?)_"]
-    return "\n".join(lines)
+    table = _metrics_table(summary)
+    return "\n".join(lines), "\n".join(["**Metrics**", "", *table]) if table else ""

@@ -1,0 +1,176 @@
+"""Web UI logic without a browser: conversations, side-by-side, base resolution, summary, serving rules.
+The real-browser test is test_ui_browser.py."""
+
+from __future__ import annotations
+
+import shutil
+import urllib.error
+import urllib.request
+
+import pytest
+
+from browser.ui_assets import letters_only_run
+from llamaft.chat import ui
+from llamaft.chat.generate import GenParams, stream_chat
+from llamaft.chat.ui_backends import Backend, Models, resolve_models
+from llamaft.chat.ui_summary import run_summary_markdown
+from llamaft.errors import LlamaftError
+
+GREEDY = GenParams(temperature=0, max_new_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return letters_only_run(tmp_path_factory.mktemp("ui"))
+
+
+@pytest.fixture(scope="module")
+def models(run):
+    return resolve_models(run)
+
+
+def _fake_models(seen: list) -> Models:
+    """Backends that record what they were sent and stream three pieces."""
+
+    def backend(name):
+        def stream(messages, params):
+            seen.append((name, [dict(m) for m in messages], params))
+            yield from (f"{name}-1", " ", f"{name}-2")
+
+        return Backend(name, stream)
+
+    base = backend("base")
+    return Models(backend("tuned"), "base", "note", lambda: base)
+
+
+def test_submit_streams_with_system_prompt_and_history():
+    seen = []
+    m, state = _fake_models(seen), ui.new_state()
+    # Streaming: the UI sees the reply grow piece by piece (the state is updated in place), then a status.
+    steps = [(s["tuned"][-1]["content"], status) for s, status in ui.submit(m, state, "hi", "Be terse.", False, GREEDY)]
+    assert [text for text, _ in steps] == ["", "tuned-1", "tuned-1 ", "tuned-1 tuned-2", "tuned-1 tuned-2"]
+    assert steps[-1][1].startswith("done in") and steps[0][1] == "generating (tuned) …"
+    assert state["tuned"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "tuned-1 tuned-2"}]
+    assert seen[0][1] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
+    assert seen[0][2] is GREEDY
+    list(ui.submit(m, state, "again", "", False, GREEDY))  # blank system prompt: no system message
+    assert [x["role"] for x in seen[1][1]] == ["user", "assistant", "user"]
+    assert state["base"] == []  # side-by-side off: the base is not asked
+
+
+def test_side_by_side_joins_mid_conversation_and_regenerates_both():
+    seen = []
+    m, state = _fake_models(seen), ui.new_state()
+    list(ui.submit(m, state, "one", "", False, GREEDY))
+    list(ui.submit(m, state, "two", "", True, GREEDY))
+    assert [n for n, _, _ in seen] == ["tuned", "tuned", "base"]  # sequential: tuned, then base
+    # The base got the conversation so far (with the tuned model's first reply) plus the new prompt.
+    assert seen[2][1] == [{"role": "user", "content": "one"}, {"role": "assistant", "content": "tuned-1 tuned-2"},
+                          {"role": "user", "content": "two"}]
+    assert state["base"][-1] == {"role": "assistant", "content": "base-1 base-2"}
+    assert state["base"][1]["context"] and "kept as context" in ui.view(state["base"])[1]["content"]
+    list(ui.regenerate(m, state, "", True, GREEDY))
+    assert len(state["tuned"]) == len(state["base"]) == 4  # last replies replaced, not appended
+    assert seen[-1][1][-1] == {"role": "user", "content": "two"} and seen[-2][1][-1] == {"role": "user", "content": "two"}
+    state = ui.new_state()
+    assert list(ui.regenerate(m, state, "", True, GREEDY))[-1][1] == "nothing to regenerate yet"
+    assert list(ui.submit(m, state, "   ", "", True, GREEDY))[-1][1] == "type a message first"
+
+
+def test_view_marks_streaming_and_empty_replies():
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]
+    assert ui.view(msgs, pending=True)[-1]["content"] == ui.CURSOR
+    assert ui.view(msgs)[-1]["content"] == ui.EMPTY
+    assert msgs[-1]["content"] == ""  # the history itself is never decorated
+
+
+def test_run_dir_models_real_replies_and_adapter_off_base(run, models):
+    """Tuned = stream_chat on the run; base = the adapter switched off, which must equal loading the
+    base separately (load_for_inference(run, adapter=False)), and differ from the tuned reply."""
+    from llamaft.model.inference import load_for_inference
+
+    assert models.default_system == "Answer briefly."  # the run's data.system_prompt
+    assert models.run_dir == run and models.base_available
+    state = ui.new_state()
+    list(ui.submit(models, state, "Hello", "Answer briefly.", True, GREEDY))
+    msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello"}]
+    tuned = "".join(stream_chat(*load_for_inference(run), msgs, GREEDY))
+    base = "".join(stream_chat(*load_for_inference(run, adapter=False), msgs, GREEDY))
+    assert state["tuned"][-1]["content"] == tuned and state["base"][-1]["content"] == base
+    assert tuned.strip() and base.strip() and tuned != base
+    assert set(tuned + base) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ")
+    # After the base reply the adapter is back on: the tuned model answers as before.
+    assert "".join(models.tuned.stream(msgs, GREEDY)) == tuned
+
+
+def test_model_dir_base_resolution(run, tmp_path):
+    merged = run / "merged"  # a plain model dir inside the run, where `llamaft demo` puts merges
+    shutil.copytree(run.parent / "base", merged)
+    m = resolve_models(merged)
+    assert m.run_dir == run and m.base_available and "base model of the run" in m.base_note
+    alone = tmp_path / "alone"
+    shutil.copytree(run.parent / "base", alone)
+    m = resolve_models(alone)
+    assert not m.base_available and "--base PATH" in m.base_note and m.run_dir is None
+    with pytest.raises(LlamaftError, match="side-by-side is unavailable"):
+        m.base()
+    with pytest.raises(LlamaftError, match="--base PATH"):
+        resolve_models(alone, base=True)
+    m = resolve_models(alone, base=str(run.parent / "base"))  # explicit base, loaded on first use
+    assert m.base_available and m.base().label == "base"
+
+
+def test_gguf_goes_through_the_gguf_backend(tmp_path, monkeypatch):
+    """Wiring only (llama.cpp itself is the gguf backend's tests' business): load_gguf once, then
+    stream_chat_gguf(handle, messages, params) per reply; no base recorded in a .gguf."""
+    import llamaft.chat.gguf_backend as gb
+
+    calls = []
+    monkeypatch.setattr(gb, "load_gguf", lambda path: calls.append(path) or "HANDLE")
+    monkeypatch.setattr(gb, "stream_chat_gguf", lambda h, msgs, p: iter([h, ":", msgs[-1]["content"]]))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    m = resolve_models(f)
+    assert calls == [str(f)] and not m.base_available and "--base PATH" in m.base_note
+    state = ui.new_state()
+    list(ui.submit(m, state, "hey", "", False, GREEDY))
+    assert state["tuned"][-1]["content"] == "HANDLE:hey"
+    with pytest.raises(LlamaftError, match="no such file"):
+        resolve_models(tmp_path / "missing.gguf")
+
+
+def test_run_summary_markdown(run, tmp_path):
+    md = run_summary_markdown(run)
+    for text in ("| method | lora |", "| final train loss | 1.234 |", "| steps | 7 |", "| training examples | 8 |",
+                 "| capitals_val/exact_match | 0.1 | 0.75 |", "| system prompt | Answer briefly. |", "r=4, alpha=8"):
+        assert text in md, text
+    (tmp_path / "config.yaml").write_text("model: [unclosed\n")
+    md = run_summary_markdown(tmp_path)
+    assert "could not read config.yaml" in md and "no summary.json" in md
+    assert "plain model" in run_summary_markdown(None)
+
+
+def test_auth_and_exposure_rules():
+    assert ui.parse_auth("me:p:w") == ("me", "p:w")
+    for bad in ("nopass", ":x", "x:"):
+        with pytest.raises(LlamaftError) as e:
+            ui.parse_auth(bad)
+        assert bad not in str(e.value)  # the message never echoes the value (it holds the password)
+    assert ui.exposure_warning("127.0.0.1", None) is None
+    assert ui.exposure_warning("0.0.0.0", ("u", "p")) is None
+    assert "without --auth" in ui.exposure_warning("0.0.0.0", None)
+
+
+def test_server_is_local_private_and_password_protected(run, models, capsys):
+    """Served on a free loopback port: the page needs the password; no share link, analytics off."""
+    app = ui.build_app(run, models=models)
+    ui.serve(app, port=0, auth="alice:s3cret", block=False)
+    try:
+        url = app.local_url
+        assert url.startswith("http://127.0.0.1:") and app.share_url is None and not app.analytics_enabled
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "config", timeout=10)
+        assert e.value.code == 401
+        assert "s3cret" not in capsys.readouterr().out
+    finally:
+        app.close()
