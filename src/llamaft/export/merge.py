@@ -62,6 +62,7 @@ def write_model_dir(model, tokenizer, rules, out_dir: str | Path, *, max_shard_s
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        _drop_gguf_quantizer(model)
         # A run's base had its cache off for training; the shipped model should generate fast.
         model.config.use_cache = True
         model.config.pad_token_id = rules.pad_id
@@ -83,6 +84,19 @@ def write_model_dir(model, tokenizer, rules, out_dir: str | Path, *, max_shard_s
     else:
         tmp.rename(out)
     return out
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """A base read from a GGUF file (the demo's SmolLM2) keeps transformers' GGUF quantizer attached,
+    which refuses save_pretrained even when every weight was dequantized on load. Dense weights are
+    an ordinary model: detach the quantizer so the merge saves as plain safetensors."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is None or "gguf" not in str(getattr(q.quantization_config, "quant_method", "")).lower():
+        return
+    if getattr(q, "packed_modules", None):
+        raise LlamaftError("the base model kept GGUF-packed weights (a GGUF kernel was used); merge on CPU "
+                           "or load the base dequantized")
+    q.remove_quantization_config(model)
 
 
 def _check_written(d: Path, rules) -> None:
