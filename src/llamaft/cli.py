@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (hf) or .gguf file (gguf)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="hf: weights dtype")
     p.add_argument("--max-shard-size", default="5GB", help="hf: shard size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--quant", default="f16", help="gguf: f16, bf16, q8_0, q4_0 (q4_k_m etc. need llama-quantize on PATH)")
     p.add_argument("--ollama", action="store_true", help="gguf: write an Ollama Modelfile beside it")
     p.add_argument("--no-check", action="store_true", help="gguf: skip the llama.cpp self-check")

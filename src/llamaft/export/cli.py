@@ -31,7 +31,7 @@ def export_command(a: argparse.Namespace) -> Path:
         from .hf import export_hf
 
         out = Path(a.out) if a.out else path / "export-hf"
-        result = Path(export_hf(path, out, dtype=a.dtype, max_shard_size=a.max_shard_size))
+        result = Path(export_hf(path, out, dtype=a.dtype, max_shard_size=a.max_shard_size, overwrite=a.overwrite))
     else:
         from .gguf import check_gguf, export_gguf
 
