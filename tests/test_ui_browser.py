@@ -40,13 +40,16 @@ SYSTEM = "Answer briefly."  # the run's data.system_prompt, which the UI pre-fil
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--window-size=1400,1500"]
-# Records every text state the fine-tuned chat column goes through, to see partial (streamed) replies.
+# Records every text state of the fine-tuned column (to see partial, streamed replies) and of the
+# status line (to know a new generation started, even when it ends with the same "done" text).
 OBSERVE = """
-window.__states = [];
-const el = document.querySelector('#chat-tuned');
-new MutationObserver(() => window.__states.push(el.innerText))
-  .observe(el, {subtree: true, childList: true, characterData: true});
+window.__states = []; window.__status = [];
+const watch = (sel, out) => { const el = document.querySelector(sel);
+  new MutationObserver(() => out.push(el.innerText)).observe(el, {subtree: true, childList: true, characterData: true}); };
+watch('#chat-tuned', window.__states); watch('#status', window.__status);
 """
+# Read in one script call: elements re-render while streaming, so Python-side handles go stale.
+TEXTS = "return [...document.querySelectorAll(arguments[0])].map(e => e.innerText.split(/\\s+/).join(' ').trim())"
 
 
 @pytest.fixture(scope="module")
@@ -75,25 +78,38 @@ def browser():
 
 
 def _replies(driver, chat_id: str) -> list[str]:
-    return [" ".join(e.text.split()) for e in driver.find_elements(By.CSS_SELECTOR, f"#{chat_id} [data-testid='bot']")]
+    return driver.execute_script(TEXTS, f"#{chat_id} [data-testid='bot']")
 
 
-def _wait_done(driver, tuned: int, base: int = 0, timeout: float = 90) -> None:
-    """Until both columns hold the expected number of replies and the status says done."""
+def _act_and_wait(driver, action, tuned: int, base: int = 0, timeout: float = 90) -> None:
+    """Do `action`, then wait until a generation started after it has finished and both columns
+    hold the expected number of replies, none still streaming."""
+    seen = driver.execute_script("return window.__status.length")
+
     def ready(d):
-        status = d.find_element(By.ID, "status").text
-        return (status.startswith("done") and len(_replies(d, "chat-tuned")) == tuned
-                and len(_replies(d, "chat-base")) == base and not any(ui.CURSOR.strip() in r for r in _replies(d, "chat-tuned")))
+        statuses = d.execute_script("return window.__status")[seen:]
+        replies = _replies(d, "chat-tuned") + _replies(d, "chat-base")
+        return (any(s.startswith("generating") for s in statuses) and _status(d).startswith("done")
+                and len(_replies(d, "chat-tuned")) == tuned and len(_replies(d, "chat-base")) == base
+                and not any(ui.CURSOR.strip() in r for r in replies))
+
+    action()
     WebDriverWait(driver, timeout, poll_frequency=0.2).until(ready)
 
 
-def _send(driver, text: str, enter: bool = False) -> None:
-    box = driver.find_element(By.CSS_SELECTOR, "#msg textarea")
-    box.send_keys(text)
-    if enter:
-        box.send_keys(Keys.ENTER)
-    else:
-        driver.find_element(By.ID, "send").click()
+def _status(driver) -> str:
+    return (driver.execute_script(TEXTS, "#status") or [""])[0]
+
+
+def _send(driver, text: str, enter: bool = False):
+    def action():
+        box = driver.find_element(By.CSS_SELECTOR, "#msg textarea")
+        box.send_keys(text)
+        if enter:
+            box.send_keys(Keys.ENTER)
+        else:
+            driver.find_element(By.ID, "send").click()
+    return action
 
 
 def _expected(run: Path, history: list[dict], adapter: bool) -> str:
@@ -125,8 +141,7 @@ def test_chat_in_headless_chromium(served, browser):
 
     # 1. a message and its streamed reply (Send button)
     d.execute_script(OBSERVE)
-    _send(d, "Hello there")
-    _wait_done(d, tuned=1)
+    _act_and_wait(d, _send(d, "Hello there"), tuned=1)
     reply1 = _replies(d, "chat-tuned")[0]
     history = [{"role": "user", "content": "Hello there"}]
     assert reply1 and reply1 == _expected(run, history, adapter=True)
@@ -134,15 +149,13 @@ def test_chat_in_headless_chromium(served, browser):
     assert any(ui.CURSOR.strip() in s for s in states), "no partial (streaming) state was rendered"
 
     # 2. regenerate replaces the reply (greedy: the same text), it does not add one
-    d.find_element(By.ID, "regenerate").click()
-    _wait_done(d, tuned=1)
+    _act_and_wait(d, d.find_element(By.ID, "regenerate").click, tuned=1)
     assert _replies(d, "chat-tuned") == [reply1]
 
     # 3. side by side: the same prompt to the fine-tuned and the base model (Enter key this time)
     d.find_element(By.CSS_SELECTOR, "#side input[type=checkbox]").click()
-    WebDriverWait(d, 30).until(lambda d: d.find_element(By.ID, "chat-base").is_displayed())
-    _send(d, "What is LoRA", enter=True)
-    _wait_done(d, tuned=2, base=2)
+    WebDriverWait(d, 30).until(lambda d: d.execute_script("const e = document.querySelector('#chat-base'); return !!e && e.offsetParent !== null"))
+    _act_and_wait(d, _send(d, "What is LoRA", enter=True), tuned=2, base=2)
     # The base joined mid-conversation: its column holds the conversation so far, then its own reply.
     (tuned1, tuned2), (copied, base2) = _replies(d, "chat-tuned"), _replies(d, "chat-base")
     assert tuned1 == reply1 and copied == "(fine-tuned reply, kept as context) " + reply1

@@ -57,7 +57,7 @@ def _gradio():
 
 def new_state() -> dict:
     """Per-browser-session conversations, system prompt excluded (it is read fresh every turn)."""
-    return {"tuned": [], "base": []}
+    return {"tuned": [], "base": [], "active": None}  # active: the conversation being streamed
 
 
 def view(messages: list[dict], pending: bool = False) -> list[dict]:
@@ -103,10 +103,14 @@ def turn(models: Models, state: dict, system: str, side: bool, params: GenParams
         conv = state[key]
         messages = prefix + [{"role": m["role"], "content": m["content"]} for m in conv]
         conv.append({"role": "assistant", "content": ""})
+        state["active"] = key
         yield state, f"generating ({backend.label}) …"
-        for piece in backend.stream(messages, params):
-            conv[-1]["content"] += piece
-            yield state, f"generating ({backend.label}) …"
+        try:
+            for piece in backend.stream(messages, params):
+                conv[-1]["content"] += piece
+                yield state, f"generating ({backend.label}) …"
+        finally:
+            state["active"] = None
     yield state, f"done in {time.time() - started:.1f} s"
 
 
@@ -166,17 +170,24 @@ def build_app(path: str | Path, *, base: bool | str | Path = False, system: str 
         """Widget updates from a turn generator; user-fixable errors become a visible gr.Error."""
         try:
             for state, status in gen:
-                yield state, view(state["tuned"], True), view(state["base"], True), status
+                active = state.get("active")
+                yield state, view(state["tuned"], active == "tuned"), view(state["base"], active == "base"), status
         except LlamaftError as exc:
             raise gr.Error(str(exc)) from None
         yield state, view(state["tuned"]), view(state["base"]), status
 
+    def params_of(sliders) -> GenParams:
+        try:
+            return _params(*sliders)
+        except LlamaftError as exc:  # e.g. a number typed into a slider's box
+            raise gr.Error(str(exc)) from None
+
     def on_send(message, state, system, side, *sliders):
-        for out in run(submit(models, state, message, system, side, _params(*sliders))):
+        for out in run(submit(models, state, message, system, side, params_of(sliders))):
             yield ("", *out)
 
     def on_regenerate(state, system, side, *sliders):
-        yield from run(regenerate(models, state, system, side, _params(*sliders)))
+        yield from run(regenerate(models, state, system, side, params_of(sliders)))
 
     def on_clear():
         state = new_state()
@@ -191,13 +202,15 @@ def build_app(path: str | Path, *, base: bool | str | Path = False, system: str 
         return gr.update(visible=side)
 
     title = f"llamaft · {Path(str(path)).name}"
+    # "fine-tuned" only where a run says so; a plain model dir or .gguf is just "model".
+    tuned_label = f"fine-tuned: {models.tuned.label}" if models.run_dir else models.tuned.label
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         state = gr.State(new_state())
         gr.Markdown(f"### {title}\n`{path}` — {models.tuned.label}")
         with gr.Row():
             with gr.Column(scale=3):
                 with gr.Row():
-                    tuned_chat = gr.Chatbot(label=f"fine-tuned: {models.tuned.label}", elem_id="chat-tuned",
+                    tuned_chat = gr.Chatbot(label=tuned_label, elem_id="chat-tuned",
                                             height=420, feedback_options=None, buttons=["copy"])
                     with gr.Column(visible=side_on) as base_col:
                         base_chat = gr.Chatbot(label=f"base: {models.base_label}", elem_id="chat-base",

@@ -145,7 +145,7 @@ def resolve_models(path: str | Path, base: bool | str | Path = False) -> Models:
     elif kind == "model" and (parent := _enclosing_run(p)) is not None:
         from ..model.inference import load_for_inference
 
-        run_dir = parent
+        run_dir, tuned.label = parent, "merged model"
         loader, label = (lambda: hf_backend("base", load_for_inference(parent, adapter=False))), f"base of {parent.name}"
         note = f"the base model of the run {parent} that holds this merged model (loaded when first switched on)"
     else:
