@@ -78,7 +78,11 @@ def _cmd_chat(a: argparse.Namespace) -> None:
     if a.ui:
         from .chat.ui import launch_ui
 
-        launch_ui(a.path, host=a.host, port=a.port, auth=a.auth, base=a.base, system=a.system)
+        from .chat.generate import GenParams
+
+        params = GenParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                           max_new_tokens=a.max_new_tokens, repetition_penalty=a.repetition_penalty)
+        launch_ui(a.path, host=a.host, port=a.port, auth=a.auth, base=a.base, system=a.system, params=params)
         return
     if a.path.endswith(".gguf"):
         from .chat.gguf_backend import chat_loop_gguf
@@ -87,7 +91,8 @@ def _cmd_chat(a: argparse.Namespace) -> None:
         return
     from .chat.terminal import chat_loop
 
-    chat_loop(a.path, system=a.system, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens)
+    chat_loop(a.path, system=a.system, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+              top_k=a.top_k, repetition_penalty=a.repetition_penalty)
 
 
 def _overrides(p: argparse.ArgumentParser) -> None:
@@ -159,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="--ui: bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="--ui: port")
     p.add_argument("--auth", help="--ui: user:pass required to open the page")
-    p.add_argument("--base", action="store_true", help="--ui: side-by-side with the base model")
+    p.add_argument("--base", nargs="?", const=True, default=False, metavar="PATH",
+                   help="--ui: side-by-side with the base model (a run's own base by default; PATH for a merged or other model)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
     return parser
 
 
