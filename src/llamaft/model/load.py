@@ -110,6 +110,14 @@ def load_base(model_cfg, quant_cfg, rules, tokenizer, dtype: torch.dtype | None 
     if dtype is None:
         dtype = torch.float32 if not cuda_available() else torch.bfloat16
     source, kwargs = _source(model_cfg)
+    if "gguf_file" in kwargs:
+        if model_cfg.method == "qlora":
+            raise LlamaftError("model.method=qlora cannot start from a GGUF file; use model.method=lora (the GGUF is dequantized) or a HF model")
+        from transformers import GgufConfig
+
+        # transformers 5 keeps GGUF blocks packed when it has a matmul kernel, and such a model is not
+        # trainable; training wants plain dense weights.
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
     if model_cfg.method == "qlora":
         kwargs["quantization_config"] = quantization_config(quant_cfg, model_cfg.method)
         kwargs["device_map"] = {"": torch.cuda.current_device()}  # bnb weights are quantised on the GPU

@@ -14,6 +14,7 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 
 from ..config import save_config
@@ -73,7 +74,12 @@ def check_hardware(cfg) -> None:
 
 def build_model(cfg, tokenizer, rules, dtype):
     model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype)
-    return apply_adapters(model, cfg.model, cfg.lora)
+    model = apply_adapters(model, cfg.model, cfg.lora)
+    if torch.cuda.is_available() and cfg.model.method != "qlora":
+        # On the GPU before the fast-path plan is chosen: the plan reads the model's device (the
+        # Trainer would move it only later). qlora bases are placed by bitsandbytes already.
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    return model
 
 
 def _tensorboard(run_dir: Path, report_to: list[str]) -> list:
@@ -136,7 +142,12 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     )
 
     # -- train (HF restores optimizer, scheduler, RNG and data position from the checkpoint)
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        # Checkpoints are atomic, so whatever is in checkpoints/ is safe to continue from.
+        print(f"\ninterrupted; continue with: llamaft train {run_dir / 'config.yaml'} train.resume=true")
+        raise
 
     # -- final evaluation of every named set, logged at the last step like the periodic ones
     final_eval = {}
