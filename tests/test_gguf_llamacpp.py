@@ -1,0 +1,88 @@
+"""Exported GGUFs loaded in llama.cpp (llama-cpp-python): tokenization parity, greedy equality with
+transformers (f16), top-1 agreement (q8_0), stop tokens, and the GGUF chat backend.
+
+Skipped with a visible reason when llama-cpp-python is not installed
+(build it once: scripts/build_llama_cpp_wheel.sh)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: run scripts/build_llama_cpp_wheel.sh")
+
+from test_gguf_export import make_model_dir  # noqa: E402
+
+from llamaft.chat.generate import GenParams  # noqa: E402
+from llamaft.chat.gguf_backend import load_gguf, prompt_tokens, stream_chat_gguf  # noqa: E402
+from llamaft.export.gguf import export_gguf  # noqa: E402
+from llamaft.export.gguf_check import check_gguf  # noqa: E402
+
+CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
+         [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name three colours, 1 2 3!"}]]
+
+
+# std 0.3: a random tiny model with peaked logits, so greedy decoding is not a coin toss between ties
+@pytest.fixture(scope="module", params=["llama31", "smollm2"])
+def model_dir(request, tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp(request.param) / "merged", request.param, std=0.3)
+
+
+def test_f16_greedy_equal_and_tokenizer_parity(model_dir, tmp_path):
+    out = export_gguf(model_dir, tmp_path / "m.f16.gguf", "f16")
+    r = check_gguf(out, model_dir, CHATS + ["The llama"], n_tokens=32)
+    print(r.verdict())
+    assert not r.tokenization_mismatches, r.tokenization_mismatches
+    assert r.tokenization_total >= 10
+    assert not r.not_eog  # every generation_config stop id ends generation in llama.cpp
+    assert all(len(p.gguf_tokens) == 32 or p.gguf_tokens[-1] in r.stop_ids for p in r.prompts)
+    assert r.greedy_equal, [(p.gguf_tokens, p.hf_top1) for p in r.prompts]
+    assert max(p.max_logit_diff for p in r.prompts) < 0.1
+    assert r.passed
+
+
+def test_q8_0_top1_agreement(model_dir, tmp_path):
+    out = export_gguf(model_dir, tmp_path / "m.q8_0.gguf", "q8_0")
+    r = check_gguf(out, model_dir, CHATS, n_tokens=32)
+    print(r.verdict())
+    assert r.file_type == "Q8_0" and not r.tokenization_mismatches
+    assert r.top1_agreement >= 0.9
+
+
+def test_chat_backend_renders_like_transformers(model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = export_gguf(model_dir, tmp_path / "m.f16.gguf", "f16")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    h = load_gguf(out, n_ctx=512)
+    for msgs in CHATS:
+        hf = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        hf = list(hf["input_ids"] if hasattr(hf, "keys") else hf)
+        assert prompt_tokens(h, msgs) == hf  # one BOS, specials as single ids
+    text = "".join(stream_chat_gguf(h, CHATS[0], GenParams(temperature=0, max_new_tokens=8)))
+    assert isinstance(text, str) and "<|" not in text
+
+
+@pytest.mark.slow
+def test_real_smollm2_f16_matches_and_stops(tmp_path):
+    """The embedded SmolLM2-135M-Instruct (dequantised to HF), exported to f16: greedy answers equal
+    transformers token for token and end on <|im_end|>."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llamaft.assets import smollm2_gguf
+    from test_gguf_export import smollm2_tokenizer_dir
+    from llamaft.model.tokenizer import make_rules, save_tokenizer
+    from transformers import AutoTokenizer
+
+    src = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    d = tmp_path / "merged"
+    model.save_pretrained(str(d))
+    tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
+    tok.eos_token = "<|im_end|>"
+    save_tokenizer(tok, make_rules(tok, "other", True, tok.chat_template), d)
+    out = export_gguf(d, tmp_path / "smol.f16.gguf", "f16")
+    r = check_gguf(out, d, [[{"role": "user", "content": "What is 2+2?"}],
+                            [{"role": "user", "content": "What is the capital of France?"}]], n_tokens=64, hf_model=model)
+    print(r.verdict())
+    assert r.passed and r.greedy_equal and r.stopped == 2
