@@ -24,6 +24,11 @@ for w in $WHAT; do
     tests)  python3 -m pytest -q -m gpu tests/test_fast_gpu.py 2>&1 | tail -25 > "$OUT/gpu_tests.txt"; tail -3 "$OUT/gpu_tests.txt" ;;
     lora)   $B lora 512 8 4 $STEPS "$OUT/w512_lora_fast.json" ;;
     lora16) $B lora 512 16 2 $STEPS "$OUT/w512_lora_fast_bs16.json" ;;
+    lora16ng) $B lora 512 16 2 $STEPS "$OUT/w512_lora_fast_bs16_nogc.json" --gc off ;;
+    lorac)  $B lora 512 8 4 $STEPS "$OUT/w512_lora_fast_compile.json" --compile on ;;
+    best)   $B lora 512 16 2 $STEPS "$OUT/w512_lora_fast_best.json" --gc off --compile on --optim adamw_torch_fused ;;
+    lorafa) $B lora 512 8 4 $STEPS "$OUT/w512_lora_fast_fusedadam.json" --optim adamw_torch_fused ;;
+    maxlen) python3 benchmarks/maxlen_fast.py $M 16384,32768,65536,98304,131072,163840 "$OUT/maxlen_qlora_fast.json" ;;
     plain)  $B lora 512 8 4 $STEPS "$OUT/w512_lora_plain.json" --variant plain --gc off ;;
     seed)   python3 .bench/seed_baseline.py run $M lora 512 8 4 $STEPS "$OUT/w512_lora_seed.json" ;;
     qlora)  $B qlora 512 8 4 $STEPS "$OUT/w512_qlora_fast.json" ;;
@@ -34,3 +39,5 @@ for w in $WHAT; do
     s8192)  $B lora 8192 1 2 $STEPS "$OUT/seq8192_lora_fast.json" --fixed-len 8192 ;;
   esac 2>&1 | grep -v -E "it/s\]|s/it\]|Warning|warn\(" | tail -15 | tee -a "$OUT/log.txt"
 done
+# the device returns at most 8 files: bundle every JSON into one archive
+(cd "$OUT" && tar czf results_json.tgz *.json && rm -f *.json) 2>/dev/null || true

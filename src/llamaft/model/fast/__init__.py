@@ -24,7 +24,7 @@ __all__ = ["FastPlan", "choose_plan", "apply_fast_path", "make_collator"]
 @dataclass
 class FastPlan:
     packing: bool                 # padding-free rows (data.pack.PackedCollator) + varlen/flex attention
-    attention: str                # "varlen" | "flex" | "sdpa" | "eager": the attn_implementation installed
+    attention: str                # "varlen" | "flex" | "reference" | "sdpa" | "eager": what install_attention sets
     fused_loss: bool              # chunked lm_head + cross-entropy, full logits never materialised
     gradient_checkpointing: bool  # recompute activations (only when the estimate says memory is short)
     compile: bool                 # torch.compile of decoder blocks
@@ -59,10 +59,14 @@ def choose_plan(cfg, model=None) -> FastPlan:
         reasons.append(f"fast path off ({why}): plain HF model, SDPA attention, right padding")
         packing = cfg.data.packing == "on"  # an explicit request still works: HF SDPA reads packed position_ids
         if packing:
-            reasons.append("packing on (data.packing=on): HF SDPA builds a block-diagonal mask from position_ids")
+            reasons.append("packing on (data.packing=on): per-example reference attention (correct, not fast)")
+            # HF's SDPA does not isolate packed examples by itself: use our per-example reference kernel
+            attention = "reference" if f.attention in ("auto", "sdpa") else f.attention
+        else:
+            attention = "sdpa" if f.attention == "auto" else f.attention
         gc = gc_cfg == "on"
         reasons.append(f"gradient checkpointing {'on' if gc else 'off'} (train.gradient_checkpointing={gc_cfg})")
-        return FastPlan(packing, "sdpa" if f.attention == "auto" else f.attention, False, gc, False, reasons)
+        return FastPlan(packing, attention, False, gc, False, reasons)
 
     # attention + packing go together: packed rows need a kernel that respects document boundaries
     packed_kernel = best_packed_attention()  # "varlen" on torch >= 2.10 + sm80, else "flex", else None
@@ -92,9 +96,14 @@ def choose_plan(cfg, model=None) -> FastPlan:
         gc = gc_cfg == "on"
         reasons.append(f"gradient checkpointing {gc_cfg} (train.gradient_checkpointing)")
 
-    # compile: off under auto: +3% on W512 LoRA for ~80 s of compilation (benchmarks/README.md)
-    comp = f.compile == "on"
-    reasons.append(f"torch.compile {'on' if comp else 'off'} (fast.compile={f.compile})")
+    # compile: measured +8% on W512 LoRA without checkpointing (benchmarks/README.md) for ~90 s of
+    # compilation; auto turns it on only there (QLoRA / full / checkpointed blocks were not measured)
+    if f.compile == "auto":
+        comp = cfg.model.method == "lora" and not gc
+        reasons.append(f"torch.compile {'on' if comp else 'off'} (auto: {'lora without checkpointing' if comp else 'only measured to win for lora without checkpointing'})")
+    else:
+        comp = f.compile == "on"
+        reasons.append(f"torch.compile {comp and 'on' or 'off'} (fast.compile={f.compile})")
     reasons.append("fused LoRA linears on (fast path): scale and add inside the GEMMs")
     return FastPlan(packing, attention, fused, gc, comp, reasons, fused_lora=True)
 

@@ -1,7 +1,8 @@
-"""torch.compile of decoder blocks (opt-in: fast.compile=on).
+"""torch.compile of decoder blocks (fast.compile; auto = on for LoRA without checkpointing on CUDA).
 
-Measured on W512 LoRA (benchmarks/results/profile_w512_lora.json, variant D): +3% fwd+bwd throughput
-for ~80 s of compilation, so `auto` leaves it off; long runs can turn it on. dynamic=True because
+Measured on W512 LoRA: +3% fwd+bwd alone (profile_w512_lora.json, variant D), +8% in the Trainer
+(run7_w512_lora_fast_compile.json vs run6_w512_lora_fast.json) for ~90 s of compilation; `auto` uses it for
+LoRA without checkpointing (the only case measured). dynamic=True because
 packed rows change length every batch (static shapes would recompile until the cache limit).
 """
 

@@ -1,0 +1,50 @@
+"""data.pack: bins, packed rows, boundaries, exact tensors."""
+
+import pytest
+import torch
+
+from llamaft.data.pack import PackedCollator, flatten, pack_first_fit_decreasing, pack_in_order, real_tokens
+
+
+def test_flatten_exact_tensors():
+    b = flatten([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}, {"input_ids": [4]}])
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4]]
+    # first label of every example is -100: no loss from one example's end into the next one's start
+    assert b["labels"].tolist() == [[-100, 6, 7, -100, 9, -100]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert b["cu_seq_lens_q"].tolist() == [0, 3, 5, 6] and b["cu_seq_lens_q"].dtype == torch.int32
+    assert b["cu_seq_lens_k"].tolist() == [0, 3, 5, 6]
+    assert b["max_length_q"] == b["max_length_k"] == 3
+    assert "attention_mask" not in b and real_tokens(b) == 6
+
+
+def test_flatten_keeps_masked_prompt_labels_and_skips_empty():
+    b = flatten([{"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]}, {"input_ids": []}])
+    assert b["labels"].tolist() == [[-100, -100, 3, 4]] and b["cu_seq_lens_q"].tolist() == [0, 4]
+
+
+def test_flatten_errors():
+    with pytest.raises(ValueError):
+        flatten([{"input_ids": [1, 2], "labels": [1]}])
+    with pytest.raises(ValueError):
+        flatten([{"input_ids": []}])
+
+
+def test_collator_is_flatten():
+    rows = [{"input_ids": [1, 2]}, {"input_ids": [3]}]
+    assert PackedCollator()(rows)["position_ids"].tolist() == [[0, 1, 0]]
+
+
+def test_pack_in_order_keeps_order_and_limit():
+    assert pack_in_order([3, 4, 2, 5, 1], 6) == [[0], [1, 2], [3, 4]]
+    assert pack_in_order([7, 1], 6) == [[0], [1]]  # too long: a bin of its own, never split
+    assert pack_in_order([], 6) == []
+
+
+def test_pack_ffd_fills_bins():
+    lens = [3, 4, 2, 5, 1, 6, 3]
+    bins = pack_first_fit_decreasing(lens, 6)
+    assert sorted(i for b in bins for i in b) == list(range(len(lens)))
+    assert all(sum(lens[i] for i in b) <= 6 for b in bins)
+    assert len(bins) == 4  # 24 tokens in bins of 6: optimal here
+    assert bins[0] == [5]
