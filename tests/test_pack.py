@@ -48,3 +48,10 @@ def test_pack_ffd_fills_bins():
     assert all(sum(lens[i] for i in b) <= 6 for b in bins)
     assert len(bins) == 4  # 24 tokens in bins of 6: optimal here
     assert bins[0] == [5]
+
+
+def test_flatten_accepts_example_objects():
+    from types import SimpleNamespace
+
+    b = flatten([SimpleNamespace(input_ids=[1, 2, 3], labels=[-100, 2, 3]), {"input_ids": [4, 5]}])
+    assert b["labels"].tolist() == [[-100, 2, 3, -100, 5]]

@@ -66,10 +66,12 @@ def flatten(examples: Sequence[dict]) -> dict:
     pos: list[int] = []
     cu = [0]
     for ex in examples:
-        x = list(ex["input_ids"])
+        # dict rows (HF style) or data.chat.Example dataclasses alike
+        x = list(ex["input_ids"] if isinstance(ex, dict) else ex.input_ids)
         if not x:
             continue  # an empty example would make a zero-length segment; drop it
-        y = list(ex.get("labels", x))
+        y = ex.get("labels") if isinstance(ex, dict) else getattr(ex, "labels", None)
+        y = x if y is None else list(y)
         if len(y) != len(x):
             raise ValueError(f"labels ({len(y)}) and input_ids ({len(x)}) differ in length")
         ids += x
