@@ -109,11 +109,12 @@ def patch_data_layer(monkeypatch, data: Data | None = None, extra_pad: bool = Fa
         t.save_pretrained(out)
         GenerationConfig(eos_token_id=list(r.stop_ids), pad_token_id=r.pad_id).save_pretrained(out)
 
-    def build(data_cfg, t, r):
+    def build(data_cfg, t, r, splits=None):
         calls.append("build_datasets")
         return data or dataset()
 
     monkeypatch.setattr(recipe, "load_tokenizer", lambda m, d: (tok, rules))
     monkeypatch.setattr(recipe, "build_datasets", build)
+    monkeypatch.setattr(recipe, "split_conversations", lambda data_cfg: None)
     monkeypatch.setattr(recipe, "save_tokenizer", save_tok)
     return tok, rules, calls

@@ -43,10 +43,16 @@ def save_tokenizer(tokenizer, rules, out_dir) -> None:
     _save(tokenizer, rules, out_dir)
 
 
-def build_datasets(data_cfg, tokenizer, rules):
+def split_conversations(data_cfg):
+    from ..data.pipeline import split_conversations as _split
+
+    return _split(data_cfg)
+
+
+def build_datasets(data_cfg, tokenizer, rules, splits=None):
     from ..data.pipeline import build_datasets as _build
 
-    return _build(data_cfg, tokenizer, rules)
+    return _build(data_cfg, tokenizer, rules, splits=splits)
 
 
 def prepare_run_dir(cfg) -> tuple[Path, Path | None]:
@@ -103,8 +109,9 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     # -- setup: cheap checks first, so config/hardware/data errors never wait for a model load
     check_hardware(cfg)
     run_dir, resume_from = prepare_run_dir(cfg)
+    splits = split_conversations(cfg.data)  # bad rows fail here, in seconds, before any tokenizer/model load
     tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
-    data = build_datasets(cfg.data, tokenizer, rules)
+    data = build_datasets(cfg.data, tokenizer, rules, splits=splits)
     if not data.train:
         raise LlamaftError("data.train: no training examples left after filtering; check data.max_seq_length")
     save_config(cfg, run_dir / "config.yaml")
@@ -141,6 +148,11 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
         callbacks=[MetricsJsonlCallback(metrics_path, set_names), *_tensorboard(run_dir, cfg.train.report_to), *(callbacks or [])],
     )
 
+    # Generation metrics per validation set (eval.generation) at every evaluation, logged with the loss.
+    from ..eval.callback import attach_eval_callback
+
+    eval_cb = attach_eval_callback(trainer, cfg, tokenizer, rules) if eval_sets else None
+
     # -- train (HF restores optimizer, scheduler, RNG and data position from the checkpoint)
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -154,6 +166,8 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     if eval_sets:
         metrics = trainer.evaluate()
         final_eval = {n: {"loss": metrics.get(f"eval_{n}_loss")} for n in set_names}
+        for n in set_names:  # + perplexity and generation metrics of that final evaluation
+            final_eval[n].update({k.rsplit("/", 1)[-1]: v for k, v in eval_cb.last.get(n, {}).items()})
 
     # -- save: adapter/ (PEFT) or model/ (full weights), each with tokenizer + generation_config
     out = run_dir / ("model" if cfg.model.method == "full" else "adapter")
