@@ -73,6 +73,7 @@ def make_model_dir(out: Path, kind: str, *, std: float = 0.02, seed: int = 0) ->
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
+            p.copy_(p.half().float())  # f16-exact weights: an f16 export loses nothing against fp32 HF
     model.save_pretrained(str(out))
     save_tokenizer(tok, rules, out)
     return out
@@ -89,13 +90,7 @@ def smol_dir(tmp_path_factory):
 
 
 def fields(reader) -> dict:
-    out = {}
-    for k, f in reader.fields.items():
-        if k.startswith("tokenizer.ggml.") and k.split(".")[-1] in ("tokens", "token_type", "merges"):
-            out[k] = f.contents()
-        else:
-            out[k] = f.contents()
-    return out
+    return {k: f.contents() for k, f in reader.fields.items()}
 
 
 def hf_state(model_dir: Path) -> dict[str, np.ndarray]:
@@ -216,26 +211,27 @@ def test_smollm2_q8_0_roundtrip(smol_dir, tmp_path):
     assert "<|im_start|>assistant" in mf and 'PARAMETER stop "<|im_end|>"' in mf
 
 
-def test_q4_0_keeps_output_wider(llama31_dir, tmp_path):
-    out = export_gguf(llama31_dir, tmp_path / "m.gguf", "q4_0")
-    got, hf = tensors(gguf.GGUFReader(str(out))), hf_state(llama31_dir)
-    assert got["blk.0.ffn_up.weight"][1] == "Q4_0" and got["output.weight"][1] == "Q8_0"
+def test_q4_0_keeps_output_wider(smol_dir, tmp_path):
+    out = export_gguf(smol_dir, tmp_path / "m.gguf", "q4_0")
+    got, hf = tensors(gguf.GGUFReader(str(out))), hf_state(smol_dir)
+    # tied: token_embd is also the output matrix, so it stays 8-bit
+    assert got["blk.0.ffn_up.weight"][1] == "Q4_0" and got["token_embd.weight"][1] == "Q8_0"
     w, ref = got["blk.0.ffn_up.weight"][0], hf["model.layers.0.mlp.up_proj.weight"]
     rel = np.linalg.norm(w - ref) / np.linalg.norm(ref)
     assert 0.01 < rel < 0.15  # really 4-bit, but close
     assert got["blk.0.attn_norm.weight"][1] == "F32"
 
 
-def test_bf16_and_errors(llama31_dir, tmp_path):
-    out = export_gguf(llama31_dir, tmp_path / "m.gguf", "bf16")
-    got, hf = tensors(gguf.GGUFReader(str(out))), hf_state(llama31_dir)
+def test_bf16_and_errors(smol_dir, tmp_path):
+    out = export_gguf(smol_dir, tmp_path / "m.gguf", "bf16")
+    got, hf = tensors(gguf.GGUFReader(str(out))), hf_state(smol_dir)
     assert got["blk.0.attn_v.weight"][1] == "BF16"
     np.testing.assert_allclose(got["blk.0.attn_v.weight"][0], hf["model.layers.0.self_attn.v_proj.weight"], rtol=1e-2, atol=1e-4)
     with pytest.raises(LlamaftError, match="unknown GGUF outtype"):
-        export_gguf(llama31_dir, tmp_path / "x.gguf", "q3_x")
+        export_gguf(smol_dir, tmp_path / "x.gguf", "q3_x")
     with pytest.raises(LlamaftError, match="no config.json"):
         export_gguf(tmp_path, tmp_path / "x.gguf")
-    cfg = json.loads((llama31_dir / "config.json").read_text())
+    cfg = json.loads((smol_dir / "config.json").read_text())
     bad = tmp_path / "mistral"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
@@ -243,7 +239,7 @@ def test_bf16_and_errors(llama31_dir, tmp_path):
         export_gguf(bad, tmp_path / "x.gguf")
 
 
-def test_kquant_without_llama_cpp_is_a_clear_error(llama31_dir, tmp_path, monkeypatch):
+def test_kquant_without_llama_cpp_is_a_clear_error(smol_dir, tmp_path, monkeypatch):
     import builtins
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no llama-quantize
@@ -251,5 +247,5 @@ def test_kquant_without_llama_cpp_is_a_clear_error(llama31_dir, tmp_path, monkey
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name == "llama_cpp" else real_import(name, *a, **k))
     with pytest.raises(LlamaftError, match="llama-quantize"):
-        export_gguf(llama31_dir, tmp_path / "m.gguf", "q4_k_m")
+        export_gguf(smol_dir, tmp_path / "m.gguf", "q4_k_m")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))

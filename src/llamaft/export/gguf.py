@@ -228,14 +228,16 @@ def _write(model_dir: Path, cfg: dict, dest: Path, outtype: str, name: str, voca
     w.close()
 
 
-def _llama_quantize(src: Path, dest: Path, outtype: str) -> None:
+def _quantizer(outtype: str):
+    """llama.cpp's quantizer for k/i-quants: (src, dest) -> None; checked before any work is done."""
     exe = shutil.which("llama-quantize")
     if exe:
-        r = subprocess.run([exe, str(src), str(dest), outtype.upper()], capture_output=True, text=True)
-        if r.returncode != 0:
-            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise LlamaftError(f"llama-quantize {outtype.upper()} failed: {tail[0]}")
-        return
+        def run(src: Path, dest: Path) -> None:
+            r = subprocess.run([exe, str(src), str(dest), outtype.upper()], capture_output=True, text=True)
+            if r.returncode != 0:
+                tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise LlamaftError(f"llama-quantize {outtype.upper()} failed: {tail[0]}")
+        return run
     try:
         import llama_cpp
     except ImportError:
@@ -245,11 +247,13 @@ def _llama_quantize(src: Path, dest: Path, outtype: str) -> None:
         ) from None
     import gguf
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(gguf.LlamaFileType[LLAMA_QUANTIZE_TYPES[outtype]])
-    params.nthread = os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params) != 0:
-        raise LlamaftError(f"llama.cpp could not quantize {src.name} to {outtype}")
+    def run_binding(src: Path, dest: Path) -> None:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = int(gguf.LlamaFileType[LLAMA_QUANTIZE_TYPES[outtype]])
+        params.nthread = os.cpu_count() or 1
+        if llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params) != 0:
+            raise LlamaftError(f"llama.cpp could not quantize to {outtype}")
+    return run_binding
 
 
 def export_gguf(model_dir, out_path, outtype: str = "f16", ollama: bool = False, *, name: str | None = None) -> Path:
@@ -267,6 +271,7 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", ollama: bool = False,
         out = out / f"{model_dir.resolve().name}.{outtype}.gguf" if out.is_dir() else out.with_suffix(out.suffix + ".gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = _config(model_dir)
+    quantize = None if outtype in PY_TYPES else _quantizer(outtype)
     vocab = read_vocab(model_dir, cfg["vocab_size"])
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp16 = out.with_name(f".{out.name}.{os.getpid()}.f16.tmp")
@@ -275,7 +280,7 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", ollama: bool = False,
             _write(model_dir, cfg, tmp, outtype, name or model_dir.resolve().name, vocab)
         else:
             _write(model_dir, cfg, tmp16, "f16", name or model_dir.resolve().name, vocab)
-            _llama_quantize(tmp16, tmp, outtype)
+            quantize(tmp16, tmp)
         os.replace(tmp, out)
     finally:
         for p in (tmp, tmp16):

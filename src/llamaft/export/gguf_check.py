@@ -50,6 +50,7 @@ class PromptCheck:
     gguf_tokens: list[int]  # llama.cpp greedy continuation (ends with the stop id if it stopped)
     hf_top1: list[int]  # HF argmax at each of those positions (same prefix)
     max_logit_diff: float
+    margins: list[float] = field(default_factory=list)  # HF logit of its top-1 minus that of llama.cpp's token
 
     @property
     def agree(self) -> int:
@@ -82,12 +83,28 @@ class GGUFReport:
         return sum(p.agree for p in self.prompts) / n if n else 0.0
 
     @property
+    def max_logit_diff(self) -> float:
+        return max((p.max_logit_diff for p in self.prompts), default=0.0)
+
+    @property
+    def near_tie_flips(self) -> int:
+        """Disagreements where HF itself scores both tokens within the measured numeric noise: a
+        16-bit rounding of activations can legitimately flip such a tie (common in random models)."""
+        tol = 2 * self.max_logit_diff
+        return sum(m <= tol for p in self.prompts for m in p.margins if m > 0)
+
+    @property
+    def real_flips(self) -> int:
+        return sum(1 for p in self.prompts for m in p.margins if m > 0) - self.near_tie_flips
+
+    @property
     def exact_expected(self) -> bool:
         return self.file_type in ("F32", "F16", "BF16")
 
     @property
     def passed(self) -> bool:
-        gen_ok = self.greedy_equal if self.exact_expected else self.top1_agreement >= 0.9
+        # exact types: no flip beyond numeric noise (and noise must stay rare: a real bug flips most tokens)
+        gen_ok = (self.real_flips == 0 and self.top1_agreement >= 0.95) if self.exact_expected else self.top1_agreement >= 0.9
         return gen_ok and not self.tokenization_mismatches and not self.not_eog and not self.stop_disagree
 
     def verdict(self) -> str:
@@ -95,7 +112,8 @@ class GGUFReport:
         parts = [
             f"tokenizer {self.tokenization_total - len(self.tokenization_mismatches)}/{self.tokenization_total} texts equal",
             f"greedy {'identical' if self.greedy_equal else 'differs'} over {n} tokens in {len(self.prompts)} prompts "
-            f"(top-1 agreement {self.top1_agreement:.1%}, max |logit diff| {max((p.max_logit_diff for p in self.prompts), default=0):.3g})",
+            f"(top-1 agreement {self.top1_agreement:.1%}, {self.near_tie_flips} near-tie flips, {self.real_flips} other, "
+            f"max |logit diff| {self.max_logit_diff:.3g})",
             f"stops on {self.stop_ids}" + (f" EXCEPT {self.not_eog}" if self.not_eog else "")
             + f", {self.stopped}/{len(self.prompts)} answers ended on a stop token",
         ]
@@ -197,7 +215,8 @@ def check_gguf(gguf_path, hf_model_dir, prompts=None, n_tokens: int = 32, *, hf_
                 hf_logits = model(torch.tensor([ids + gen[:-1]])).logits[0, start:].float().numpy()
             top1 = [int(i) for i in hf_logits.argmax(-1)]
             diff = float(np.abs(hf_logits - cpp_logits).max()) if len(gen) else 0.0
-            report.prompts.append(PromptCheck(len(ids), gen, top1, diff))
+            margins = [float(row[a] - row[b]) for row, a, b in zip(hf_logits, top1, gen)]
+            report.prompts.append(PromptCheck(len(ids), gen, top1, diff, margins))
             if gen and gen[-1] in stops:
                 report.stopped += 1
                 report.stop_disagree += int(top1[-1] != gen[-1])
