@@ -110,3 +110,22 @@ def test_fused_lora_matches_peft(dense):
     for (n, p), (_, p2) in zip(ref.named_parameters(), fast.named_parameters()):
         if p.requires_grad:
             assert p2.grad.dtype == p.grad.dtype and rel(p2.grad, p.grad) < 1e-2, n
+
+
+def test_varlen_hf_attention_accepts_fp32_inputs_from_qlora():
+    """QLoRA keeps norms in fp32 (prepare_model_for_kbit_training), so q/k/v reach attention in fp32;
+    the varlen path must run them in bf16 and give back fp32, matching the fp32 reference."""
+    if best_packed_attention() != "varlen":
+        pytest.skip("varlen_attn not available")
+    from types import SimpleNamespace
+
+    from llamaft.model.fast.attention import _make_hf_attention
+
+    lens = [5, 60, 3]
+    q, k, v, cu = _qkv(lens, hq=8, hkv=2, d=64, seed=3)
+    q32, k32, v32 = (x.detach().float().transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, T, D]
+    pos = torch.cat([torch.arange(n, device="cuda") for n in lens]).unsqueeze(0)
+    out, _ = _make_hf_attention("varlen")(SimpleNamespace(), q32, k32, v32, None, scaling=64 ** -0.5, position_ids=pos)
+    assert out.dtype == torch.float32
+    ref = packed_attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), cu)
+    assert (out[0] - ref).abs().max().item() < 2e-2

@@ -156,6 +156,12 @@ def _packed_info(query, kwargs):
     return cu_seqlens_from_position_ids(pos.to(query.device).expand(b, s))
 
 
+def _compute_dtype() -> torch.dtype:
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def _make_hf_attention(kernel: str):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         # query [B, Hq, S, D]; key/value [B, Hkv, S, D]; returns ([B, S, Hq, D], None) like HF's sdpa
@@ -168,7 +174,12 @@ def _make_hf_attention(kernel: str):
         cu, mx = _packed_info(query, kwargs)
         q, k, v = (x.transpose(1, 2).reshape(b * s, x.shape[1], x.shape[3]) for x in (query, key, value))
         if kernel == "varlen":
-            out = packed_attention_varlen(q, k, v, cu, mx, scale=scaling)
+            in_dtype = q.dtype
+            if in_dtype == torch.float32:
+                # QLoRA: prepare_model_for_kbit_training keeps norms in fp32, so q/k/v arrive in fp32,
+                # which the flash kernel rejects. Run it in the compute dtype, as HF's flash path does.
+                q, k, v = (x.to(_compute_dtype()) for x in (q, k, v))
+            out = packed_attention_varlen(q, k, v, cu, mx, scale=scaling).to(in_dtype)
         elif kernel == "flex":
             out = packed_attention_flex(q, k, v, cu, scale=scaling)
         else:
