@@ -80,7 +80,16 @@ def test_real_smollm2_f16_matches_and_stops(tmp_path):
     src = smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
     d = tmp_path / "merged"
-    model.save_pretrained(str(d))
+    d.mkdir()
+    # save_pretrained refuses GGUF-loaded models: write the (dequantised) weights and config ourselves
+    from safetensors.torch import save_file
+    import json
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (d / "config.json").write_text(json.dumps(cfg))
     tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
     tok.eos_token = "<|im_end|>"
     save_tokenizer(tok, make_rules(tok, "other", True, tok.chat_template), d)
