@@ -126,6 +126,23 @@ def test_fused_loss_matches_reference_fwd_bwd(chunk):
     assert torch.allclose(fused_causal_lm_loss(h, w, labels), reference_causal_lm_loss(h, w, labels))
 
 
+def test_fused_loss_takes_fp32_hidden_with_bf16_head():
+    """QLoRA: fp32 hidden states (norms kept in fp32) meet a bf16 lm_head; the gradient keeps the
+    hidden states' dtype and matches the reference computed in the head's dtype."""
+    torch.manual_seed(0)
+    h = torch.randn(1, 9, 16, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(40, 16).to(torch.bfloat16)
+    labels = torch.randint(0, 40, (1, 9))
+    got = fused_causal_lm_loss(h, w, labels)
+    (g,) = torch.autograd.grad(got, (h,))
+    assert g.dtype == torch.float32
+    h16 = h.detach().to(torch.bfloat16).requires_grad_()
+    ref = reference_causal_lm_loss(h16, w, labels)
+    (gr,) = torch.autograd.grad(ref, (h16,))
+    assert abs(got.item() - ref.item()) < 2e-2
+    assert torch.allclose(g, gr.float(), atol=2e-2, rtol=5e-2)
+
+
 def test_fused_loss_in_model_matches_hf():
     m = tiny()
     ids = torch.randint(0, 300, (1, 20)); labels = ids.clone(); labels[0, :5] = -100

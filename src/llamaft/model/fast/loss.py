@@ -41,16 +41,17 @@ class _ChunkedLinearCE(torch.autograd.Function):
         scale = 1.0 / denom if not torch.is_tensor(denom) else 1.0 / denom.to(h.device, torch.float32)
         for start in range(0, valid.numel(), chunk):
             rows = valid[start:start + chunk]
-            hc, tc = h.index_select(0, rows), targets.index_select(0, rows)
+            # In the weight's dtype: QLoRA hands fp32 hidden states (fp32 norms) to a bf16 lm_head.
+            hc, tc = h.index_select(0, rows).to(weight.dtype), targets.index_select(0, rows)
             logits = (hc @ weight.t()).float()  # bf16 matmul, fp32 softmax: as HF's lm_head + loss
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
             # d(CE)/d(logits) = softmax - onehot, built in place over the logits buffer
             logits.sub_(lse[:, None]).exp_()
             logits.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
-            g = logits.mul_(scale).to(h.dtype)  # in place: one fp32 chunk buffer at a time
+            g = logits.mul_(scale).to(weight.dtype)  # in place: one fp32 chunk buffer at a time
             del logits
-            grad_h.index_copy_(0, rows, g @ weight)
+            grad_h.index_copy_(0, rows, (g @ weight).to(grad_h.dtype))
             if need_w:
                 grad_w += (g.t() @ hc).float()  # full fine-tuning: lm_head is trained
         ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
