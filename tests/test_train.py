@@ -59,9 +59,9 @@ def test_run_directory_contents(full_run):
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 9))
     assert all(r["train/grad_norm"] > 0 for r in train_rows)
-    # eval_every=0.25 of 8 steps → every 2 steps, plus the final evaluation at step 8
+    # eval_every=0.25 of 8 steps → every 2 steps; the final evaluation reuses step 8 (not run twice)
     eval_steps = [r["step"] for r in rows if "eval/alpha/loss" in r]
-    assert eval_steps == [2, 4, 6, 8, 8]
+    assert eval_steps == [2, 4, 6, 8]
     assert [r["step"] for r in rows if "eval/b_set/loss" in r] == eval_steps
 
     summary = json.loads((run / "summary.json").read_text())

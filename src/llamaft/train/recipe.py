@@ -164,7 +164,7 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     # -- final evaluation of every named set, logged at the last step like the periodic ones
     final_eval = {}
     if eval_sets:
-        metrics = trainer.evaluate()
+        metrics = _last_step_eval(trainer, set_names) or trainer.evaluate()
         final_eval = {n: {"loss": metrics.get(f"eval_{n}_loss")} for n in set_names}
         for n in set_names:  # + perplexity and generation metrics of that final evaluation
             final_eval[n].update({k.rsplit("/", 1)[-1]: v for k, v in eval_cb.last.get(n, {}).items()})
@@ -183,6 +183,17 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
             cb.tb_writer.close()  # flush the final evaluation's events
     print(f"run saved to {run_dir}")
     return run_dir
+
+
+def _last_step_eval(trainer, set_names) -> dict | None:
+    """The periodic evaluation at the very last step, when there was one: evaluating (and generating)
+    the same weights twice costs minutes on CPU and gives the same numbers."""
+    step = trainer.state.global_step
+    found = {}
+    for entry in trainer.state.log_history:
+        if entry.get("step") == step:
+            found.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    return found if all(f"eval_{n}_loss" in found for n in set_names) else None
 
 
 def _summary(cfg, trainer, result, rows, final_eval, data, resume_from, runtime, plan) -> dict:
