@@ -81,7 +81,9 @@ def llama3_tokenizer(version: str = "3.1"):
     if version in _LOADED:  # loading 128k ids takes seconds; a copy keeps callers' changes apart
         return copy.deepcopy(_LOADED[version])
     src = llama3_tokenizer_file()
-    digest = hashlib.sha256(f"{src.stat().st_size}:{src.stat().st_mtime_ns}:{_BUILD_VERSION}".encode()).hexdigest()[:12]
+    # The shipped template is part of the key: a changed template must never be served from an old cache.
+    key = f"{src.stat().st_size}:{src.stat().st_mtime_ns}:{_BUILD_VERSION}:{template_text('llama3' if version == '3' else 'llama3.1')}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     target = cache_dir() / "tokenizers" / f"llama{version}-{digest}"
     if not (target / "tokenizer.json").is_file():
         _build_llama3(str(src), version, target)
