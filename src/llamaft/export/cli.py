@@ -40,17 +40,31 @@ def export_command(a: argparse.Namespace) -> Path:
         result = Path(export_gguf(model_dir, out, outtype=a.quant, ollama=a.ollama))
         print(f"GGUF: {result}")
         if not a.no_check:
-            report = check_gguf(result, model_dir)
-            print(report.verdict() if hasattr(report, "verdict") else report)
+            _self_check(result, model_dir, check_gguf)
     print(f"exported: {result}")
     if a.push_to_hub:
         push_to_hub(result, a.push_to_hub, private=a.private)
     return result
 
 
+def _self_check(gguf_path: Path, model_dir: Path, check_gguf) -> None:
+    """Load the GGUF in llama.cpp and compare with transformers; a failed check is an error."""
+    from .gguf_check import llama_cpp_available
+
+    if not llama_cpp_available():
+        print("self-check skipped: llama-cpp-python is not installed "
+              "(scripts/build_llama_cpp_wheel.sh builds it; --no-check silences this)")
+        return
+    report = check_gguf(gguf_path, model_dir)
+    print(report.verdict())
+    if not report.passed:
+        raise LlamaftError(f"{gguf_path}: GGUF self-check failed ({report.verdict()}); the file is kept for inspection")
+
+
 def push_to_hub(path: Path, repo_id: str, private: bool = False) -> str:
     """Upload a folder (or one file) to the Hub. The token comes from HF_TOKEN or the saved login
     (huggingface_hub reads both) and is never printed."""
+    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
@@ -65,7 +79,7 @@ def push_to_hub(path: Path, repo_id: str, private: bool = False) -> str:
             api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id)
     except (HfHubHTTPError, LocalTokenNotFoundError) as err:
         raise LlamaftError(f"push to {repo_id} failed: {str(err).splitlines()[0]}") from None
-    except OSError as err:  # connection refused / no network
+    except (OSError, httpx.HTTPError) as err:  # connection refused / no network
         raise LlamaftError(f"push to {repo_id} failed: cannot reach the Hugging Face Hub ({type(err).__name__})") from None
     url = f"https://huggingface.co/{repo_id}"
     print(f"pushed: {url}")
