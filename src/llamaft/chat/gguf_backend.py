@@ -121,36 +121,6 @@ def chat_loop_gguf(path, system: str | None = None, temperature: float = 0.7, to
     if handle is None:
         out.write(f"loading {path} (llama.cpp) ...\n")
         handle = load_gguf(path)
-    fresh = lambda: [{"role": "system", "content": system}] if system else []  # noqa: E731
-    history = fresh()
-    out.write("commands: /reset (new conversation), /exit (quit); Ctrl-C stops a reply\n")
-    while True:
-        try:
-            line = input_fn("you> ")
-        except (EOFError, KeyboardInterrupt):
-            out.write("\n")
-            break
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            history = fresh()
-            out.write("(conversation cleared)\n")
-            continue
-        if not text:
-            continue
-        history.append({"role": "user", "content": line})
-        out.write("assistant> ")
-        reply = []
-        try:
-            for piece in stream_chat_gguf(handle, history, params):
-                reply.append(piece)
-                out.write(piece)
-                out.flush()
-        except KeyboardInterrupt:
-            history.pop()
-            out.write("\n(interrupted)\n")
-            continue
-        out.write("\n")
-        history.append({"role": "assistant", "content": "".join(reply)})
-    return history
+    from .terminal import repl
+
+    return repl(lambda history: stream_chat_gguf(handle, history, params), system, input_fn=input_fn, out=out)

@@ -11,7 +11,7 @@ Input and output are injectable so tests can script a conversation.
 from __future__ import annotations
 
 import sys
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 from .generate import GenParams, stream_chat
 
@@ -35,6 +35,13 @@ def chat_loop(path, system: str | None = None, temperature: float = 0.7, top_p: 
         out.flush()
         loaded = load_for_inference(path, dtype=dtype, device=device)
     model, tokenizer, rules = loaded
+    return repl(lambda history: stream_chat(model, tokenizer, rules, history, params), system, input_fn=input_fn, out=out)
+
+
+def repl(stream: Callable[[list[dict]], Iterator[str]], system: str | None = None, *,
+         input_fn: Callable[[str], str] = input, out: TextIO = sys.stdout) -> list[dict]:
+    """The read-reply loop shared by every backend (transformers here, llama.cpp for .gguf files):
+    `stream(history)` yields the reply's text pieces."""
 
     def fresh() -> list[dict]:
         return [{"role": "system", "content": system}] if system else []
@@ -63,15 +70,17 @@ def chat_loop(path, system: str | None = None, temperature: float = 0.7, top_p: 
         out.write("assistant> ")
         out.flush()
         reply = []
-        stream = stream_chat(model, tokenizer, rules, history, params)
+        pieces = stream(history)
         try:
-            for piece in stream:
+            for piece in pieces:
                 reply.append(piece)
                 out.write(piece)
                 out.flush()
         except KeyboardInterrupt:
-            stream.close()  # cancels the generation thread
-            history.pop()   # an interrupted exchange is not part of the conversation
+            close = getattr(pieces, "close", None)
+            if close:
+                close()  # cancels the generation
+            history.pop()  # an interrupted exchange is not part of the conversation
             out.write("\n(interrupted)\n")
             continue
         out.write("\n")
