@@ -8,6 +8,17 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared CPU: extra threads only contend (use with pytest.mark.usefixtures)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def llama3_tokenizer():
     """Llama 3.1 fast tokenizer (128,256 ids) built offline from Meta's file (cached on disk)."""

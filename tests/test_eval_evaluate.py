@@ -4,19 +4,13 @@ import io
 import json
 
 import pytest
-import torch
 import yaml
 from rich.console import Console
 
 from llamaft.errors import LlamaftError
 from llamaft.eval.evaluate import evaluate_run
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared CPU: threads only contend
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
