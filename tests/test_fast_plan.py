@@ -53,7 +53,7 @@ def test_plan_cuda_auto_and_switches(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(att, "best_packed_attention", lambda: "varlen")
-    monkeypatch.setattr(mem, "needs_checkpointing", lambda c, m: (False, "fits"))
+    monkeypatch.setattr(mem, "needs_checkpointing", lambda c, m, t=None: (False, "fits"))
     p = choose_plan(cfg(), None)
     assert (p.packing, p.attention, p.fused_loss, p.gradient_checkpointing, p.compile, p.fused_lora) == (True, "varlen", True, False, True, True)
     p = choose_plan(cfg(data__packing="off", fast__fused_loss="off", fast__compile="off", train__gradient_checkpointing="on"), None)

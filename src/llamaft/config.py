@@ -154,6 +154,14 @@ class FastConfig(_Section):
     attention: Literal["auto", "sdpa", "varlen", "flex", "eager"] = Field("auto", description="Attention kernel; packed batches need varlen or flex.")
     fused_loss: Literal["auto", "on", "off"] = Field("auto", description="Fused linear + cross-entropy (no full-vocab logits).")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile of decoder blocks.")
+    offload_checkpoints: Literal["auto", "on", "off"] = Field(
+        "auto", description="With gradient checkpointing, park each layer's saved input in CPU memory (auto: on for qlora)."
+    )
+    regroup_batches: Literal["auto", "off"] = Field(
+        "auto", description="Fewer, larger micro-batches (same sequences per optimizer step) when memory allows."
+    )
+    fused_optimizer: Literal["auto", "off"] = Field("auto", description="adamw_torch runs as torch's fused AdamW on CUDA.")
+    tile_mlp: Literal["auto", "off"] = Field("auto", description="MLP in 16k-token chunks for long micro-batches (long context).")
 
 
 class GenerationEvalConfig(_Section):

@@ -2,8 +2,8 @@
 
     model = apply_adapters(load_base(...), cfg.model, cfg.lora)
 
-qlora differs from lora only by `prepare_model_for_kbit_training` (fp32 norms, input grads) on the
-4-bit base that `load.py` produced — one training loop for all three methods.
+qlora differs from lora only by `prepare_quantized` (freeze; no fp32 upcasts) on the 4-bit base that
+`load.py` produced — one training loop for all three methods.
 """
 
 from __future__ import annotations
@@ -47,12 +47,10 @@ def apply_adapters(model, model_cfg, lora_cfg, *, gradient_checkpointing: bool =
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        from peft import get_peft_model
 
         if model_cfg.method == "qlora":
-            # Casts norms to fp32 and makes the embedding output require grad (needed once the base
-            # weights are frozen integers); checkpointing itself is switched on by the Trainer.
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+            prepare_quantized(model)
         try:
             model = get_peft_model(model, lora_config(model_cfg, lora_cfg, added))
         except ValueError as err:
@@ -64,6 +62,17 @@ def apply_adapters(model, model_cfg, lora_cfg, *, gradient_checkpointing: bool =
     log.info(msg)
     print(msg)
     return model
+
+
+def prepare_quantized(model) -> None:
+    """Freeze a 4/8-bit base for LoRA without peft's prepare_model_for_kbit_training, which casts every
+    non-quantised weight to fp32: on Llama-3.1-8B that doubles the embeddings and lm_head (+2 GiB of
+    a ~7 GiB QLoRA budget) and sends fp32 activations into bf16 kernels. HF's RMSNorm already
+    computes in fp32 internally, and the adapters PEFT adds are fp32 either way. Checkpointing needs
+    no input-grad hook: HF's is non-reentrant and ours (model/fast/recompute.py) has its own."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
 
 
 def count_parameters(model) -> tuple[int, int]:

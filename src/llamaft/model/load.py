@@ -4,7 +4,7 @@
     model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype)
 
 QLoRA is LoRA on a quantised base: the only difference lives here (a BitsAndBytesConfig) and in
-`adapters.py` (prepare_model_for_kbit_training); the training loop is the same.
+`adapters.py` (prepare_quantized); the training loop is the same.
 """
 
 from __future__ import annotations

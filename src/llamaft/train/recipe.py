@@ -128,7 +128,8 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     # LoRA init, so reruns and resumed runs start from identical weights.
     set_seed(cfg.train.seed)
     model = build_model(cfg, tokenizer, rules, dtype)
-    model, collator, plan = pick_collator_and_plan(cfg, model, rules.pad_id)
+    train_set = ListDataset(data.train)
+    model, collator, plan = pick_collator_and_plan(cfg, model, rules.pad_id, train_set.lengths())
     for reason in getattr(plan, "reasons", []):
         print(f"fast path: {reason}")
 
@@ -137,12 +138,12 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     eval_sets = {n: ListDataset(data.validation[n]) for n in set_names}
     args = training_arguments(
         cfg, run_dir / "checkpoints", bf16=bf16, fp16=fp16, has_eval=bool(eval_sets),
-        grad_ckpt=gradient_checkpointing(cfg.train, plan), extra=training_args,
+        grad_ckpt=gradient_checkpointing(cfg.train, plan), extra=training_args, plan=plan,
     )
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=args,
-        train_dataset=ListDataset(data.train),
+        train_dataset=train_set,
         eval_dataset=eval_sets or None,
         data_collator=collator,
         callbacks=[MetricsJsonlCallback(metrics_path, set_names), *_tensorboard(run_dir, cfg.train.report_to), *(callbacks or [])],

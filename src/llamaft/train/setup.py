@@ -25,6 +25,9 @@ class ListDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def lengths(self) -> list[int]:
+        return [len(ex["input_ids"] if isinstance(ex, dict) else ex.input_ids) for ex in self.items]
+
     def __getitem__(self, i: int) -> dict:
         ex = self.items[i]
         if isinstance(ex, dict):
@@ -61,7 +64,10 @@ def scheduler(train_cfg) -> str:
 
 
 def gradient_checkpointing(train_cfg, plan=None) -> bool:
-    """on/off from the config; auto: the fast-path plan decides, else on for GPUs and off on CPU."""
+    """HF's checkpointing on/off: from the config; auto: the fast-path plan decides, else on for GPUs
+    and off on CPU. False when the fast path checkpoints the layers itself (model/fast/recompute.py)."""
+    if plan is not None and getattr(plan, "own_checkpointing", False):
+        return False
     if train_cfg.gradient_checkpointing != "auto":
         return train_cfg.gradient_checkpointing == "on"
     if plan is not None:
@@ -69,11 +75,18 @@ def gradient_checkpointing(train_cfg, plan=None) -> bool:
     return cuda_available()
 
 
-def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval: bool, grad_ckpt: bool, extra: dict | None = None):
-    """Build TrainingArguments; `extra` lets tests and callers set fields we do not expose."""
+def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval: bool, grad_ckpt: bool,
+                       extra: dict | None = None, plan=None):
+    """Build TrainingArguments; `extra` lets tests and callers set fields we do not expose.
+    `plan` (the fast path's) may regroup micro-batches and pick torch's fused AdamW."""
     from transformers import TrainingArguments
 
     t = cfg.train
+    micro = getattr(plan, "micro_batch_size", None) or t.micro_batch_size
+    accum = getattr(plan, "gradient_accumulation", None) or t.gradient_accumulation
+    optim = check_optimizer(t)
+    if optim == "adamw_torch" and getattr(plan, "fused_optimizer", False) and cuda_available():
+        optim = "adamw_torch_fused"  # same update, one kernel per step instead of one per tensor
     eval_strategy, eval_steps = _every(t.eval_every) if has_eval else ("no", 1)
     save_strategy, save_steps = _every(t.save_every)
     _, logging_steps = _every(t.logging_every or 1)
@@ -85,10 +98,10 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
         learning_rate=t.learning_rate,
         lr_scheduler_type=scheduler(t),
         warmup_steps=warmup(t),
-        per_device_train_batch_size=t.micro_batch_size,
+        per_device_train_batch_size=micro,
         per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation,
-        optim=check_optimizer(t),
+        gradient_accumulation_steps=accum,
+        optim=optim,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=grad_ckpt,
@@ -118,16 +131,17 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
     return TrainingArguments(**kwargs)
 
 
-def pick_collator_and_plan(cfg, model, pad_id: int) -> tuple[Any, Callable, Any]:
+def pick_collator_and_plan(cfg, model, pad_id: int, lengths: list[int] | None = None) -> tuple[Any, Callable, Any]:
     """(model, collator, plan): the GPU fast path when llamaft.model.fast exists, else plain padding.
 
     The plan is None when the module is missing; CPU runs get `Collator` unless the plan packs.
+    `lengths`: the training examples' token counts (the plan sizes micro-batches with them).
     """
     try:
         from ..model.fast import apply_fast_path, choose_plan, make_collator
     except ImportError:
         return model, Collator(pad_id), None
-    plan = choose_plan(cfg, model)
+    plan = choose_plan(cfg, model, lengths)
     model = apply_fast_path(model, plan)
     collator = make_collator(plan, pad_id) if plan.packing else Collator(pad_id)
     return model, collator, plan

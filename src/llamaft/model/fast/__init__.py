@@ -2,7 +2,8 @@
 
 What `llamaft.train` calls, in this order:
 
-    plan = choose_plan(cfg, model)          # decide (pure: reads cfg, the model's size and the device)
+    plan = choose_plan(cfg, model, lengths) # decide (pure: reads cfg, the model's size, the device and
+                                            # the training examples' token counts)
     model = apply_fast_path(model, plan)    # install: attention kernel, fused loss, checkpointing, compile
     collate = make_collator(plan, pad_id)   # padding-free packed rows, or right padding (data.collate)
 
@@ -30,6 +31,14 @@ class FastPlan:
     compile: bool                 # torch.compile of decoder blocks
     reasons: list[str] = field(default_factory=list)  # one line per decision, logged by train/
     fused_lora: bool = False      # PEFT LoRA linears as 3-GEMM autograd functions (model/fast/lora.py)
+    # Checkpointing by model/fast/recompute.py (not HF's): layer inputs optionally parked in CPU memory
+    own_checkpointing: bool = False
+    offload_checkpoints: bool = False
+    micro_batch_size: int | None = None       # None: train.micro_batch_size as configured
+    gradient_accumulation: int | None = None  # same sequences per optimizer step as configured
+    fused_optimizer: bool = False             # adamw_torch -> torch's fused (single-kernel) AdamW
+    tile_mlp_rows: int = 0                    # > 0: MLP in chunks of this many tokens (long sequences)
+    loss_chunk_rows: int | None = None        # fused loss rows per chunk (None: ~512 MiB of logits)
 
 
 def _model_device(model) -> torch.device:
@@ -46,10 +55,14 @@ def _cuda_target(model) -> bool:
     return torch.cuda.is_available() and (dev is None or dev.type == "cuda")
 
 
-def choose_plan(cfg, model=None) -> FastPlan:
-    """Decide each part of the fast path from the config (explicit on/off wins) and the hardware."""
+def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
+    """Decide each part of the fast path from the config (explicit on/off wins) and the hardware.
+
+    `lengths`: token counts of the training examples; with packing they bound the tokens of a
+    micro-batch far better than micro_batch_size x max_seq_length does (memory estimates).
+    """
     from .attention import best_packed_attention
-    from .memory import needs_checkpointing
+    from .memory import needs_checkpointing, regroup
 
     f, reasons = cfg.fast, []
     gc_cfg = cfg.train.gradient_checkpointing
@@ -89,12 +102,34 @@ def choose_plan(cfg, model=None) -> FastPlan:
     fused = f.fused_loss != "off"
     reasons.append(f"fused loss {'on' if fused else 'off'} (fast.fused_loss={f.fused_loss})")
 
+    tokens_of = _micro_batch_tokens(cfg, lengths if packing else None)
     if gc_cfg == "auto":
-        gc, why = needs_checkpointing(cfg, model)
+        gc, why = needs_checkpointing(cfg, model, tokens_of(cfg.train.micro_batch_size))
         reasons.append(f"gradient checkpointing {'on' if gc else 'off'} (auto: {why})")
     else:
         gc = gc_cfg == "on"
         reasons.append(f"gradient checkpointing {gc_cfg} (train.gradient_checkpointing)")
+
+    # Offloaded checkpoints: the per-layer inputs wait in pinned CPU memory (model/fast/recompute.py)
+    offload = False
+    if gc:
+        if f.offload_checkpoints == "auto":
+            offload = cfg.model.method == "qlora"
+            reasons.append(f"checkpoints {'offloaded to CPU' if offload else 'kept on the GPU'} (auto: {'qlora: memory-lean' if offload else 'not qlora'})")
+        else:
+            offload = f.offload_checkpoints == "on"
+            reasons.append(f"checkpoints {'offloaded to CPU' if offload else 'kept on the GPU'} (fast.offload_checkpoints={f.offload_checkpoints})")
+
+    # Larger micro-batches, same sequences per optimizer step: fewer, fuller kernels (W512 LoRA
+    # 8x4 -> 16x2 measured +7%). Only with packing (no pad) and only where no checkpointing is needed.
+    mbs, ga = cfg.train.micro_batch_size, cfg.train.gradient_accumulation
+    if packing and not gc and f.regroup_batches == "auto" and cfg.model.method != "qlora":
+        mbs, ga, why = regroup(cfg, model, tokens_of)
+        reasons.append(f"micro-batches {mbs} x {ga} accumulation (fast.regroup_batches=auto: {why})")
+
+    fused_opt = cfg.train.optimizer == "adamw_torch" and f.fused_optimizer != "off"
+    if cfg.train.optimizer == "adamw_torch":
+        reasons.append(f"torch fused AdamW {'on' if fused_opt else 'off'} (fast.fused_optimizer={f.fused_optimizer})")
 
     # compile: measured +8% on W512 LoRA without checkpointing (benchmarks/README.md) for ~90 s of
     # compilation; auto turns it on only there (QLoRA / full / checkpointed blocks were not measured)
@@ -105,7 +140,25 @@ def choose_plan(cfg, model=None) -> FastPlan:
         comp = f.compile == "on"
         reasons.append(f"torch.compile {comp and 'on' or 'off'} (fast.compile={f.compile})")
     reasons.append("fused LoRA linears on (fast path): scale and add inside the GEMMs")
-    return FastPlan(packing, attention, fused, gc, comp, reasons, fused_lora=True)
+    tile = _TILE_ROWS if f.tile_mlp == "auto" and cfg.data.max_seq_length * cfg.train.micro_batch_size > _TILE_ROWS else 0
+    if tile:
+        reasons.append(f"MLP in chunks of {tile} tokens when a micro-batch is longer (fast.tile_mlp=auto)")
+    return FastPlan(packing, attention, fused, gc, comp, reasons, fused_lora=True, own_checkpointing=gc,
+                    offload_checkpoints=offload, micro_batch_size=mbs, gradient_accumulation=ga,
+                    fused_optimizer=fused_opt, tile_mlp_rows=tile,
+                    loss_chunk_rows=256 if cfg.model.method == "qlora" else None)
+
+
+_TILE_ROWS = 16384  # [16k, 14336] bf16 MLP intermediates: 0.44 GiB each
+
+
+def _micro_batch_tokens(cfg, lengths: list[int] | None):
+    """micro-batch size -> the most tokens one micro-batch can hold (for memory estimates)."""
+    cap = cfg.data.max_seq_length
+    if not lengths:
+        return lambda m: m * cap
+    longest = sorted((min(n, cap) for n in lengths), reverse=True)
+    return lambda m: sum(longest[:m]) if m <= len(longest) else sum(longest) + (m - len(longest)) * cap
 
 
 def apply_fast_path(model, plan: FastPlan):
@@ -114,20 +167,41 @@ def apply_fast_path(model, plan: FastPlan):
     from .loss import install_fused_loss
 
     install_attention(model, plan.attention)
-    if plan.fused_loss and not install_fused_loss(model):
+    if plan.fused_loss and not install_fused_loss(model, chunk=plan.loss_chunk_rows):
         plan.fused_loss = False
         plan.reasons.append("fused loss off: lm_head is not a plain bias-free nn.Linear")
     if plan.fused_lora:
         from .lora import fuse_lora
 
         fuse_lora(model)  # call after the adapters are attached; PEFT-free models are left as they are
-    if plan.gradient_checkpointing:
-        _enable_checkpointing(model)
-    if plan.compile:
-        from .compile import compile_blocks
+    layers = decoder_layers(model)
+    if plan.tile_mlp_rows and layers is not None:
+        from .recompute import tile_mlp
 
-        compile_blocks(model)
+        for layer in layers:
+            tile_mlp(layer.mlp, plan.tile_mlp_rows)
+    if plan.gradient_checkpointing and plan.own_checkpointing and layers is not None:
+        from .compile import compile_fn
+        from .recompute import install
+
+        # compile goes inside the checkpoint: streams and CPU copies stay out of the graph
+        install(layers, offload=plan.offload_checkpoints, wrap_body=compile_fn if plan.compile else None)
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+    else:
+        if plan.gradient_checkpointing:
+            plan.own_checkpointing = plan.offload_checkpoints = False  # no layer list: HF's checkpointing
+            _enable_checkpointing(model)
+        if plan.compile:
+            from .compile import compile_blocks
+
+            compile_blocks(model)
     return model
+
+
+def decoder_layers(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "model", None), "layers", None)
 
 
 def _enable_checkpointing(model) -> None:

@@ -176,8 +176,9 @@ def _make_hf_attention(kernel: str):
         if kernel == "varlen":
             in_dtype = q.dtype
             if in_dtype == torch.float32:
-                # QLoRA: prepare_model_for_kbit_training keeps norms in fp32, so q/k/v arrive in fp32,
-                # which the flash kernel rejects. Run it in the compute dtype, as HF's flash path does.
+                # fp32 q/k/v (an fp32 model under autocast, or norms upcast by peft's
+                # prepare_model_for_kbit_training): the flash kernel rejects fp32. Run it in the
+                # compute dtype, as HF's flash path does.
                 q, k, v = (x.to(_compute_dtype()) for x in (q, k, v))
             out = packed_attention_varlen(q, k, v, cu, mx, scale=scaling).to(in_dtype)
         elif kernel == "flex":

@@ -8,6 +8,13 @@ packed rows change length every batch (static shapes would recompile until the c
 
 from __future__ import annotations
 
+import torch
+
+
+def compile_fn(fn):
+    """One decoder layer's forward, compiled (used inside model/fast/recompute.py's checkpoint)."""
+    return torch.compile(fn, dynamic=True)
+
 
 def compile_blocks(model) -> int:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -82,8 +82,8 @@ def shift_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
 
 
-def fused_causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
-    return chunked_linear_cross_entropy(hidden, weight, shift_targets(labels), denom=num_items_in_batch)
+def fused_causal_lm_loss(hidden, weight, labels, num_items_in_batch=None, chunk: int | None = None):
+    return chunked_linear_cross_entropy(hidden, weight, shift_targets(labels), denom=num_items_in_batch, chunk=chunk)
 
 
 def reference_causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
@@ -100,9 +100,10 @@ def _causal_lm(model):
     return base
 
 
-def install_fused_loss(model) -> bool:
+def install_fused_loss(model, chunk: int | None = None) -> bool:
     """Patch the causal LM's forward (this instance only). Returns False (and changes nothing) when the
-    model has no plain `model` + bias-free `lm_head` layout, so callers can record the fallback."""
+    model has no plain `model` + bias-free `lm_head` layout, so callers can record the fallback.
+    `chunk`: rows of logits per chunk (default ~512 MiB of fp32 logits; QLoRA's plan asks for fewer)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     lm = _causal_lm(model)
@@ -123,7 +124,7 @@ def install_fused_loss(model) -> bool:
         num_items = kwargs.pop("num_items_in_batch", None)
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        loss = fused_causal_lm_loss(out.last_hidden_state, lm.lm_head.weight, labels, num_items)
+        loss = fused_causal_lm_loss(out.last_hidden_state, lm.lm_head.weight, labels, num_items, chunk)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
 
     lm.forward = forward

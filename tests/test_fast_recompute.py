@@ -1,0 +1,191 @@
+"""The fast path's own pieces around the kernels, on CPU: layer checkpointing (model/fast/recompute.py)
+and MLP tiling against the plain model, the plan's micro-batch regrouping / offload / fused-optimizer
+choices, and the lean QLoRA preparation. The CUDA-only part (offloaded copies on a side stream) has
+its parity test in tests/test_fast_gpu.py."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llamaft.config import config_from_dict
+from llamaft.model.fast import FastPlan, apply_fast_path, choose_plan, decoder_layers
+from llamaft.model.fast import memory as mem
+from llamaft.model.fast.recompute import install, tile_mlp
+
+
+def cfg(**over):
+    raw = {"model": {"name": "x"}, "data": {"train": ["t.jsonl"]}}
+    for key, value in over.items():
+        sec, name = key.split("__")
+        raw.setdefault(sec, {})[name] = value
+    return config_from_dict(raw)
+
+
+def tiny_lora(dropout=0.0, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    c = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    m = LlamaForCausalLM(c)
+    return get_peft_model(m, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                                        target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+
+
+def _loss_and_grads(model, ids, seed=5):
+    torch.manual_seed(seed)  # same dropout masks for both models
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_layer_checkpointing_matches_plain_model(dropout):
+    """Same loss and adapter gradients with every layer checkpointed (forward under no_grad,
+    recompute in backward); dropout > 0 checks that the recompute replays the RNG."""
+    ref = tiny_lora(dropout)
+    ours = copy.deepcopy(ref)
+    assert install(decoder_layers(ours), offload=True) == 3  # offload is a no-op off CUDA
+    ids = torch.randint(0, 300, (2, 11))
+    l1, g1 = _loss_and_grads(ref, ids)
+    l2, g2 = _loss_and_grads(ours, ids)
+    assert torch.allclose(l1, l2, atol=1e-6)
+    assert g1.keys() == g2.keys() and len(g1) == 24
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6, rtol=1e-5), n
+    ours.eval(), ref.eval()
+    with torch.no_grad():  # eval / generation: the plain layer, nothing saved
+        assert torch.allclose(ours(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-6)
+
+
+def test_checkpointing_trains_with_frozen_embeddings_and_wrapped_body():
+    """The layer output needs a gradient even though nothing below it is trainable, and a wrapped
+    body (compile in production) is what runs inside the checkpoint."""
+    m = tiny_lora()
+    calls = []
+
+    def wrap(fn):
+        def body(*a, **k):
+            calls.append(torch.is_grad_enabled())
+            return fn(*a, **k)
+        return body
+
+    install(decoder_layers(m), offload=False, wrap_body=wrap)
+    ids = torch.randint(0, 300, (1, 9))
+    _, grads = _loss_and_grads(m, ids)
+    assert calls == [False] * 3 + [True] * 3  # forward without graph, then one recompute per layer
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+def test_tiled_mlp_matches_plain_mlp_fwd_bwd():
+    ref = tiny_lora()
+    ours = copy.deepcopy(ref)
+    for layer in decoder_layers(ours):
+        tile_mlp(layer.mlp, rows=4)  # 2 x 11 tokens -> chunks of 4
+    ids = torch.randint(0, 300, (2, 11))
+    l1, g1 = _loss_and_grads(ref, ids)
+    l2, g2 = _loss_and_grads(ours, ids)
+    assert torch.allclose(l1, l2, atol=1e-6)
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6, rtol=1e-5), n
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-6)
+
+
+def test_apply_fast_path_uses_own_checkpointing_and_tiles():
+    m = tiny_lora()
+    plan = FastPlan(False, "sdpa", False, True, False, [], own_checkpointing=True, tile_mlp_rows=4)
+    apply_fast_path(m, plan)
+    layer = decoder_layers(m)[0]
+    assert not getattr(layer, "gradient_checkpointing", False)  # HF's own flag stays off
+    assert layer.forward.__name__ == "forward" and layer.mlp.forward.__name__ == "forward"
+    assert "recompute" in layer.forward.__code__.co_filename and "recompute" in layer.mlp.forward.__code__.co_filename
+
+
+# ---- plan: regrouping, offload, fused optimizer (the memory estimate is faked at 80 GB)
+def _cuda_8b(monkeypatch, gib=79.1):
+    import llamaft.model.fast.attention as att
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(att, "best_packed_attention", lambda: "varlen")
+    monkeypatch.setattr(mem, "_usable_bytes", lambda: gib * 0.9 * 2**30)
+    # a Llama-3.1-8B-shaped stand-in: config + parameter bytes, no weights
+    c = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256)
+    frozen = torch.empty(0).new_empty((8_030_000_000 // 2,), dtype=torch.float32, device="meta")  # 16 GB in bf16
+    lora = torch.nn.Parameter(torch.empty((42_000_000,), device="meta"))
+    frozen = torch.nn.Parameter(frozen, requires_grad=False)
+    return SimpleNamespace(config=c, parameters=lambda: iter([frozen, lora]))
+
+
+def w512(**over):
+    return cfg(data__max_seq_length=512, train__micro_batch_size=8, train__gradient_accumulation=4, **over)
+
+
+def test_plan_regroups_w512_lora_into_16x2(monkeypatch):
+    model = _cuda_8b(monkeypatch)
+    lens = [300] * 300 + [512] * 84  # W512-like: ~1 in 5 sequences at the cap
+    p = choose_plan(w512(), model, lens)
+    assert (p.micro_batch_size, p.gradient_accumulation, p.gradient_checkpointing) == (16, 2, False)
+    assert p.fused_optimizer and not p.offload_checkpoints
+    assert any("micro-batches 16 x 2" in r for r in p.reasons)
+    # a short dataset bounds the tokens better: everything in one micro-batch
+    assert choose_plan(w512(), model, [40] * 400).micro_batch_size == 32
+    # a smaller card: as configured
+    model = _cuda_8b(monkeypatch, gib=40)
+    assert (choose_plan(w512(), model, lens).micro_batch_size, choose_plan(w512(), model, lens).gradient_accumulation) == (8, 4)
+    # switched off, or no packing (padding grows with the batch): as configured
+    model = _cuda_8b(monkeypatch)
+    assert choose_plan(w512(fast__regroup_batches="off"), model, lens).micro_batch_size == 8
+    assert choose_plan(w512(data__packing="off"), model, lens).micro_batch_size == 8
+
+
+def test_plan_qlora_offloads_and_keeps_batches(monkeypatch):
+    model = _cuda_8b(monkeypatch)
+    p = choose_plan(w512(model__method="qlora", train__optimizer="paged_adamw_8bit"), model, [300] * 384)
+    assert p.gradient_checkpointing and p.own_checkpointing and p.offload_checkpoints
+    assert (p.micro_batch_size, p.gradient_accumulation) == (8, 4) and not p.fused_optimizer
+    assert p.loss_chunk_rows == 256
+    p = choose_plan(w512(model__method="qlora", fast__offload_checkpoints="off"), model, None)
+    assert p.gradient_checkpointing and not p.offload_checkpoints
+    p = choose_plan(w512(train__gradient_checkpointing="on", fast__offload_checkpoints="on", fast__fused_optimizer="off"), model, None)
+    assert p.offload_checkpoints and not p.fused_optimizer
+
+
+def test_plan_tiles_mlp_only_for_long_micro_batches(monkeypatch):
+    model = _cuda_8b(monkeypatch)
+    assert choose_plan(w512(), model, None).tile_mlp_rows == 0
+    long = cfg(data__max_seq_length=131072, train__micro_batch_size=1)
+    assert choose_plan(long, model, None).tile_mlp_rows == 16384
+    assert choose_plan(cfg(data__max_seq_length=131072, train__micro_batch_size=1, fast__tile_mlp="off"), model, None).tile_mlp_rows == 0
+
+
+def test_training_arguments_follow_the_plan(monkeypatch, tmp_path):
+    from llamaft.train import setup
+
+    plan = FastPlan(True, "varlen", True, True, False, [], own_checkpointing=True, micro_batch_size=16,
+                    gradient_accumulation=2, fused_optimizer=True)
+    c = w512()
+    args = setup.training_arguments(c, tmp_path, bf16=False, fp16=False, has_eval=False,
+                                    grad_ckpt=setup.gradient_checkpointing(c.train, plan), plan=plan)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 2)
+    assert not args.gradient_checkpointing  # our checkpointing, not HF's
+    assert args.optim == "adamw_torch"  # no CUDA here: torch's fused AdamW only on the GPU
+    monkeypatch.setattr(setup, "cuda_available", lambda: True)
+    args = setup.training_arguments(c, tmp_path, bf16=False, fp16=False, has_eval=False, grad_ckpt=False, plan=plan)
+    assert args.optim == "adamw_torch_fused"
+    plain = setup.training_arguments(c, tmp_path, bf16=False, fp16=False, has_eval=False, grad_ckpt=True)
+    assert (plain.per_device_train_batch_size, plain.gradient_accumulation_steps, plain.optim) == (8, 4, "adamw_torch")
+
+
+def test_prepare_quantized_freezes_without_fp32_upcasts():
+    from llamaft.model.adapters import prepare_quantized
+
+    m = tiny_lora().get_base_model().to(torch.bfloat16)
+    prepare_quantized(m)
+    assert all(not p.requires_grad for p in m.parameters())
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}  # peft's prepare_model_for_kbit_training: fp32
