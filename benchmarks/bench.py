@@ -70,7 +70,8 @@ def run_config(args):
                   "learning_rate": 1e-5 if args.mode == "full" else 1e-4,
                   # our config names the optimizers users choose; torch's fused AdamW is a bench-only extra
                   "optimizer": args.optim if args.optim in ("adamw_8bit", "paged_adamw_8bit") else "adamw_torch"},
-        "fast": {"enabled": args.variant == "fast", "compile": args.compile},
+        "fast": {"enabled": args.variant == "fast", "compile": args.compile, "regroup_batches": args.regroup,
+                 "offload_checkpoints": args.offload},
     }, "bench")
 
 
@@ -102,6 +103,13 @@ def versions():
     return out
 
 
+def dynamo_counters():
+    # graph breaks and recompiles of the compiled blocks (an unnoticed break costs most of compile's gain)
+    from torch._dynamo.utils import counters
+
+    return {k: {str(kk): vv for kk, vv in list(v.items())[:20]} for k, v in counters.items() if k in ("graph_break", "stats", "recompiles")}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("dir"); ap.add_argument("mode", choices=["lora", "qlora", "full"])
@@ -110,10 +118,13 @@ def main():
     ap.add_argument("--variant", choices=["fast", "plain"], default="fast")
     ap.add_argument("--gc", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
-    ap.add_argument("--optim", default=None, help="default: adamw_torch (lora), paged_adamw_8bit (qlora), adamw_8bit (full)")
+    ap.add_argument("--regroup", choices=["auto", "off"], default="auto")
+    ap.add_argument("--offload", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--optim", default=None, help="default: adamw_torch (lora), paged_adamw_8bit (qlora, full)")
     ap.add_argument("--fixed-len", type=int, default=0, help="every sequence this long (seq 2048/8192 workloads)")
     args = ap.parse_args()
-    args.optim = args.optim or {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "adamw_8bit"}[args.mode]
+    # full: paged 8-bit AdamW, as the seed recipe and Unsloth were measured (../shared/bench)
+    args.optim = args.optim or {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "paged_adamw_8bit"}[args.mode]
 
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -124,8 +135,19 @@ def main():
     t0 = time.time()
     model = load_model(args)
     load_s = time.time() - t0
-    plan = choose_plan(cfg, model)
+    n = args.bs * args.ga * (args.steps + 2)
+    rows = make_rows(n, args.seq)
+    if args.fixed_len:
+        g = torch.Generator().manual_seed(1)
+        rows = [{"input_ids": torch.randint(0, 128000, (args.fixed_len,), generator=g).tolist()} for _ in range(n)]
+    plan = choose_plan(cfg, model, [len(r["input_ids"]) for r in rows])
+    bs, ga = args.bs, args.ga
     if args.variant == "fast":
+        # what llamaft.train does with the plan: regrouped micro-batches (same 32 sequences per
+        # optimizer step) and torch's fused AdamW in place of adamw_torch
+        bs, ga = plan.micro_batch_size or bs, plan.gradient_accumulation or ga
+        if plan.fused_optimizer and args.optim == "adamw_torch":
+            args.optim = "adamw_torch_fused"
         model = apply_fast_path(model, plan)
         collate = make_collator(plan, PAD) if plan.packing else padded_collate
     else:
@@ -133,12 +155,6 @@ def main():
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         collate = padded_collate
     print("plan:", plan, flush=True)
-
-    n = args.bs * args.ga * (args.steps + 2)
-    rows = make_rows(n, args.seq)
-    if args.fixed_len:
-        g = torch.Generator().manual_seed(1)
-        rows = [{"input_ids": torch.randint(0, 128000, (args.fixed_len,), generator=g).tolist()} for _ in range(n)]
 
     class DS(torch.utils.data.Dataset):
         def __len__(self):
@@ -166,8 +182,8 @@ def main():
             stamps.append((time.time(), seen["real"], seen["computed"]))
 
     targs = TrainingArguments(
-        output_dir=f"/tmp/bench_{args.mode}_{args.variant}", per_device_train_batch_size=args.bs,
-        gradient_accumulation_steps=args.ga, optim=args.optim, learning_rate=cfg.train.learning_rate,
+        output_dir=f"/tmp/bench_{args.mode}_{args.variant}", per_device_train_batch_size=bs,
+        gradient_accumulation_steps=ga, optim=args.optim, learning_rate=cfg.train.learning_rate,
         bf16=True, max_steps=args.steps + 2, logging_steps=1, save_strategy="no", report_to=[],
         warmup_steps=1, lr_scheduler_type="linear", dataloader_drop_last=True,
         remove_unused_columns=False, seed=0)
@@ -177,9 +193,12 @@ def main():
     (t1, r1, c1), (t2, r2, c2) = stamps[1], stamps[-1]
     res = dict(
         mode=args.mode, variant=args.variant, seq=args.seq, bs=args.bs, ga=args.ga, steps=args.steps,
+        micro_batch_run=bs, accumulation_run=ga,
         fixed_len=args.fixed_len, optimizer=args.optim, lora_dropout=0.0 if args.mode != "full" else None,
         plan=dict(packing=plan.packing, attention=plan.attention, fused_loss=plan.fused_loss,
-                  gradient_checkpointing=plan.gradient_checkpointing, compile=plan.compile, reasons=plan.reasons)
+                  gradient_checkpointing=plan.gradient_checkpointing, compile=plan.compile,
+                  offload_checkpoints=plan.offload_checkpoints, fused_optimizer=plan.fused_optimizer,
+                  reasons=plan.reasons)
         if args.variant == "fast" else dict(packing=False, attention="sdpa", fused_loss=False,
                                             gradient_checkpointing=plan.gradient_checkpointing),
         timed_steps=len(stamps) - 2, timed_s=round(t2 - t1, 3), timed_real_tokens=r2 - r1,
@@ -187,7 +206,7 @@ def main():
         computed_tokens_per_s=round((c2 - c1) / (t2 - t1), 1), load_s=round(load_s, 1),
         peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
         losses=[h.get("loss") for h in tr.state.log_history if "loss" in h],
-        device=torch.cuda.get_device_name(0), versions=versions(),
+        device=torch.cuda.get_device_name(0), versions=versions(), dynamo=dynamo_counters(),
         command="python " + " ".join(sys.argv))
     print(json.dumps(res), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

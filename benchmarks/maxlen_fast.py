@@ -1,10 +1,15 @@
 """Longest single sequence that trains (forward + backward + optimizer step) for 8B QLoRA with
-llamaft's fast path (varlen attention, fused loss, fused LoRA, gradient checkpointing), mirroring
-../shared/bench/maxlen.py (same model, NF4 double quant, r=16 on 7 projections, PagedAdamW8bit).
+llamaft's fast path, mirroring ../shared/bench/maxlen.py (same model, NF4 double quant, r=16 on 7
+projections, PagedAdamW8bit): fused LoRA, fused loss, layer checkpointing with the layer inputs
+offloaded to pinned CPU memory, MLP tiled in 16k-token chunks.
 
-    python benchmarks/maxlen_fast.py DIR L1,L2,... OUT.json   (ascending; stops at the first failure)
+    python benchmarks/maxlen_fast.py DIR L1,L2,... OUT.json [ATTN[,ATTN...]] [--no-offload]
+        (lengths ascending; per attention kernel, stops at the first failure). ATTN: varlen = torch's
+        varlen_attn (FA2, the default), sdpa = HF's SDPA path (causal, one sequence), cudnn = the
+        same forced onto cuDNN attention.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -18,40 +23,60 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench import load_model, versions  # noqa: E402
 
 from llamaft.model.fast import FastPlan, apply_fast_path  # noqa: E402
+from llamaft.model.fast.attention import install_attention  # noqa: E402
 
 
 def main():
     d, lens, out = sys.argv[1], [int(x) for x in sys.argv[2].split(",")], sys.argv[3]
+    attns = (sys.argv[4] if len(sys.argv) > 4 and not sys.argv[4].startswith("--") else "varlen").split(",")
+    offload = "--no-offload" not in sys.argv
     args = type("A", (), {"dir": d, "mode": "qlora"})()
-    model = apply_fast_path(load_model(args), FastPlan(True, "varlen", True, True, False, [], fused_lora=True))
+    plan = FastPlan(True, "varlen", True, True, False, [], fused_lora=True,
+                    own_checkpointing=True, offload_checkpoints=offload, tile_mlp_rows=16384, loss_chunk_rows=1024)
+    model = apply_fast_path(load_model(args), plan)
     model.train()
     import bitsandbytes as bnb
 
     opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    res = {"tool": "llamaft-fast", "device": torch.cuda.get_device_name(0), "versions": versions(),
-           "command": "python " + " ".join(sys.argv), "runs": []}
+    res = {"tool": "llamaft-fast", "offload_checkpoints": offload, "device": torch.cuda.get_device_name(0),
+           "versions": versions(), "command": "python " + " ".join(sys.argv), "runs": []}
+    for attn in attns:
+        install_attention(model, "sdpa" if attn == "cudnn" else attn)
+        for r in run_lengths(model, opt, lens, attn):
+            res["runs"].append(dict(attention=attn, **r))
+            with open(out, "w") as f:  # after every length: a later crash keeps what was measured
+                json.dump(res, f, indent=1)
+
+
+def run_lengths(model, opt, lens, attn):
+    if attn == "cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])  # noqa: E731
+    else:
+        backend = contextlib.nullcontext
     for L in lens:
         torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
         ids = torch.randint(0, 128000, (1, L), device="cuda")
         try:
             t = time.time()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with backend(), torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
-            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            with backend():
+                loss.backward()
+            opt.step(); opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             r = dict(L=L, ok=True, s_per_step=round(time.time() - t, 2),
                      peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=float(loss))
         except torch.cuda.OutOfMemoryError:
             r = dict(L=L, ok=False, oom=True)
         except Exception as e:  # noqa: BLE001 - record any failure and stop, like the reference script
-            r = dict(L=L, ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
-        print(json.dumps(r), flush=True)
-        res["runs"].append(r)
+            r = dict(L=L, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        print(attn, json.dumps(r), flush=True)
+        yield r
         loss = None
         if not r["ok"]:
             break
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

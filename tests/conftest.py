@@ -1,11 +1,27 @@
 """Shared fixtures (owned by the tokenizer/chat engineer; keep it small and reusable)."""
 
 import os
+import sys
 
 import pytest
 
 # No internet here: never let a test wait on the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def absl_handler_on_real_stderr():
+    """rouge_score imports absl.logging, whose import-time (unattached) handler keeps whatever
+    sys.stderr is then: inside a test, one of pytest's capture streams. Any later
+    logging.config.dictConfig (uvicorn's, when a test starts a Gradio server) closes every live
+    handler, and absl's close() closes its stream unless that is the current sys.stderr, so pytest's
+    own capture file got closed: the server test failed, then "lost sys.stderr". Pointing the handler
+    at the real stderr (which absl never closes; fd capture still sees it) keeps tests independent."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:  # rouge-score (and with it absl) not installed
+        return
+    absl_logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import torch
 
 from llamaft.model.fast.attention import (
     best_packed_attention, packed_attention_flex, packed_attention_reference, packed_attention_varlen,
+    single_attention_sdpa,
 )
 from llamaft.model.fast.loss import fused_causal_lm_loss, reference_causal_lm_loss
 
@@ -113,8 +114,9 @@ def test_fused_lora_matches_peft(dense):
 
 
 def test_varlen_hf_attention_accepts_fp32_inputs_from_qlora():
-    """QLoRA keeps norms in fp32 (prepare_model_for_kbit_training), so q/k/v reach attention in fp32;
-    the varlen path must run them in bf16 and give back fp32, matching the fp32 reference."""
+    """fp32 q/k/v (an fp32 model under autocast, or norms upcast by peft's prepare_model_for_kbit_training)
+    reach attention in fp32; the varlen path must run them in bf16 and give back fp32, matching the
+    fp32 reference."""
     if best_packed_attention() != "varlen":
         pytest.skip("varlen_attn not available")
     from types import SimpleNamespace
@@ -129,3 +131,72 @@ def test_varlen_hf_attention_accepts_fp32_inputs_from_qlora():
     assert out.dtype == torch.float32
     ref = packed_attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), cu)
     assert (out[0] - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_offloaded_checkpointing_matches_plain_model(compiled):
+    """Every layer's input goes to pinned CPU memory on a side stream and comes back (prefetched) for
+    the recompute: same loss and adapter gradients as the plain model, in bf16 on the GPU."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamaft.model.fast import decoder_layers
+    from llamaft.model.fast.compile import compile_fn
+    from llamaft.model.fast.recompute import install
+
+    torch.manual_seed(0)
+    c = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=2, use_cache=False)
+    ref = get_peft_model(LlamaForCausalLM(c).cuda().to(torch.bfloat16),
+                         LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    ours = copy.deepcopy(ref)
+    install(decoder_layers(ours), offload=True, wrap_body=compile_fn if compiled else None)
+    ids = torch.randint(0, 1000, (2, 300), device="cuda")
+    grads = []
+    for m in (ref, ours):
+        m.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        if m is ours:
+            chain = decoder_layers(ours)[0].forward.__closure__  # the shared chain holds CPU copies now
+            saved = [cell.cell_contents for cell in chain if type(cell.cell_contents).__name__ == "_Chain"][0].last
+            assert saved.cpu is not None and saved.cpu.is_pinned() and saved.gpu is None
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (l1, g1), (l2, g2) = grads
+    assert abs(l1.item() - l2.item()) < 1e-2
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    for n in g1:
+        assert rel(g2[n], g1[n]) < 3e-2, n
+
+
+@pytest.mark.parametrize("hkv", [8, 32])
+def test_single_example_sdpa_matches_reference_fwd_bwd(hkv):
+    """One example per row (long context): causal SDPA on cuDNN/flash vs the fp32 reference, and the
+    HF-facing varlen function takes that path only when the row holds exactly one example."""
+    from types import SimpleNamespace
+
+    from llamaft.model.fast.attention import _make_hf_attention
+
+    q, k, v, cu = _qkv([3000], hkv=hkv, seed=7)
+    go = torch.randn_like(q)
+    ref = _grads(lambda a, b, c: packed_attention_reference(a.float(), b.float(), c.float(), cu), q, k, v, go.float())
+    got = _grads(lambda a, b, c: single_attention_sdpa(a, b, c), q, k, v, go)
+    for r, g in zip(ref, got):
+        assert ((g.float() - r).norm() / r.norm()).item() < 2e-2
+    calls = []
+    import llamaft.model.fast.attention as att
+
+    orig = att.single_attention_sdpa
+    att.single_attention_sdpa = lambda *a, **kw: calls.append(1) or orig(*a, **kw)
+    try:
+        fn = _make_hf_attention("varlen", single_sdpa=True)
+        as_hf = lambda x: x.detach().transpose(0, 1).unsqueeze(0)  # noqa: E731
+        fn(SimpleNamespace(), as_hf(q), as_hf(k), as_hf(v), None, position_ids=torch.arange(3000, device="cuda")[None])
+        two = torch.cat([torch.arange(1000), torch.arange(2000)]).cuda()[None]
+        fn(SimpleNamespace(), as_hf(q), as_hf(k), as_hf(v), None, position_ids=two)
+    finally:
+        att.single_attention_sdpa = orig
+    assert calls == [1]

@@ -81,11 +81,14 @@ def test_checkpointing_trains_with_frozen_embeddings_and_wrapped_body():
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
 
 
-def test_tiled_mlp_matches_plain_mlp_fwd_bwd():
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_tiled_mlp_matches_plain_mlp_fwd_bwd(checkpointed):
     ref = tiny_lora()
     ours = copy.deepcopy(ref)
     for layer in decoder_layers(ours):
         tile_mlp(layer.mlp, rows=4)  # 2 x 11 tokens -> chunks of 4
+    if checkpointed:  # as for long context: tiles checkpointed inside the layer's recompute
+        install(decoder_layers(ours), offload=False)
     ids = torch.randint(0, 300, (2, 11))
     l1, g1 = _loss_and_grads(ref, ids)
     l2, g2 = _loss_and_grads(ours, ids)

@@ -162,6 +162,9 @@ class FastConfig(_Section):
     )
     fused_optimizer: Literal["auto", "off"] = Field("auto", description="adamw_torch runs as torch's fused AdamW on CUDA.")
     tile_mlp: Literal["auto", "off"] = Field("auto", description="MLP in 16k-token chunks for long micro-batches (long context).")
+    single_sequence_sdpa: Literal["auto", "off"] = Field(
+        "auto", description="Rows holding one example (long context): causal SDPA (cuDNN on H100) instead of varlen's FA2."
+    )
 
 
 class GenerationEvalConfig(_Section):

@@ -39,6 +39,7 @@ class FastPlan:
     fused_optimizer: bool = False             # adamw_torch -> torch's fused (single-kernel) AdamW
     tile_mlp_rows: int = 0                    # > 0: MLP in chunks of this many tokens (long sequences)
     loss_chunk_rows: int | None = None        # fused loss rows per chunk (None: ~512 MiB of logits)
+    single_sdpa: bool = True                  # varlen rows with one example -> causal SDPA (cuDNN)
 
 
 def _model_device(model) -> torch.device:
@@ -140,12 +141,14 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
         comp = f.compile == "on"
         reasons.append(f"torch.compile {comp and 'on' or 'off'} (fast.compile={f.compile})")
     reasons.append("fused LoRA linears on (fast path): scale and add inside the GEMMs")
+    if attention == "varlen":
+        reasons.append(f"rows holding one example: {'causal SDPA (cuDNN where available)' if f.single_sequence_sdpa != 'off' else 'varlen'} (fast.single_sequence_sdpa={f.single_sequence_sdpa})")
     tile = _TILE_ROWS if f.tile_mlp == "auto" and cfg.data.max_seq_length * cfg.train.micro_batch_size > _TILE_ROWS else 0
     if tile:
         reasons.append(f"MLP in chunks of {tile} tokens when a micro-batch is longer (fast.tile_mlp=auto)")
     return FastPlan(packing, attention, fused, gc, comp, reasons, fused_lora=True, own_checkpointing=gc,
                     offload_checkpoints=offload, micro_batch_size=mbs, gradient_accumulation=ga,
-                    fused_optimizer=fused_opt, tile_mlp_rows=tile,
+                    fused_optimizer=fused_opt, tile_mlp_rows=tile, single_sdpa=f.single_sequence_sdpa != "off",
                     loss_chunk_rows=256 if cfg.model.method == "qlora" else None)
 
 
@@ -166,7 +169,7 @@ def apply_fast_path(model, plan: FastPlan):
     from .attention import install_attention
     from .loss import install_fused_loss
 
-    install_attention(model, plan.attention)
+    install_attention(model, plan.attention, plan.single_sdpa)
     if plan.fused_loss and not install_fused_loss(model, chunk=plan.loss_chunk_rows):
         plan.fused_loss = False
         plan.reasons.append("fused loss off: lm_head is not a plain bias-free nn.Linear")

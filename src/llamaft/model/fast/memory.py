@@ -47,6 +47,10 @@ def estimate_peak_bytes(cfg, model, checkpointing: bool, tokens: int | None = No
     else:
         acts = tokens * per_layer * layers
     loss_bytes = min(tokens, 2048) * c.vocab_size * 6 if cfg.fast.fused_loss != "off" else tokens * c.vocab_size * 10
+    if cfg.model.method == "full":
+        # the fused loss accumulates the trained lm_head's gradient in fp32, and the optimizer step
+        # needs temporaries of the largest tensors (measured: W512 full 8 x 4 ran out at 72.8 GiB)
+        loss_bytes += c.vocab_size * h * 4 + (1 << 30)
     return weights + state + acts + loss_bytes + (1 << 30)  # +1 GiB: CUDA context, allocator slack
 
 
