@@ -1,7 +1,8 @@
 """Longest single sequence that trains (forward + backward + optimizer step) for 8B QLoRA with
 llamaft's fast path, mirroring ../shared/bench/maxlen.py (same model, NF4 double quant, r=16 on 7
 projections, PagedAdamW8bit): fused LoRA, fused loss, layer checkpointing with the layer inputs
-offloaded to pinned CPU memory, MLP tiled in 16k-token chunks.
+offloaded to pinned CPU memory, MLP tiled in 16k-token chunks, input embeddings in CPU memory; a
+single-example row runs causal SDPA (cuDNN). No torch.compile (each new length would recompile).
 
     python benchmarks/maxlen_fast.py DIR L1,L2,... OUT.json [ATTN[,ATTN...]] [--no-offload]
         (lengths ascending; per attention kernel, stops at the first failure). ATTN: varlen = torch's
@@ -32,7 +33,8 @@ def main():
     offload = "--no-offload" not in sys.argv
     args = type("A", (), {"dir": d, "mode": "qlora"})()
     plan = FastPlan(True, "varlen", True, True, False, [], fused_lora=True,
-                    own_checkpointing=True, offload_checkpoints=offload, tile_mlp_rows=16384, loss_chunk_rows=1024)
+                    own_checkpointing=True, offload_checkpoints=offload, tile_mlp_rows=16384, loss_chunk_rows=1024,
+                    cpu_embeddings=True)
     model = apply_fast_path(load_model(args), plan)
     model.train()
     import bitsandbytes as bnb

@@ -32,6 +32,8 @@ for w in $WHAT; do
     seed)   python3 .bench/seed_baseline.py run $M lora 512 8 4 $STEPS "$OUT/w512_lora_seed.json" ;;
     qlora)  $B qlora 512 8 4 $STEPS "$OUT/w512_qlora_fast.json" ;;
     qlorang) $B qlora 512 8 4 $STEPS "$OUT/w512_qlora_fast_nogc.json" --gc off ;;
+    qplain) $B qlora 512 8 4 $STEPS "$OUT/w512_qlora_plain.json" --variant plain --gc off ;;
+    qlora84) $B qlora 512 8 4 $STEPS "$OUT/w512_qlora_fast_8x4.json" --regroup off ;;
     qlorac) $B qlora 512 8 4 $STEPS "$OUT/w512_qlora_fast_compile.json" --compile on ;;
     qlora16) $B qlora 512 16 2 $STEPS "$OUT/w512_qlora_fast_bs16.json" ;;
     qlora16c) $B qlora 512 16 2 $STEPS "$OUT/w512_qlora_fast_bs16_compile.json" --compile on ;;

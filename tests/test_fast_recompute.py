@@ -147,16 +147,21 @@ def test_plan_regroups_w512_lora_into_16x2(monkeypatch):
     assert choose_plan(w512(data__packing="off"), model, lens).micro_batch_size == 8
 
 
-def test_plan_qlora_offloads_and_keeps_batches(monkeypatch):
+def test_plan_qlora_offloads_compiles_and_regroups_by_tokens(monkeypatch):
     model = _cuda_8b(monkeypatch)
     p = choose_plan(w512(model__method="qlora", train__optimizer="paged_adamw_8bit"), model, [300] * 384)
-    assert p.gradient_checkpointing and p.own_checkpointing and p.offload_checkpoints
-    assert (p.micro_batch_size, p.gradient_accumulation) == (8, 4) and not p.fused_optimizer
-    assert p.loss_chunk_rows == 256
-    p = choose_plan(w512(model__method="qlora", fast__offload_checkpoints="off"), model, None)
-    assert p.gradient_checkpointing and not p.offload_checkpoints
+    assert p.gradient_checkpointing and p.own_checkpointing and p.offload_checkpoints and p.compile
+    assert (p.micro_batch_size, p.gradient_accumulation) == (16, 2)  # ~4.8k tokens; 32 x 300 > 6144
+    assert p.cpu_embeddings and not p.fused_optimizer and p.loss_chunk_rows == 256
+    # long examples: already ~6k tokens per micro-batch, or lengths unknown -> as configured
+    assert choose_plan(w512(model__method="qlora"), model, [700] * 384).micro_batch_size == 8
+    assert choose_plan(w512(model__method="qlora"), model, None).micro_batch_size == 8
+    p = choose_plan(w512(model__method="qlora", fast__offload_checkpoints="off", fast__compile="off",
+                         fast__cpu_embeddings="off", fast__regroup_batches="off"), model, [300] * 384)
+    assert p.gradient_checkpointing and not (p.offload_checkpoints or p.compile or p.cpu_embeddings)
+    assert p.micro_batch_size == 8
     p = choose_plan(w512(train__gradient_checkpointing="on", fast__offload_checkpoints="on", fast__fused_optimizer="off"), model, None)
-    assert p.offload_checkpoints and not p.fused_optimizer
+    assert p.offload_checkpoints and not p.fused_optimizer and not p.cpu_embeddings and not p.compile
 
 
 def test_plan_tiles_mlp_only_for_long_micro_batches(monkeypatch):
@@ -192,3 +197,38 @@ def test_prepare_quantized_freezes_without_fp32_upcasts():
     prepare_quantized(m)
     assert all(not p.requires_grad for p in m.parameters())
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}  # peft's prepare_model_for_kbit_training: fp32
+
+
+# ---- frozen input embeddings in CPU memory (model/fast/embed.py)
+def test_cpu_embeddings_same_outputs_and_gradients():
+    from llamaft.model.fast.embed import embeddings_to_cpu, gather
+
+    ref = tiny_lora()
+    ours = copy.deepcopy(ref)
+    base = ours.get_base_model()
+    assert embeddings_to_cpu(base)
+    names = [n for n, _ in ours.named_parameters()]
+    assert not any("embed_tokens" in n for n in names)  # off the parameter list: model.device follows the layers
+    assert base.get_input_embeddings().weight.shape == (300, 64)
+    ids = torch.randint(0, 300, (2, 11))
+    l1, g1 = _loss_and_grads(ref, ids)
+    l2, g2 = _loss_and_grads(ours, ids)
+    assert torch.allclose(l1, l2, atol=1e-6) and all(torch.allclose(g1[n], g2[n], atol=1e-6) for n in g1)
+    w = torch.randn(10, 4)
+    assert torch.equal(gather(w, torch.tensor([[3, 0], [9, 3]])), w[torch.tensor([[3, 0], [9, 3]])])
+
+
+def test_cpu_embeddings_not_for_trained_or_tied_tables():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamaft.model.fast.embed import embeddings_to_cpu
+
+    m = tiny_lora().get_base_model()
+    m.get_input_embeddings().weight.requires_grad_(True)  # e.g. added tokens being trained
+    assert not embeddings_to_cpu(m)
+    c = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    tie_word_embeddings=True)
+    tied = LlamaForCausalLM(c)
+    tied.requires_grad_(False)
+    assert not embeddings_to_cpu(tied)  # the lm_head reads the same table on the GPU
+    assert "model.embed_tokens.weight" in dict(tied.named_parameters(remove_duplicate=False))

@@ -162,6 +162,9 @@ class FastConfig(_Section):
     )
     fused_optimizer: Literal["auto", "off"] = Field("auto", description="adamw_torch runs as torch's fused AdamW on CUDA.")
     tile_mlp: Literal["auto", "off"] = Field("auto", description="MLP in 16k-token chunks for long micro-batches (long context).")
+    cpu_embeddings: Literal["auto", "on", "off"] = Field(
+        "auto", description="Keep a frozen, untied input embedding table in CPU memory (auto: on for qlora; ~1 GiB on 8B)."
+    )
     single_sequence_sdpa: Literal["auto", "off"] = Field(
         "auto", description="Rows holding one example (long context): causal SDPA (cuDNN on H100) instead of varlen's FA2."
     )

@@ -40,6 +40,7 @@ class FastPlan:
     tile_mlp_rows: int = 0                    # > 0: MLP in chunks of this many tokens (long sequences)
     loss_chunk_rows: int | None = None        # fused loss rows per chunk (None: ~512 MiB of logits)
     single_sdpa: bool = True                  # varlen rows with one example -> causal SDPA (cuDNN)
+    cpu_embeddings: bool = False              # frozen input embedding table in CPU memory (model/fast/embed.py)
 
 
 def _model_device(model) -> torch.device:
@@ -63,7 +64,7 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
     micro-batch far better than micro_batch_size x max_seq_length does (memory estimates).
     """
     from .attention import best_packed_attention
-    from .memory import needs_checkpointing, regroup
+    from .memory import needs_checkpointing, regroup, regroup_by_tokens
 
     f, reasons = cfg.fast, []
     gc_cfg = cfg.train.gradient_checkpointing
@@ -121,10 +122,15 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
             offload = f.offload_checkpoints == "on"
             reasons.append(f"checkpoints {'offloaded to CPU' if offload else 'kept on the GPU'} (fast.offload_checkpoints={f.offload_checkpoints})")
 
-    # Larger micro-batches, same sequences per optimizer step: fewer, fuller kernels (W512 LoRA
-    # 8x4 -> 16x2 measured +7%). Only with packing (no pad) and only where no checkpointing is needed.
+    # Larger micro-batches, same sequences per optimizer step: fewer, fuller kernels. LoRA / full:
+    # only where no checkpointing is needed (W512 LoRA 8x4 -> 16x2 +7%). QLoRA: up to ~6k tokens
+    # (mean example length x micro-batch), enough to amortise the per-layer 4-bit dequantisation
+    # and launch overhead (W512 QLoRA 8x4 -> 16x2: +52%) and still memory-lean. Only with packing.
     mbs, ga = cfg.train.micro_batch_size, cfg.train.gradient_accumulation
-    if packing and not gc and f.regroup_batches == "auto" and cfg.model.method != "qlora":
+    if packing and f.regroup_batches == "auto" and cfg.model.method == "qlora":
+        mbs, ga, why = regroup_by_tokens(mbs, ga, lengths, _QLORA_TOKENS)
+        reasons.append(f"micro-batches {mbs} x {ga} accumulation (fast.regroup_batches=auto: {why})")
+    elif packing and not gc and f.regroup_batches == "auto":
         mbs, ga, why = regroup(cfg, model, tokens_of)
         reasons.append(f"micro-batches {mbs} x {ga} accumulation (fast.regroup_batches=auto: {why})")
 
@@ -132,27 +138,32 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
     if cfg.train.optimizer == "adamw_torch":
         reasons.append(f"torch fused AdamW {'on' if fused_opt else 'off'} (fast.fused_optimizer={f.fused_optimizer})")
 
-    # compile: measured +8% on W512 LoRA without checkpointing (benchmarks/README.md) for ~90 s of
-    # compilation; auto turns it on only there (QLoRA / full / checkpointed blocks were not measured)
+    # compile: measured +8% on W512 LoRA without checkpointing and +28-33% on QLoRA (fewer launches:
+    # QLoRA is launch-bound; benchmarks/README.md) for ~90 s of compilation; auto turns it on only
+    # there (full fine-tuning and checkpointed LoRA were not measured)
     if f.compile == "auto":
-        comp = cfg.model.method == "lora" and not gc
-        reasons.append(f"torch.compile {'on' if comp else 'off'} (auto: {'lora without checkpointing' if comp else 'only measured to win for lora without checkpointing'})")
+        comp = (cfg.model.method == "lora" and not gc) or cfg.model.method == "qlora"
+        reasons.append(f"torch.compile {'on' if comp else 'off'} (auto: {'measured to win here' if comp else 'only measured to win for qlora and for lora without checkpointing'})")
     else:
         comp = f.compile == "on"
         reasons.append(f"torch.compile {comp and 'on' or 'off'} (fast.compile={f.compile})")
     reasons.append("fused LoRA linears on (fast path): scale and add inside the GEMMs")
     if attention == "varlen":
         reasons.append(f"rows holding one example: {'causal SDPA (cuDNN where available)' if f.single_sequence_sdpa != 'off' else 'varlen'} (fast.single_sequence_sdpa={f.single_sequence_sdpa})")
+    cpu_emb = f.cpu_embeddings == "on" or (f.cpu_embeddings == "auto" and cfg.model.method == "qlora")
+    reasons.append(f"input embeddings {'in CPU memory when frozen and untied' if cpu_emb else 'on the GPU'} (fast.cpu_embeddings={f.cpu_embeddings})")
     tile = _TILE_ROWS if f.tile_mlp == "auto" and cfg.data.max_seq_length * cfg.train.micro_batch_size > _TILE_ROWS else 0
     if tile:
         reasons.append(f"MLP in chunks of {tile} tokens when a micro-batch is longer (fast.tile_mlp=auto)")
     return FastPlan(packing, attention, fused, gc, comp, reasons, fused_lora=True, own_checkpointing=gc,
                     offload_checkpoints=offload, micro_batch_size=mbs, gradient_accumulation=ga,
                     fused_optimizer=fused_opt, tile_mlp_rows=tile, single_sdpa=f.single_sequence_sdpa != "off",
+                    cpu_embeddings=cpu_emb,
                     loss_chunk_rows=256 if cfg.model.method == "qlora" else None)
 
 
 _TILE_ROWS = 16384  # [16k, 14336] bf16 MLP intermediates: 0.44 GiB each
+_QLORA_TOKENS = 6144  # QLoRA micro-batch target (mean tokens), see regroup_by_tokens
 
 
 def _micro_batch_tokens(cfg, lengths: list[int] | None):
@@ -170,6 +181,12 @@ def apply_fast_path(model, plan: FastPlan):
     from .loss import install_fused_loss
 
     install_attention(model, plan.attention, plan.single_sdpa)
+    if plan.cpu_embeddings:
+        from .embed import embeddings_to_cpu
+
+        if not embeddings_to_cpu(_unwrapped(model)):
+            plan.cpu_embeddings = False
+            plan.reasons.append("input embeddings stay on the GPU: trained, tied to the lm_head, or not a plain nn.Embedding")
     if plan.fused_loss and not install_fused_loss(model, chunk=plan.loss_chunk_rows):
         plan.fused_loss = False
         plan.reasons.append("fused loss off: lm_head is not a plain bias-free nn.Linear")
@@ -202,9 +219,12 @@ def apply_fast_path(model, plan: FastPlan):
     return model
 
 
+def _unwrapped(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(base, "model", None), "layers", None)
+    return getattr(getattr(_unwrapped(model), "model", None), "layers", None)
 
 
 def _enable_checkpointing(model) -> None:

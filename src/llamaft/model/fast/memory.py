@@ -93,3 +93,18 @@ def regroup(cfg, model, tokens_of) -> tuple[int, int, str]:
         if need <= free:
             return m, parts, f"estimated peak {need / gib:.1f} GiB fits in {free / gib:.1f} GiB"
     return mbs, ga, "a larger micro-batch would not fit: as configured"
+
+
+def regroup_by_tokens(mbs: int, ga: int, lengths: list[int] | None, target: int) -> tuple[int, int, str]:
+    """(micro-batch, accumulation), same sequences per optimizer step: the largest micro-batch whose
+    MEAN token count (mean example length x micro-batch) stays within `target`."""
+    if ga == 1:
+        return mbs, ga, "no accumulation to merge"
+    if not lengths:
+        return mbs, ga, "example lengths unknown: as configured"
+    mean = sum(lengths) / len(lengths)
+    for parts in range(1, ga):
+        if ga % parts == 0 and mean * mbs * ga // parts <= target:
+            m = mbs * ga // parts
+            return m, parts, f"~{mean * m:.0f} tokens per micro-batch <= {target}"
+    return mbs, ga, f"~{mean * mbs:.0f} tokens per micro-batch already; as configured"
