@@ -47,6 +47,14 @@ def test_labels_default_to_the_references_and_bad_reference_is_a_user_error():
         M.compute_metrics(["accuracy"], ["x"], ["maybe"], ["yes", "no"])
 
 
+def test_missing_metric_library_is_one_clear_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rouge_score.rouge_scorer", None)  # import fails as if not installed
+    with pytest.raises(LlamaftError, match="needs the 'rouge-score' package: pip install rouge-score"):
+        M.rouge_l(["a"], ["a"])
+
+
 def test_rouge_l_bleu_chrf():
     # LCS 3 of 3 predicted / 6 reference tokens: P=1, R=0.5 -> F=2/3
     assert M.rouge_l(["the cat sat"], ["the cat sat on the mat"]) == [pytest.approx(2 / 3)]

@@ -118,15 +118,26 @@ def classify(predictions: list[str], references: list[str], labels: list[str] | 
 # Text overlap (kept libraries)
 
 
+def _require(module: str, package: str, metric: str):
+    """Import a metric's library, or one clear line naming the package (it is a llamaft dependency,
+    but an environment can lack it, e.g. a GPU image with --no-deps installs)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise LlamaftError(f"eval metric '{metric}' needs the '{package}' package: pip install {package}") from None
+
+
 def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
-    from rouge_score import rouge_scorer
+    rouge_scorer = _require("rouge_score.rouge_scorer", "rouge-score", "rouge_l")
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
 
 
 def bleu(predictions: list[str], references: list[str]) -> tuple[float, list[float]]:
-    import sacrebleu
+    sacrebleu = _require("sacrebleu", "sacrebleu", "bleu")
 
     corpus = sacrebleu.corpus_bleu(predictions, [references]).score
     rows = [sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(predictions, references)]
@@ -134,7 +145,7 @@ def bleu(predictions: list[str], references: list[str]) -> tuple[float, list[flo
 
 
 def chrf(predictions: list[str], references: list[str]) -> tuple[float, list[float]]:
-    import sacrebleu
+    sacrebleu = _require("sacrebleu", "sacrebleu", "chrf")
 
     corpus = sacrebleu.corpus_chrf(predictions, [references]).score
     rows = [sacrebleu.sentence_chrf(p, [r]).score for p, r in zip(predictions, references)]
