@@ -4,10 +4,11 @@ projections, PagedAdamW8bit): fused LoRA, fused loss, layer checkpointing with t
 offloaded to pinned CPU memory, MLP tiled in 16k-token chunks, input embeddings in CPU memory; a
 single-example row runs causal SDPA (cuDNN). No torch.compile (each new length would recompile).
 
-    python benchmarks/maxlen_fast.py DIR L1,L2,... OUT.json [ATTN[,ATTN...]] [--no-offload]
+    python benchmarks/maxlen_fast.py DIR L1,L2,... OUT.json [ATTN[,ATTN...]] [--no-offload] [--repeat N]
         (lengths ascending; per attention kernel, stops at the first failure). ATTN: varlen = torch's
         varlen_attn (FA2, the default), sdpa = HF's SDPA path (causal, one sequence), cudnn = the
-        same forced onto cuDNN attention.
+        same forced onto cuDNN attention. --repeat N: N steps per length; s_per_step is the first (as
+        ../shared/bench/maxlen.py times it), s_per_step_all lists every step (later ones: steady state).
 """
 
 import contextlib
@@ -31,6 +32,7 @@ def main():
     d, lens, out = sys.argv[1], [int(x) for x in sys.argv[2].split(",")], sys.argv[3]
     attns = (sys.argv[4] if len(sys.argv) > 4 and not sys.argv[4].startswith("--") else "varlen").split(",")
     offload = "--no-offload" not in sys.argv
+    repeat = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 1
     args = type("A", (), {"dir": d, "mode": "qlora"})()
     plan = FastPlan(True, "varlen", True, True, False, [], fused_lora=True,
                     own_checkpointing=True, offload_checkpoints=offload, tile_mlp_rows=16384, loss_chunk_rows=1024,
@@ -44,13 +46,13 @@ def main():
            "versions": versions(), "command": "python " + " ".join(sys.argv), "runs": []}
     for attn in attns:
         install_attention(model, "sdpa" if attn == "cudnn" else attn)
-        for r in run_lengths(model, opt, lens, attn):
+        for r in run_lengths(model, opt, lens, attn, repeat):
             res["runs"].append(dict(attention=attn, **r))
             with open(out, "w") as f:  # after every length: a later crash keeps what was measured
                 json.dump(res, f, indent=1)
 
 
-def run_lengths(model, opt, lens, attn):
+def run_lengths(model, opt, lens, attn, repeat=1):
     if attn == "cudnn":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -61,14 +63,17 @@ def run_lengths(model, opt, lens, attn):
         torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
         ids = torch.randint(0, 128000, (1, L), device="cuda")
         try:
-            t = time.time()
-            with backend(), torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            with backend():
-                loss.backward()
-            opt.step(); opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            r = dict(L=L, ok=True, s_per_step=round(time.time() - t, 2),
+            times = []
+            for _ in range(repeat):
+                t = time.time()
+                with backend(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, labels=ids).loss
+                with backend():
+                    loss.backward()
+                opt.step(); opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                times.append(round(time.time() - t, 2))
+            r = dict(L=L, ok=True, s_per_step=times[0], s_per_step_all=times,
                      peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=float(loss))
         except torch.cuda.OutOfMemoryError:
             r = dict(L=L, ok=False, oom=True)
