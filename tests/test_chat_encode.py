@@ -84,6 +84,26 @@ def test_llama31_labels_are_assistant_plus_eot(llama3_tokenizer):
     assert r.pad_id not in ex.input_ids and r.pad_id not in r.stop_ids
 
 
+def test_eval_prompt_renders_tools_as_training_did(llama3_tokenizer):
+    """A row with tool definitions: the eval/generation prompt is exactly the training render up to
+    the assistant's answer (tools included), not the render of the bare messages."""
+    from llamaft.eval.generation import build_prompts
+
+    r = make_rules(llama3_tokenizer, "llama3.1", True, template_text("llama3.1"))
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    row = SimpleNamespace(messages=[{"role": "user", "content": "Weather in Paris?"},
+                                    {"role": "assistant", "content": "Sunny."}], where="t:1", text=None, tools=tools)
+    ex = encode(row, llama3_tokenizer, r)
+    first_trained = next(i for i, t in enumerate(ex.labels) if t != X)
+    assert "get_weather" in llama3_tokenizer.decode(ex.input_ids[:first_trained])
+    for conv_like in (row, {"messages": row.messages, "where": "t:1", "tools": tools}):
+        (p,) = build_prompts([conv_like], llama3_tokenizer, r, max_prompt_tokens=4096)
+        assert p["ids"] == ex.input_ids[:first_trained] and p["reference"] == "Sunny."
+    bare = prompt_ids(row.messages[:1], llama3_tokenizer, r)
+    assert bare != ex.input_ids[:first_trained]  # what eval used to send: the tools were missing
+
+
 def test_base_plain_format(llama3_tokenizer):
     r = make_rules(llama3_tokenizer, "llama3.1", False, None)
     ex = encode(conv(("user", "Hi"), ("assistant", "Hello!")), llama3_tokenizer, r)

@@ -48,7 +48,7 @@ def test_sample_is_fixed_and_keeps_file_order():
     assert G.sample_rows(rows, None) == rows
 
 
-def _fake_prompt_ids(messages, tokenizer, rules):
+def _fake_prompt_ids(messages, tokenizer, rules, tools=None):
     """BOS (99) + one id per character of every message: lengths are easy to reason about."""
     return [99] + [ord(c) for m in messages for c in m["content"]]
 

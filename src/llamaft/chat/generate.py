@@ -76,10 +76,10 @@ def generation_config(params: GenParams, rules) -> GenerationConfig:
     )
 
 
-def chat_prompt_ids(messages: list[dict], tokenizer, rules) -> list[int]:
+def chat_prompt_ids(messages: list[dict], tokenizer, rules, tools: dict | None = None) -> list[int]:
     """Generation prompt (ends with the assistant header), from the one module that knows templates
-    (base models get its plain-text rendering)."""
-    return list(prompt_ids(messages, tokenizer, rules))
+    (base models get its plain-text rendering); `tools`: data.chat.tool_kwargs of the conversation."""
+    return list(prompt_ids(messages, tokenizer, rules, tools))
 
 
 def _device(model) -> torch.device:

@@ -129,9 +129,7 @@ def encode(conv, tokenizer, rules, *, train_on: str = "completion", assistant_tu
         raise DataError(where, "conversation has no messages")
     _check_content(messages, tokenizer, where)
     template, kwargs = _template(tokenizer, rules)
-    for key in ("tools", "builtin_tools"):  # optional tool definitions on the conversation
-        if getattr(conv, key, None) is not None:
-            kwargs[key] = getattr(conv, key)
+    kwargs.update(tool_kwargs(conv))
     pieces = _segments(messages, tokenizer, template, kwargs, where)
     assistant = [i for _, i in pieces if i is not None]
     trained = set(assistant[-1:] if assistant_turns == "last" else assistant)
@@ -176,9 +174,17 @@ def _encode_text(text: str, tokenizer, rules, where: str) -> Example:
     return Example(ids, list(ids), where)
 
 
-def prompt_ids(messages: list[dict], tokenizer, rules) -> list[int]:
-    """Token ids of a generation prompt (ends with the assistant header) for chat and eval."""
+def tool_kwargs(conv) -> dict:
+    """Optional tool definitions of a conversation (object or dict) as chat-template variables."""
+    get = conv.get if isinstance(conv, dict) else (lambda k: getattr(conv, k, None))
+    return {k: get(k) for k in ("tools", "builtin_tools") if get(k) is not None}
+
+
+def prompt_ids(messages: list[dict], tokenizer, rules, tools: dict | None = None) -> list[int]:
+    """Token ids of a generation prompt (ends with the assistant header) for chat and eval.
+    `tools`: the conversation's tool_kwargs, so eval prompts render exactly as training did."""
     template, kwargs = _template(tokenizer, rules)
+    kwargs.update(tools or {})
     text = _render(tokenizer, template, kwargs, list(messages), True, "prompt")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -54,11 +54,11 @@ def truncate_left(ids: list[int], max_tokens: int, bos_id: int | None) -> tuple[
     return list(ids[len(ids) - max_tokens:]), True
 
 
-def _prompt_ids(messages: list[dict], tokenizer, rules) -> list[int]:
+def _prompt_ids(messages: list[dict], tokenizer, rules, tools: dict | None = None) -> list[int]:
     """The generation prompt from the one module that knows templates (looked up at call time)."""
     from ..chat.generate import chat_prompt_ids  # uses llamaft.data.chat.prompt_ids once it exists
 
-    return chat_prompt_ids(messages, tokenizer, rules)
+    return chat_prompt_ids(messages, tokenizer, rules, tools)
 
 
 def _generate(model, tokenizer, rules, prompts: list[list[int]], gen_cfg) -> list:
@@ -81,10 +81,13 @@ def build_prompts(conversations: list, tokenizer, rules, max_prompt_tokens: int)
     """One dict per conversation: where, prompt (messages), reference, ids, prompt_tokens, prompt_truncated."""
     out = []
     bos = getattr(tokenizer, "bos_token_id", None)
+    from ..data.chat import tool_kwargs
+
     for i, conv in enumerate(conversations):
         messages, where = _messages_of(conv, i)
         prompt, reference = split_conversation(messages, where)
-        ids = list(_prompt_ids(prompt, tokenizer, rules))
+        # tool definitions render into the prompt exactly as they did for training
+        ids = list(_prompt_ids(prompt, tokenizer, rules, tool_kwargs(conv)))
         cut, truncated = truncate_left(ids, max_prompt_tokens, bos)
         out.append({"where": where, "prompt": prompt, "reference": reference, "ids": cut,
                     "prompt_tokens": len(ids), "prompt_truncated": truncated})
