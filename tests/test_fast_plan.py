@@ -6,20 +6,12 @@ import copy
 import pytest
 import torch
 
-from llamaft.config import config_from_dict
+from fast_helpers import cfg
 from llamaft.data.pack import flatten
 from llamaft.model.fast import FastPlan, apply_fast_path, choose_plan, make_collator
 from llamaft.model.fast.attention import cu_seqlens_from_position_ids, install_attention, packed_attention_reference
 from llamaft.model.fast.loss import chunked_linear_cross_entropy, fused_causal_lm_loss, install_fused_loss, reference_causal_lm_loss
 from llamaft.model.fast.lora import fuse_lora
-
-
-def cfg(**over):
-    raw = {"model": {"name": "x"}, "data": {"train": ["t.jsonl"]}}
-    for key, value in over.items():
-        sec, name = key.split("__")
-        raw.setdefault(sec, {})[name] = value
-    return config_from_dict(raw)
 
 
 def tiny(seed=0):

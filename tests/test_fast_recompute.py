@@ -9,18 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llamaft.config import config_from_dict
+from fast_helpers import cfg
 from llamaft.model.fast import FastPlan, apply_fast_path, choose_plan, decoder_layers
 from llamaft.model.fast import memory as mem
 from llamaft.model.fast.recompute import install, tile_mlp
-
-
-def cfg(**over):
-    raw = {"model": {"name": "x"}, "data": {"train": ["t.jsonl"]}}
-    for key, value in over.items():
-        sec, name = key.split("__")
-        raw.setdefault(sec, {})[name] = value
-    return config_from_dict(raw)
 
 
 def tiny_lora(dropout=0.0, seed=0):
@@ -203,10 +195,13 @@ def test_prepare_quantized_freezes_without_fp32_upcasts():
 def test_cpu_embeddings_same_outputs_and_gradients():
     from llamaft.model.fast.embed import embeddings_to_cpu, gather
 
+    from llamaft.model.adapters import count_parameters
+
     ref = tiny_lora()
     ours = copy.deepcopy(ref)
     base = ours.get_base_model()
     assert embeddings_to_cpu(base)
+    assert count_parameters(ours) == count_parameters(ref)  # still counted as part of the model
     names = [n for n, _ in ours.named_parameters()]
     assert not any("embed_tokens" in n for n in names)  # off the parameter list: model.device follows the layers
     assert base.get_input_embeddings().weight.shape == (300, 64)

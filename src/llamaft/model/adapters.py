@@ -76,11 +76,17 @@ def prepare_quantized(model) -> None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total); PEFT knows how to count 4-bit packed weights."""
+    """(trainable, total); PEFT knows how to count 4-bit packed weights. A frozen input embedding
+    table kept in CPU memory by the fast path (model/fast/embed.py) is no registered parameter any
+    more but still part of the model: it is counted too."""
     if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and "weight" not in emb._parameters and getattr(emb, "weight", None) is not None:
+        total += emb.weight.numel()
     return trainable, total
 
 
