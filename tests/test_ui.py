@@ -77,6 +77,36 @@ def test_side_by_side_joins_mid_conversation_and_regenerates_both():
     assert list(ui.submit(m, state, "   ", "", True, GREEDY))[-1][1] == "type a message first"
 
 
+def test_stop_ends_the_reply_closes_the_generation_and_skips_the_base():
+    import threading
+
+    closed, stop = [], threading.Event()
+
+    def stream(messages, params):
+        try:
+            for i in range(100):
+                if i == 2:
+                    stop.set()  # the Stop button, pressed while the second piece streams
+                yield f"p{i} "
+        finally:
+            closed.append(True)  # stream_chat's finally is what cancels the model thread
+
+    base_asked = []
+    m = Models(Backend("tuned", stream), "base", "note", lambda: base_asked.append(1) or Backend("base", stream))
+    state = ui.new_state()
+    steps = list(ui.submit(m, state, "hi", "", True, GREEDY, stop))
+    assert state["tuned"][-1]["content"] == "p0 p1 " and closed == [True]
+    assert steps[-1][1].startswith("stopped after") and not base_asked
+    assert state["base"] == []  # the unanswered prompt is dropped; the next side-by-side turn re-syncs it
+    stops = ui.Stops()
+    assert not stops.stop("s1")  # nothing running in that session
+    seen = []
+    for _ in stops.running("s1", lambda flag: (seen.append(flag), (yield 1))):
+        assert stops.stop("s1") and seen[0].is_set()  # Stop during the turn reaches its flag
+    assert not stops.stop("s1")  # the turn ended: nothing to stop any more
+    assert not stops.fresh("s1").is_set()  # a new turn starts clear
+
+
 def test_view_marks_streaming_and_empty_replies():
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]
     assert ui.view(msgs, pending=True)[-1]["content"] == ui.CURSOR

@@ -3,7 +3,8 @@ headless Chromium through Selenium (Debian's chromium + chromium-driver; nothing
 
 Checks: the page loads with nothing fetched from outside 127.0.0.1; a message gets a streamed reply
 equal to stream_chat's; regenerate replaces it; side-by-side answers twice (fine-tuned and base,
-both equal to their own stream_chat reference); clear empties both; the run summary shows; and a
+both equal to their own stream_chat reference); clear empties both; Stop with nothing running says
+so; the run summary shows; and a
 screenshot is saved to tests/artifacts/ui_chat.png (LLAMAFT_TEST_ARTIFACTS overrides the folder).
 """
 
@@ -172,6 +173,10 @@ def test_chat_in_headless_chromium(served, browser):
     # 4. clear empties both columns
     d.find_element(By.ID, "clear").click()
     WebDriverWait(d, 30).until(lambda d: not _replies(d, "chat-tuned") and not _replies(d, "chat-base"))
+
+    # 5. Stop with no reply running says so (stopping a running reply: tests/test_ui.py, without a browser)
+    d.find_element(By.ID, "stop").click()
+    WebDriverWait(d, 30).until(lambda d: _status(d) == "nothing to stop")
 
     assert _external_requests(d) == []  # fonts, scripts, telemetry: all local
     assert time.time() - t0 < 300

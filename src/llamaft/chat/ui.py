@@ -6,7 +6,7 @@
 
 Streaming chat through `llamaft.chat.generate.stream_chat` (the one generation function that the
 terminal chat and evaluation use: the model's chat template and every stop id), an editable system
-prompt, the sampling settings, clear / regenerate, a side-by-side mode that sends each prompt to
+prompt, the sampling settings, stop / clear / regenerate, a side-by-side mode that sends each prompt to
 the base model too, and the run's summary when given a run directory (ui_summary.py).
 
 Where the base model for side-by-side comes from (ui_backends.py, `resolve_models`):
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -88,33 +89,76 @@ def _sync_base(state: dict) -> None:
         state["base"] = [dict(m, context=m["role"] == "assistant") for m in state["tuned"]]
 
 
-def turn(models: Models, state: dict, system: str, side: bool, params: GenParams) -> Iterator[tuple[dict, str]]:
+def turn(models: Models, state: dict, system: str, side: bool, params: GenParams,
+         stop: threading.Event | None = None) -> Iterator[tuple[dict, str]]:
     """Stream replies to the last user message: fine-tuned model first, then (side-by-side) the base.
 
     Sequential on purpose: on one GPU (or a CPU) two concurrent generations are no faster, and with a
     LoRA run the base is the same weights with the adapter switched off, which must not overlap.
     Yields (state, status) after every text piece; the state holds the partial replies.
+    `stop` (the Stop button): checked between pieces; the generation is closed, which cancels the
+    model's thread (stream_chat), and a base reply not started yet is not asked for.
     """
     keys = ["tuned", "base"] if side else ["tuned"]
     prefix = [{"role": "system", "content": system}] if system and system.strip() else []
     started = time.time()
+    stopped = lambda: stop is not None and stop.is_set()  # noqa: E731
     for key in keys:
-        backend = models.tuned if key == "tuned" else models.base()
         conv = state[key]
+        if stopped():
+            if conv and conv[-1]["role"] == "user":
+                conv.pop()  # unanswered: the next side-by-side turn re-syncs this column (_sync_base)
+            break
+        backend = models.tuned if key == "tuned" else models.base()
         messages = prefix + [{"role": m["role"], "content": m["content"]} for m in conv]
         conv.append({"role": "assistant", "content": ""})
         state["active"] = key
         yield state, f"generating ({backend.label}) …"
+        pieces = backend.stream(messages, params)
         try:
-            for piece in backend.stream(messages, params):
+            for piece in pieces:
+                if stopped():
+                    break
                 conv[-1]["content"] += piece
                 yield state, f"generating ({backend.label}) …"
         finally:
             state["active"] = None
-    yield state, f"done in {time.time() - started:.1f} s"
+            if hasattr(pieces, "close"):  # a generator: closing it cancels the model's thread
+                pieces.close()
+    yield state, f"{'stopped after' if stopped() else 'done in'} {time.time() - started:.1f} s"
 
 
-def submit(models: Models, state: dict, message: str, system: str, side: bool, params: GenParams):
+class Stops:
+    """One stop flag per browser session (gr.Request.session_hash): Stop sets it, the running turn reads it."""
+
+    def __init__(self):
+        self._flags: dict[str, threading.Event] = {}
+
+    def fresh(self, session: str) -> threading.Event:
+        """The flag of a turn starting now (cleared)."""
+        flag = self._flags[session] = threading.Event()
+        return flag
+
+    def finish(self, session: str) -> None:
+        self._flags.pop(session, None)
+
+    def running(self, session: str, gen):
+        """Run the turn generator `gen(flag)` with a fresh flag, forgetting it when the turn ends."""
+        try:
+            yield from gen(self.fresh(session))
+        finally:
+            self.finish(session)
+
+    def stop(self, session: str) -> bool:
+        flag = self._flags.get(session)
+        if flag is None:
+            return False
+        flag.set()
+        return True
+
+
+def submit(models: Models, state: dict, message: str, system: str, side: bool, params: GenParams,
+           stop: threading.Event | None = None):
     """A new user message; yields (state, status) as turn() does."""
     if not message or not message.strip():
         yield state, "type a message first"
@@ -123,10 +167,11 @@ def submit(models: Models, state: dict, message: str, system: str, side: bool, p
         _sync_base(state)
     for key in ("tuned", "base") if side else ("tuned",):
         state[key].append({"role": "user", "content": message})
-    yield from turn(models, state, system, side, params)
+    yield from turn(models, state, system, side, params, stop)
 
 
-def regenerate(models: Models, state: dict, system: str, side: bool, params: GenParams):
+def regenerate(models: Models, state: dict, system: str, side: bool, params: GenParams,
+               stop: threading.Event | None = None):
     """Drop the last replies and answer the last user message again (new sample unless greedy)."""
     for key in ("tuned", "base"):
         while state[key] and state[key][-1]["role"] == "assistant":
@@ -136,7 +181,7 @@ def regenerate(models: Models, state: dict, system: str, side: bool, params: Gen
         return
     if side:
         _sync_base(state)
-    yield from turn(models, state, system, side, params)
+    yield from turn(models, state, system, side, params, stop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,12 +227,24 @@ def build_app(path: str | Path, *, base: bool | str | Path = False, system: str 
         except LlamaftError as exc:  # e.g. a number typed into a slider's box
             raise gr.Error(str(exc)) from None
 
-    def on_send(message, state, system, side, *sliders):
-        for out in run(submit(models, state, message, system, side, params_of(sliders))):
+    stops = Stops()
+
+    # Explicit slider parameters (no *args): gradio injects `request` by its annotation.
+    def on_send(message, state, system, side, temperature, top_p, top_k, max_new, rep, request: gr.Request):
+        params = params_of((temperature, top_p, top_k, max_new, rep))
+        turn_ = lambda stop: submit(models, state, message, system, side, params, stop)  # noqa: E731
+        for out in run(stops.running(request.session_hash, turn_)):
             yield ("", *out)
 
-    def on_regenerate(state, system, side, *sliders):
-        yield from run(regenerate(models, state, system, side, params_of(sliders)))
+    def on_regenerate(state, system, side, temperature, top_p, top_k, max_new, rep, request: gr.Request):
+        params = params_of((temperature, top_p, top_k, max_new, rep))
+        yield from run(stops.running(request.session_hash, lambda stop: regenerate(models, state, system, side, params, stop)))
+
+    def on_stop(request: gr.Request):
+        return "stopping …" if stops.stop(request.session_hash) else "nothing to stop"
+
+    for fn in (on_send, on_regenerate, on_stop):  # the class itself: string annotations (this module
+        fn.__annotations__["request"] = gr.Request  # uses __future__ annotations) would not resolve
 
     def on_clear():
         state = new_state()
@@ -219,6 +276,7 @@ def build_app(path: str | Path, *, base: bool | str | Path = False, system: str 
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     regen = gr.Button("Regenerate", elem_id="regenerate")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
                     clear = gr.Button("Clear", elem_id="clear")
                 status = gr.Markdown("", elem_id="status")
             with gr.Column(scale=1):
@@ -247,6 +305,7 @@ def build_app(path: str | Path, *, base: bool | str | Path = False, system: str 
         msg.submit(on_send, inputs, [msg, *chats], **gen_kw)
         regen.click(on_regenerate, [state, sys_box, side, *sliders], chats, **gen_kw)
         clear.click(on_clear, None, chats, queue=False)
+        stop_btn.click(on_stop, None, status, queue=False)  # outside the queue: runs during a reply
         for chat in (tuned_chat, base_chat):  # their own trash icons must clear the conversation too
             chat.clear(on_clear, None, chats, queue=False)
         side.change(on_side, side, base_col, queue=False)
