@@ -156,6 +156,14 @@ def test_plan_qlora_offloads_compiles_and_regroups_by_tokens(monkeypatch):
     assert p.offload_checkpoints and not p.fused_optimizer and not p.cpu_embeddings and not p.compile
 
 
+def test_plan_keeps_hf_checkpointing_under_ddp(monkeypatch):
+    model = _cuda_8b(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    p = choose_plan(w512(model__method="qlora"), model, [300] * 384)
+    assert p.gradient_checkpointing and not p.own_checkpointing and not p.offload_checkpoints
+    assert any("multi-process" in r for r in p.reasons)
+
+
 def test_plan_tiles_mlp_only_for_long_micro_batches(monkeypatch):
     model = _cuda_8b(monkeypatch)
     assert choose_plan(w512(), model, None).tile_mlp_rows == 0

@@ -114,7 +114,13 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
 
     # Offloaded checkpoints: the per-layer inputs wait in pinned CPU memory (model/fast/recompute.py)
     offload = False
-    if gc:
+    own_ckpt = gc
+    if gc and _distributed():
+        # Our checkpoint is the reentrant kind, measured on one GPU only; under DDP keep HF's
+        # non-reentrant one (each parameter's gradient hook fires exactly once per backward).
+        own_ckpt = False
+        reasons.append("checkpoints: HF's non-reentrant checkpointing, not offloaded (multi-process run)")
+    elif gc:
         if f.offload_checkpoints == "auto":
             offload = cfg.model.method == "qlora"
             reasons.append(f"checkpoints {'offloaded to CPU' if offload else 'kept on the GPU'} (auto: {'qlora: memory-lean' if offload else 'not qlora'})")
@@ -155,7 +161,7 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
     tile = _TILE_ROWS if f.tile_mlp == "auto" and cfg.data.max_seq_length * cfg.train.micro_batch_size > _TILE_ROWS else 0
     if tile:
         reasons.append(f"MLP in chunks of {tile} tokens when a micro-batch is longer (fast.tile_mlp=auto)")
-    return FastPlan(packing, attention, fused, gc, comp, reasons, fused_lora=True, own_checkpointing=gc,
+    return FastPlan(packing, attention, fused, gc, comp, reasons, fused_lora=True, own_checkpointing=own_ckpt,
                     offload_checkpoints=offload, micro_batch_size=mbs, gradient_accumulation=ga,
                     fused_optimizer=fused_opt, tile_mlp_rows=tile, single_sdpa=f.single_sequence_sdpa != "off",
                     cpu_embeddings=cpu_emb,
@@ -164,6 +170,12 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
 
 _TILE_ROWS = 16384  # [16k, 14336] bf16 MLP intermediates: 0.44 GiB each
 _QLORA_TOKENS = 6144  # QLoRA micro-batch target (mean tokens), see regroup_by_tokens
+
+
+def _distributed() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _micro_batch_tokens(cfg, lengths: list[int] | None):
