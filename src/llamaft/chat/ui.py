@@ -135,7 +135,7 @@ class Stops:
         self._flags: dict[str, threading.Event] = {}
 
     def fresh(self, session: str) -> threading.Event:
-        """The flag of a turn starting now (cleared)."""
+        """A new, unset flag for the turn starting now in this session."""
         flag = self._flags[session] = threading.Event()
         return flag
 

@@ -40,7 +40,7 @@ def lora_config(model_cfg, lora_cfg, added_token_ids: list[int] | None = None):
     )
 
 
-def apply_adapters(model, model_cfg, lora_cfg, *, gradient_checkpointing: bool = False):
+def apply_adapters(model, model_cfg, lora_cfg):
     """Wrap `model` for training according to model.method; logs the trainable parameter count."""
     added = list(getattr(model, ADDED_TOKENS_ATTR, []) or [])
     if model_cfg.method == "full":
@@ -69,10 +69,10 @@ def prepare_quantized(model) -> None:
     non-quantised weight to fp32: on Llama-3.1-8B that doubles the embeddings and lm_head (+2 GiB of
     a ~7 GiB QLoRA budget) and sends fp32 activations into bf16 kernels. HF's RMSNorm already
     computes in fp32 internally, and the adapters PEFT adds are fp32 either way. Checkpointing needs
-    no input-grad hook: HF's is non-reentrant and ours (model/fast/recompute.py) has its own."""
+    no input-grad hook: HF's is non-reentrant and ours (model/fast/recompute.py) has its own.
+    (load_base has already switched the KV cache off.)"""
     for p in model.parameters():
         p.requires_grad_(False)
-    model.config.use_cache = False
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -227,7 +227,7 @@ def apply_fast_path(model, plan: FastPlan):
         if plan.compile:
             from .compile import compile_blocks
 
-            compile_blocks(model)
+            compile_blocks(layers)
     return model
 
 

@@ -16,9 +16,8 @@ def compile_fn(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def compile_blocks(model) -> int:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(getattr(base, "model", None), "layers", None)
+def compile_blocks(layers) -> int:
+    """Compile each decoder layer in place (`layers`: model.fast.decoder_layers(model), or None)."""
     if layers is None:
         return 0
     for layer in layers:

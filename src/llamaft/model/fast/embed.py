@@ -31,11 +31,12 @@ def embeddings_to_cpu(model) -> bool:
     weight = emb.weight.detach().to("cpu")
     del emb._parameters["weight"]
     emb.weight = weight  # a plain attribute now: not in parameters(), state_dict() or .to(...)
-    emb.forward = lambda ids, _emb=emb: gather(_emb.weight, ids, _emb.padding_idx)
+    # padding_idx only shapes nn.Embedding's gradient; this table is frozen, so a plain lookup is exact
+    emb.forward = lambda ids, _emb=emb: gather(_emb.weight, ids)
     return True
 
 
-def gather(weight: torch.Tensor, ids: torch.Tensor, padding_idx=None) -> torch.Tensor:
+def gather(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """weight[ids] computed on the CPU and delivered on ids' device (same values as nn.Embedding)."""
     flat = ids.reshape(-1).to("cpu")
     cuda = ids.is_cuda
