@@ -131,7 +131,7 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
     # Larger micro-batches, same sequences per optimizer step: fewer, fuller kernels. LoRA / full:
     # only where no checkpointing is needed (W512 LoRA 8x4 -> 16x2 +7%). QLoRA: up to ~6k tokens
     # (mean example length x micro-batch), enough to amortise the per-layer 4-bit dequantisation
-    # and launch overhead (W512 QLoRA 8x4 -> 16x2: +52%) and still memory-lean. Only with packing.
+    # and launch overhead (W512 QLoRA 8x4 -> 16x2: +47%, runs 9-10) and still memory-lean. Only with packing.
     mbs, ga = cfg.train.micro_batch_size, cfg.train.gradient_accumulation
     if packing and f.regroup_batches == "auto" and cfg.model.method == "qlora":
         mbs, ga, why = regroup_by_tokens(mbs, ga, lengths, _QLORA_TOKENS)
