@@ -200,3 +200,115 @@ def test_single_example_sdpa_matches_reference_fwd_bwd(hkv):
     finally:
         att.single_attention_sdpa = orig
     assert calls == [1]
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096), (3, 64 * 5)])
+def test_nf4_triton_dequant_matches_bitsandbytes(nested, shape):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from llamaft.model.fast.nf4 import dequantize_state, reference_dequantize_nf4, triton_available
+
+    if not triton_available():
+        pytest.skip("triton not available")
+    torch.manual_seed(len(shape) + shape[0])
+    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.05
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested, quant_storage=torch.uint8)
+    want = bnbf.dequantize_4bit(packed, state)
+    got = dequantize_state(packed, state, torch.bfloat16)
+    ref = dequantize_state(packed, state, torch.bfloat16, kernel=reference_dequantize_nf4)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # identical arithmetic up to fp32 rounding of the nested absmax (an FMA may round once instead
+    # of twice): every value within one bf16 step, and all but a handful bit-identical
+    for name, x in (("triton", got), ("reference", ref)):
+        diff = (x.float() - want.float()).abs()
+        assert (diff <= want.float().abs() * 2 ** -7).all(), name
+        assert (x != want).float().mean().item() < 1e-4, name
+
+
+@pytest.mark.parametrize("peft_bnb_class", [True, False])
+def test_nf4_lora_matches_peft_on_bitsandbytes_fwd_bwd_and_compiles(peft_bnb_class):
+    pytest.importorskip("bitsandbytes")
+    import copy
+
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    from llamaft.model.fast.lora import fuse_lora
+
+    torch.manual_seed(3)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = bnb.nn.Linear4bit(1024, 2048, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                       compress_statistics=True)
+
+        def forward(self, x):
+            return self.q(x)
+
+    m = M()
+    m.q.weight = bnb.nn.Params4bit(torch.randn(2048, 1024) * 0.05, requires_grad=False, quant_type="nf4",
+                                   compress_statistics=True)
+    # a model loaded by transformers in 4 bit says so, and PEFT then wraps with its own bnb LoRA class
+    m.is_loaded_in_4bit = peft_bnb_class
+    ref = get_peft_model(m.cuda(), LoraConfig(r=16, lora_alpha=32, target_modules=["q"], init_lora_weights=False))
+    assert (type(ref.base_model.model.q).__module__ == "peft.tuners.lora.bnb") == peft_bnb_class
+    fast = copy.deepcopy(ref)
+    assert fuse_lora(fast, nf4=True) == 1
+    x = torch.randn(3000, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3000, 2048, device="cuda", dtype=torch.bfloat16)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    y1 = ref(x)
+    (gx1,) = torch.autograd.grad(y1, (x,), g, retain_graph=True)
+    y1.backward(g)
+    for run in (fast, torch.compile(fast, dynamic=True)):
+        xx = x.detach().clone().requires_grad_()
+        for p in fast.parameters():
+            p.grad = None
+        y2 = run(xx)
+        y2.backward(g)
+        assert rel(y2, y1) < 1e-2 and rel(xx.grad, gx1) < 1e-2
+        for (n, p), (_, p2) in zip(ref.named_parameters(), fast.named_parameters()):
+            if p.requires_grad:
+                assert p2.grad.dtype == p.grad.dtype and rel(p2.grad, p.grad) < 1e-2, n
+
+
+def test_parked_lm_head_same_loss_and_grads_frees_memory_between_losses():
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamaft.model.fast import restore_parked
+    from llamaft.model.fast.loss import install_fused_loss
+
+    torch.manual_seed(4)
+    c = LlamaConfig(vocab_size=128256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    ref = LlamaForCausalLM(c).cuda().to(torch.bfloat16)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    for layer in ref.model.layers:
+        layer.mlp.down_proj.weight.requires_grad_(True)
+    ours = copy.deepcopy(ref)
+    assert install_fused_loss(ref) and install_fused_loss(ours, park_head=True)
+    parked = ours._llamaft_parked_head
+    assert parked is not None
+    ids = torch.randint(0, 128256, (1, 300), device="cuda")
+    head_bytes = ours.lm_head.weight.numel() * 2  # 64 MiB; this forward's activations: a few MiB
+    for step in range(2):  # the second forward brings it back through the layer pre-hook
+        l1 = ref(input_ids=ids, labels=ids).loss
+        before = torch.cuda.memory_allocated()
+        l2 = ours(input_ids=ids, labels=ids).loss
+        assert ours.lm_head.weight.device.type == "cpu"  # parked right after the loss
+        if step == 0:  # resident before, freed after: the forward left less allocated than it found
+            assert torch.cuda.memory_allocated() - before < -head_bytes // 2
+        assert torch.equal(l1, l2), step
+        l1.backward(); l2.backward()
+        for a, b in zip(ref.model.layers, ours.model.layers):
+            assert torch.equal(a.mlp.down_proj.weight.grad, b.mlp.down_proj.weight.grad)
+    with torch.no_grad():  # generation / evaluation without labels: back on the GPU, same logits
+        assert torch.equal(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
+    assert ours.lm_head.weight.is_cuda
+    ours(input_ids=ids, labels=ids).loss.backward()
+    restore_parked(ours)
+    assert ours.lm_head.weight.is_cuda and torch.equal(ours.lm_head.weight, ref.lm_head.weight)

@@ -130,9 +130,11 @@ def test_plan_regroups_w512_lora_into_16x2(monkeypatch):
     assert any("micro-batches 16 x 2" in r for r in p.reasons)
     # a short dataset bounds the tokens better: everything in one micro-batch
     assert choose_plan(w512(), model, [40] * 400).micro_batch_size == 32
-    # a smaller card: as configured
+    # a smaller card: checkpointing, and the largest micro-batch that fits with it
     model = _cuda_8b(monkeypatch, gib=40)
-    assert (choose_plan(w512(), model, lens).micro_batch_size, choose_plan(w512(), model, lens).gradient_accumulation) == (8, 4)
+    small = choose_plan(w512(), model, lens)
+    assert small.gradient_checkpointing and small.checkpoint_layers is not None
+    assert (small.micro_batch_size, small.gradient_accumulation) == (32, 1)
     # switched off, or no packing (padding grows with the batch): as configured
     model = _cuda_8b(monkeypatch)
     assert choose_plan(w512(fast__regroup_batches="off"), model, lens).micro_batch_size == 8
@@ -143,10 +145,14 @@ def test_plan_qlora_offloads_compiles_and_regroups_by_tokens(monkeypatch):
     model = _cuda_8b(monkeypatch)
     p = choose_plan(w512(model__method="qlora", train__optimizer="paged_adamw_8bit"), model, [300] * 384)
     assert p.gradient_checkpointing and p.own_checkpointing and p.offload_checkpoints and p.compile
-    assert (p.micro_batch_size, p.gradient_accumulation) == (16, 2)  # ~4.8k tokens; 32 x 300 > 6144
-    assert p.cpu_embeddings and not p.fused_optimizer and p.loss_chunk_rows == 256
-    # long examples: already ~6k tokens per micro-batch, or lengths unknown -> as configured
-    assert choose_plan(w512(model__method="qlora"), model, [700] * 384).micro_batch_size == 8
+    assert (p.micro_batch_size, p.gradient_accumulation) == (32, 1)  # ~9.6k tokens <= 11264
+    assert p.cpu_embeddings and p.cpu_lm_head and p.nf4_kernel and not p.fused_optimizer and p.loss_chunk_rows == 256
+    p = choose_plan(w512(model__method="qlora", fast__fused_loss="off"), model, [300] * 384)
+    assert not p.cpu_lm_head  # the head is only idle outside the fused loss
+    assert not choose_plan(w512(model__method="qlora", fast__cpu_lm_head="off", fast__nf4_kernel="off"), model, None).cpu_lm_head
+    # longer examples: as many as fit the token target; already there, or lengths unknown -> as configured
+    assert choose_plan(w512(model__method="qlora"), model, [700] * 384).micro_batch_size == 16
+    assert choose_plan(w512(model__method="qlora"), model, [1500] * 384).micro_batch_size == 8
     assert choose_plan(w512(model__method="qlora"), model, None).micro_batch_size == 8
     p = choose_plan(w512(model__method="qlora", fast__offload_checkpoints="off", fast__compile="off",
                          fast__cpu_embeddings="off", fast__regroup_batches="off"), model, [300] * 384)
@@ -235,3 +241,66 @@ def test_cpu_embeddings_not_for_trained_or_tied_tables():
     tied.requires_grad_(False)
     assert not embeddings_to_cpu(tied)  # the lm_head reads the same table on the GPU
     assert "model.embed_tokens.weight" in dict(tied.named_parameters(remove_duplicate=False))
+
+
+# ---- full fine-tuning under a memory budget: larger micro-batches, then partial checkpointing
+def _cuda_8b_full(monkeypatch):
+    m = _cuda_8b(monkeypatch)
+    every = torch.nn.Parameter(torch.empty((8_030_000_000,), dtype=torch.bfloat16, device="meta"))
+    m.parameters = lambda: iter([every])
+    return m
+
+
+def test_plan_full_ft_in_40_gib_checkpoints_only_some_layers(monkeypatch):
+    model = _cuda_8b_full(monkeypatch)
+    lens = [300] * 300 + [512] * 84
+    c = w512(model__method="full", train__optimizer="paged_adamw_8bit", fast__memory_gib=40)
+    p = choose_plan(c, model, lens)
+    assert p.gradient_checkpointing and p.own_checkpointing
+    assert (p.micro_batch_size, p.gradient_accumulation) == (32, 1)  # one micro-batch: no grads during the forward
+    table, worst = p.checkpoint_tokens, 512 * 32
+    assert len(table) == 33 and table == sorted(table)  # more layers checkpointed -> more tokens fit
+    assert p.checkpoint_layers == mem.layers_for(table, worst) and 0 < p.checkpoint_layers < 32, p.reasons
+    est = lambda k, t: mem.estimate_peak_bytes(c, model, k, t, 1)  # noqa: E731
+    for k in range(33):  # each entry is the budget's exact edge (or the data's largest micro-batch)
+        assert table[k] == -1 or est(k, table[k]) <= 40 * 2**30
+        assert table[k] == worst or est(k, table[k] + 1) > 40 * 2**30
+    # a typical micro-batch (W512: ~10k tokens) recomputes fewer layers than the worst case
+    assert mem.layers_for(table, 10_300) < p.checkpoint_layers
+    assert mem.layers_for(table, 100) == 0
+    # a larger budget: fewer layers recomputed; the card's own: no checkpointing at all
+    roomier = choose_plan(w512(model__method="full", train__optimizer="paged_adamw_8bit", fast__memory_gib=48), model, lens)
+    assert roomier.checkpoint_layers < p.checkpoint_layers
+    assert not choose_plan(w512(model__method="full", train__optimizer="paged_adamw_8bit"), model, [200] * 384).gradient_checkpointing
+    # switched off: every layer, as configured
+    off = choose_plan(w512(model__method="full", train__optimizer="paged_adamw_8bit", fast__memory_gib=40,
+                           fast__partial_checkpointing="off", fast__regroup_batches="off"), model, lens)
+    assert off.checkpoint_tokens is None and off.checkpoint_layers is None and off.micro_batch_size == 8
+    # non-paged 8-bit states are in torch's allocator: 15 GiB more, no room left -> every layer
+    tight = choose_plan(w512(model__method="full", train__optimizer="adamw_8bit", fast__memory_gib=40), model, lens)
+    assert tight.checkpoint_layers == 32 and any("over budget" in r for r in tight.reasons)
+
+
+def test_partial_checkpointing_by_tokens_matches_plain_model(monkeypatch):
+    """The first layers checkpointed, how many chosen per micro-batch from its tokens (the others
+    keep their activations): same loss and grads as the plain model."""
+    from llamaft.model.fast import recompute
+
+    calls = []
+    real = recompute._Checkpoint.apply
+    monkeypatch.setattr(recompute._Checkpoint, "apply", lambda *a: calls.append(1) or real(*a))
+    ref = tiny_lora()
+    ours = copy.deepcopy(ref)
+    # up to 15 tokens: no layer; up to 30: the first two; more: all three
+    plan = FastPlan(False, "sdpa", False, True, False, [], own_checkpointing=True, checkpoint_tokens=[15, 15, 30, 10**9])
+    apply_fast_path(ours, plan)
+    for n, recomputed in ((11, 0), (22, 2), (40, 3)):
+        ids = torch.randint(0, 300, (1, n))
+        calls.clear()
+        l1, g1 = _loss_and_grads(ref, ids)
+        l2, g2 = _loss_and_grads(ours, ids)
+        assert len(calls) == recomputed, n
+        assert torch.allclose(l1, l2, atol=1e-6)
+        for name in g1:
+            assert torch.allclose(g1[name], g2[name], atol=1e-6, rtol=1e-5), name
+        ref.zero_grad(), ours.zero_grad()

@@ -165,6 +165,18 @@ class FastConfig(_Section):
     cpu_embeddings: Literal["auto", "on", "off"] = Field(
         "auto", description="Keep a frozen, untied input embedding table in CPU memory (auto: on for qlora; ~1 GiB on 8B)."
     )
+    partial_checkpointing: Literal["auto", "off"] = Field(
+        "auto", description="When the memory estimate asks for checkpointing, recompute only as many layers as needed (off: all)."
+    )
+    memory_gib: Optional[float] = Field(
+        None, gt=0, description="GPU memory the plan may use, GiB (default: 90% of the card); e.g. a shared card or a target."
+    )
+    cpu_lm_head: Literal["auto", "on", "off"] = Field(
+        "auto", description="Park a frozen lm_head in CPU memory between losses, streamed back for each (auto: on for qlora; ~1 GiB on 8B)."
+    )
+    nf4_kernel: Literal["auto", "off"] = Field(
+        "auto", description="QLoRA: NF4 base + LoRA as one autograd step with a one-pass Triton dequant (off: bitsandbytes' forward)."
+    )
     single_sequence_sdpa: Literal["auto", "off"] = Field(
         "auto", description="Rows holding one example (long context): causal SDPA (cuDNN on H100) instead of varlen's FA2."
     )

@@ -161,6 +161,9 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
         # Checkpoints are atomic, so whatever is in checkpoints/ is safe to continue from.
         print(f"\ninterrupted; continue with: llamaft train {run_dir / 'config.yaml'} train.resume=true")
         raise
+    from ..model.fast import restore_parked
+
+    restore_parked(model)  # fast.cpu_lm_head: the head back on the GPU for the final eval and saving
 
     # -- final evaluation of every named set, logged at the last step like the periodic ones
     final_eval = {}

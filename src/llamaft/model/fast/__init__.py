@@ -41,6 +41,12 @@ class FastPlan:
     loss_chunk_rows: int | None = None        # fused loss rows per chunk (None: ~512 MiB of logits)
     single_sdpa: bool = True                  # varlen rows with one example -> causal SDPA (cuDNN)
     cpu_embeddings: bool = False              # frozen input embedding table in CPU memory (model/fast/embed.py)
+    # own checkpointing of the first N decoder layers only, N chosen per micro-batch from its tokens:
+    # checkpoint_tokens[N] = most tokens that fit with N layers checkpointed (None: every layer, always)
+    checkpoint_tokens: list[int] | None = None
+    checkpoint_layers: int | None = None      # N for the largest micro-batch the data can form (reported)
+    cpu_lm_head: bool = False                 # frozen lm_head parked in CPU memory between losses (head.py)
+    nf4_kernel: bool = False                  # QLoRA: NF4 base + LoRA in one autograd step (lora.py, nf4.py)
 
 
 def _model_device(model) -> torch.device:
@@ -64,7 +70,7 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
     micro-batch far better than micro_batch_size x max_seq_length does (memory estimates).
     """
     from .attention import best_packed_attention
-    from .memory import needs_checkpointing, regroup, regroup_by_tokens
+    from .memory import checkpoint_table, describe_table, layers_for, needs_checkpointing, regroup, regroup_by_tokens
 
     f, reasons = cfg.fast, []
     gc_cfg = cfg.train.gradient_checkpointing
@@ -120,7 +126,7 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
         # non-reentrant one (each parameter's gradient hook fires exactly once per backward).
         own_ckpt = False
         reasons.append("checkpoints: HF's non-reentrant checkpointing, not offloaded (multi-process run)")
-    elif gc:
+    if own_ckpt:
         if f.offload_checkpoints == "auto":
             offload = cfg.model.method == "qlora"
             reasons.append(f"checkpoints {'offloaded to CPU' if offload else 'kept on the GPU'} (auto: {'qlora: memory-lean' if offload else 'not qlora'})")
@@ -129,47 +135,67 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
             reasons.append(f"checkpoints {'offloaded to CPU' if offload else 'kept on the GPU'} (fast.offload_checkpoints={f.offload_checkpoints})")
 
     # Larger micro-batches, same sequences per optimizer step: fewer, fuller kernels. LoRA / full:
-    # only where no checkpointing is needed (W512 LoRA 8x4 -> 16x2 +7%). QLoRA: up to ~6k tokens
-    # (mean example length x micro-batch), enough to amortise the per-layer 4-bit dequantisation
-    # and launch overhead (W512 QLoRA 8x4 -> 16x2: +47%, runs 9-10) and still memory-lean. Only with packing.
+    # the largest that the estimate fits (W512 LoRA 8x4 -> 16x2 +7%). QLoRA: up to ~11k tokens
+    # (mean example length x micro-batch): it is launch-bound, so larger micro-batches are the lever
+    # (W512 QLoRA 8x4 -> 16x2: +47%, 16x2 -> 32x1: +~15%), and with the lm_head parked and no
+    # dequantised weights saved 32 x 1 still fits ~7 GiB (benchmarks/README.md). Only with packing.
     mbs, ga = cfg.train.micro_batch_size, cfg.train.gradient_accumulation
     if packing and f.regroup_batches == "auto" and cfg.model.method == "qlora":
         mbs, ga, why = regroup_by_tokens(mbs, ga, lengths, _QLORA_TOKENS)
         reasons.append(f"micro-batches {mbs} x {ga} accumulation (fast.regroup_batches=auto: {why})")
-    elif packing and not gc and f.regroup_batches == "auto":
-        mbs, ga, why = regroup(cfg, model, tokens_of)
+    elif packing and f.regroup_batches == "auto" and (not gc or own_ckpt):
+        # with checkpointing (the estimate asked for it): the largest micro-batch that fits with every
+        # layer checkpointed; then below, as few recomputed layers as the rest of the budget allows
+        mbs, ga, why = regroup(cfg, model, tokens_of, checkpointing=gc)
         reasons.append(f"micro-batches {mbs} x {ga} accumulation (fast.regroup_batches=auto: {why})")
 
+    ckpt_layers = ckpt_table = None
+    if own_ckpt and gc_cfg == "auto" and cfg.model.method != "qlora":
+        # the estimate asked for checkpointing: recompute only the layers that must be
+        worst = tokens_of(mbs)
+        ckpt_table = checkpoint_table(cfg, model, worst, ga) if f.partial_checkpointing == "auto" else None
+        if ckpt_table is not None:
+            ckpt_layers = layers_for(ckpt_table, worst)
+            reasons.append(f"checkpointing: {describe_table(ckpt_table, worst)} (fast.partial_checkpointing=auto)")
+        else:
+            reasons.append("checkpointing every layer (fast.partial_checkpointing=off)")
     fused_opt = cfg.train.optimizer == "adamw_torch" and f.fused_optimizer != "off"
     if cfg.train.optimizer == "adamw_torch":
         reasons.append(f"torch fused AdamW {'on' if fused_opt else 'off'} (fast.fused_optimizer={f.fused_optimizer})")
 
-    # compile: measured +8% on W512 LoRA without checkpointing and +28-33% on QLoRA (fewer launches:
-    # QLoRA is launch-bound; benchmarks/README.md) for ~90 s of compilation; auto turns it on only
-    # there (full fine-tuning and checkpointed LoRA were not measured)
+    # compile: measured +8% on W512 LoRA without checkpointing, +28-33% on QLoRA (fewer launches:
+    # QLoRA is launch-bound) and +17% on full fine-tuning (32 x 1, partial checkpointing: 7,907 vs
+    # 6,763 tok/s, same invocation; benchmarks/README.md) for ~60-90 s of compilation; auto turns it
+    # on there (checkpointed LoRA was not measured)
     if f.compile == "auto":
-        comp = (cfg.model.method == "lora" and not gc) or cfg.model.method == "qlora"
-        reasons.append(f"torch.compile {'on' if comp else 'off'} (auto: {'measured to win here' if comp else 'only measured to win for qlora and for lora without checkpointing'})")
+        comp = (cfg.model.method == "lora" and not gc) or cfg.model.method in ("qlora", "full")
+        reasons.append(f"torch.compile {'on' if comp else 'off'} (auto: {'measured to win here' if comp else 'only measured to win for qlora, full, and lora without checkpointing'})")
     else:
         comp = f.compile == "on"
         reasons.append(f"torch.compile {comp and 'on' or 'off'} (fast.compile={f.compile})")
     reasons.append("fused LoRA linears on (fast path): scale and add inside the GEMMs")
+    nf4 = cfg.model.method == "qlora" and f.nf4_kernel != "off"
+    if cfg.model.method == "qlora":
+        reasons.append(f"NF4 base layers: {'one-pass Triton dequant + LoRA in one autograd step' if nf4 else 'bitsandbytes forward'} (fast.nf4_kernel={f.nf4_kernel})")
     if attention == "varlen":
         reasons.append(f"rows holding one example: {'causal SDPA (cuDNN where available)' if f.single_sequence_sdpa != 'off' else 'varlen'} (fast.single_sequence_sdpa={f.single_sequence_sdpa})")
     cpu_emb = f.cpu_embeddings == "on" or (f.cpu_embeddings == "auto" and cfg.model.method == "qlora")
     reasons.append(f"input embeddings {'in CPU memory when frozen and untied' if cpu_emb else 'on the GPU'} (fast.cpu_embeddings={f.cpu_embeddings})")
+    cpu_head = fused and (f.cpu_lm_head == "on" or (f.cpu_lm_head == "auto" and cfg.model.method == "qlora"))
+    reasons.append(f"lm_head {'parked in CPU memory between losses when frozen and untied' if cpu_head else 'on the GPU'} (fast.cpu_lm_head={f.cpu_lm_head})")
     tile = _TILE_ROWS if f.tile_mlp == "auto" and cfg.data.max_seq_length * cfg.train.micro_batch_size > _TILE_ROWS else 0
     if tile:
         reasons.append(f"MLP in chunks of {tile} tokens when a micro-batch is longer (fast.tile_mlp=auto)")
     return FastPlan(packing, attention, fused, gc, comp, reasons, fused_lora=True, own_checkpointing=own_ckpt,
                     offload_checkpoints=offload, micro_batch_size=mbs, gradient_accumulation=ga,
                     fused_optimizer=fused_opt, tile_mlp_rows=tile, single_sdpa=f.single_sequence_sdpa != "off",
-                    cpu_embeddings=cpu_emb,
+                    cpu_embeddings=cpu_emb, cpu_lm_head=cpu_head, nf4_kernel=nf4, checkpoint_layers=ckpt_layers,
+                    checkpoint_tokens=ckpt_table,
                     loss_chunk_rows=256 if cfg.model.method == "qlora" else None)
 
 
 _TILE_ROWS = 16384  # [16k, 14336] bf16 MLP intermediates: 0.44 GiB each
-_QLORA_TOKENS = 6144  # QLoRA micro-batch target (mean tokens), see regroup_by_tokens
+_QLORA_TOKENS = 11264  # QLoRA micro-batch target (mean tokens), see regroup_by_tokens
 
 
 def _distributed() -> bool:
@@ -199,13 +225,16 @@ def apply_fast_path(model, plan: FastPlan):
         if not embeddings_to_cpu(_unwrapped(model)):
             plan.cpu_embeddings = False
             plan.reasons.append("input embeddings stay on the GPU: trained, tied to the lm_head, or not a plain nn.Embedding")
-    if plan.fused_loss and not install_fused_loss(model, chunk=plan.loss_chunk_rows):
+    if plan.fused_loss and not install_fused_loss(model, chunk=plan.loss_chunk_rows, park_head=plan.cpu_lm_head):
         plan.fused_loss = False
         plan.reasons.append("fused loss off: lm_head is not a plain bias-free nn.Linear")
+    if plan.cpu_lm_head and getattr(_unwrapped(model), "_llamaft_parked_head", None) is None:
+        plan.cpu_lm_head = False
+        plan.reasons.append("lm_head stays on the GPU: trained, tied to the input embeddings, or not on CUDA")
     if plan.fused_lora:
         from .lora import fuse_lora
 
-        fuse_lora(model)  # call after the adapters are attached; PEFT-free models are left as they are
+        fuse_lora(model, nf4=plan.nf4_kernel)  # call after the adapters are attached; PEFT-free models are left as they are
     layers = decoder_layers(model)
     if plan.tile_mlp_rows and layers is not None:
         from .recompute import tile_mlp
@@ -217,7 +246,14 @@ def apply_fast_path(model, plan: FastPlan):
         from .recompute import install
 
         # compile goes inside the checkpoint: streams and CPU copies stay out of the graph
-        install(layers, offload=plan.offload_checkpoints, wrap_body=compile_fn if plan.compile else None)
+        policy = None
+        if plan.checkpoint_tokens is not None:
+            from .memory import layers_for
+
+            table = plan.checkpoint_tokens
+            policy = lambda index, tokens: index < layers_for(table, tokens)  # noqa: E731
+        install(layers, offload=plan.offload_checkpoints, wrap_body=compile_fn if plan.compile else None,
+                policy=policy)
         if hasattr(model, "config"):
             model.config.use_cache = False
     else:
@@ -229,6 +265,13 @@ def apply_fast_path(model, plan: FastPlan):
 
             compile_blocks(layers)
     return model
+
+
+def restore_parked(model) -> None:
+    """After training: a parked lm_head back on the GPU for good (saving, merging, generation)."""
+    parked = getattr(_unwrapped(model), "_llamaft_parked_head", None)
+    if parked is not None:
+        parked.restore()
 
 
 def _unwrapped(model):

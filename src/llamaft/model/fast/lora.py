@@ -10,8 +10,8 @@ Adapter weights stay fp32 masters (PEFT's default); they are cast to the activat
 (16 x 4096 elements: free), and their gradients come back in fp32 as autograd expects.
 
 `fuse_lora(model)` patches every eligible PEFT `lora.Linear` forward (one active adapter, no dropout,
-no DoRA / variants, not merged, a plain nn.Linear base -> full fusion, a bnb 4-bit base -> the
-low-rank half only). At call time any other state (adapters disabled, merged, several adapters)
+no DoRA / variants, not merged, a plain nn.Linear base -> full fusion, a bnb NF4 base -> `lora_4bit`
+with our one-kernel dequant, any other base -> the low-rank half only). At call time any other state (adapters disabled, merged, several adapters)
 falls back to PEFT's own forward. Reference: PEFT's forward itself (tests compare both).
 """
 
@@ -101,21 +101,40 @@ def _eligible(layer) -> bool:
     return isinstance(layer.lora_dropout[names[0]], torch.nn.Identity)
 
 
-def fuse_lora(model) -> int:
-    """Patch eligible PEFT LoRA linears in place; returns how many were patched."""
+def _nf4_base(base) -> bool:
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return False
+    from .nf4 import supported
+
+    return isinstance(base, Linear4bit) and supported(base)
+
+
+def fuse_lora(model, nf4: bool = True) -> int:
+    """Patch eligible PEFT LoRA linears in place; returns how many were patched. `nf4`: bitsandbytes
+    NF4 bases run as `lora_4bit` (our dequant kernel) instead of their own forward + `lora_delta`."""
     try:
         from peft.tuners.lora import Linear as LoraLinear
     except ImportError:
         return 0
+    kinds: tuple = (LoraLinear,)
+    try:  # PEFT's own LoRA class for bitsandbytes 4-bit bases (what a QLoRA model gets): not a Linear
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+        kinds += (LoraLinear4bit,)
+    except ImportError:  # no bitsandbytes
+        pass
     count = 0
     for layer in model.modules():
-        if not isinstance(layer, LoraLinear) or getattr(layer, "_llamaft_fused", False) or not _eligible(layer):
+        if not isinstance(layer, kinds) or getattr(layer, "_llamaft_fused", False) or not _eligible(layer):
             continue
         name = next(iter(layer.lora_A.keys()))
         dense = type(layer.base_layer) is torch.nn.Linear and layer.base_layer.bias is None
+        four = nf4 and _nf4_base(layer.base_layer)
         original = layer.forward
 
-        def forward(x, *args, _layer=layer, _name=name, _dense=dense, _orig=original, **kwargs):
+        def forward(x, *args, _layer=layer, _name=name, _dense=dense, _four=four, _orig=original, **kwargs):
             if (args or kwargs or _layer.disable_adapters or _layer.merged
                     or list(_layer.active_adapters) != [_name]):
                 return _orig(x, *args, **kwargs)
@@ -124,6 +143,10 @@ def fuse_lora(model) -> int:
             base = _layer.base_layer
             if _dense and not base.weight.requires_grad:
                 return lora_linear(x, base.weight, a, b, s)
+            if _four and getattr(base.weight, "quant_state", None) is not None:
+                from .lora_nf4 import lora_4bit
+
+                return lora_4bit(x, base.weight, a, b, s, base.weight.quant_state, base.compute_dtype or x.dtype)
             return lora_delta(base(x), x, a, b, s)
 
         layer.forward = forward

@@ -36,7 +36,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
         valid = torch.nonzero(targets != IGNORE, as_tuple=False).reshape(-1)
         grad_h = torch.zeros_like(h)
         need_w = weight.requires_grad
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # full fine-tuning trains the lm_head: its gradient accumulates chunk by chunk in the weight's
+        # dtype through the GEMM's own epilogue (beta=1), one rounding per chunk and no [V, H]
+        # temporaries (an fp32 buffer + upcast copies were ~5 GiB on 8B at the forward's peak)
+        grad_w = torch.zeros_like(weight) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         scale = 1.0 / denom if not torch.is_tensor(denom) else 1.0 / denom.to(h.device, torch.float32)
         for start in range(0, valid.numel(), chunk):
@@ -53,17 +56,18 @@ class _ChunkedLinearCE(torch.autograd.Function):
             del logits
             grad_h.index_copy_(0, rows, (g @ weight).to(grad_h.dtype))
             if need_w:
-                grad_w += (g.t() @ hc).float()  # full fine-tuning: lm_head is trained
+                grad_w.addmm_(g.t(), hc)
         ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
         ctx.need_w = need_w
-        ctx.w_dtype = weight.dtype
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype)
-        gw = (grad_w * grad_out).to(ctx.w_dtype) if ctx.need_w else None
+        # in place: a second [V, H] buffer at the start of the backward is what the budget cannot spare
+        # (this graph is backpropagated once, as a training loss is)
+        gw = grad_w.mul_(grad_out.to(grad_w.dtype)) if ctx.need_w else None
         return gh, gw, None, None, None
 
 
@@ -100,10 +104,12 @@ def _causal_lm(model):
     return base
 
 
-def install_fused_loss(model, chunk: int | None = None) -> bool:
+def install_fused_loss(model, chunk: int | None = None, park_head: bool = False) -> bool:
     """Patch the causal LM's forward (this instance only). Returns False (and changes nothing) when the
     model has no plain `model` + bias-free `lm_head` layout, so callers can record the fallback.
-    `chunk`: rows of logits per chunk (default ~512 MiB of fp32 logits; QLoRA's plan asks for fewer)."""
+    `chunk`: rows of logits per chunk (default ~512 MiB of fp32 logits; QLoRA's plan asks for fewer).
+    `park_head`: a frozen lm_head waits in CPU memory between losses (model/fast/head.py); see
+    `lm._llamaft_parked_head` (None when not eligible)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     lm = _causal_lm(model)
@@ -114,17 +120,28 @@ def install_fused_loss(model, chunk: int | None = None) -> bool:
     if getattr(lm, "_llamaft_fused_loss", False):
         return True
     original = lm.forward
+    parked = None
+    if park_head:
+        from .head import park_lm_head
+
+        parked = park_lm_head(lm, getattr(decoder, "layers", None))
+    lm._llamaft_parked_head = parked
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         if labels is None:
+            if parked is not None:
+                parked.acquire()  # evaluation / generation: the head stays on the GPU from here
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                             logits_to_keep=logits_to_keep, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        loss = fused_causal_lm_loss(out.last_hidden_state, lm.lm_head.weight, labels, num_items, chunk)
+        head = parked.acquire() if parked is not None else lm.lm_head.weight
+        loss = fused_causal_lm_loss(out.last_hidden_state, head, labels, num_items, chunk)
+        if parked is not None and torch.is_grad_enabled():
+            parked.release()  # the backward never reads it (gradients were computed above)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
 
     lm.forward = forward

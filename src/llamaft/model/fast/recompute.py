@@ -105,23 +105,28 @@ class _Checkpoint(torch.autograd.Function):
         return x.grad, None, None, None, None
 
 
-def install(layers, *, offload: bool, wrap_body: Callable[[Callable], Callable] | None = None) -> int:
+def install(layers, *, offload: bool, wrap_body: Callable[[Callable], Callable] | None = None,
+            policy: Callable[[int, int], bool] | None = None) -> int:
     """Checkpoint every decoder layer (forward patched on the instance); `wrap_body` (e.g. compile)
-    is applied to the layer body inside the checkpoint. All layers share one prefetch chain."""
+    is applied to the layer body inside the checkpoint. All layers share one prefetch chain.
+    `policy(layer_index, tokens)`: False runs that layer plainly for this micro-batch (its
+    activations kept, no recompute); default: always checkpoint."""
     chain = _Chain()
     dummy = torch.zeros((), requires_grad=True)
     streams: dict = {}
-    for layer in layers:
+    for index, layer in enumerate(layers):
         body = layer.forward
         if wrap_body is not None:
             body = wrap_body(body)
-        layer.forward = _bind(body, offload, chain, dummy, streams)
+        layer.forward = _bind(body, offload, chain, dummy, streams, index, policy)
     return len(layers)
 
 
-def _bind(fn, offload, chain, dummy, streams):
+def _bind(fn, offload, chain, dummy, streams, index=0, policy=None):
     def forward(hidden_states, *args, **kwargs):
         if not torch.is_grad_enabled():
+            return fn(hidden_states, *args, **kwargs)
+        if policy is not None and not policy(index, hidden_states.shape[:-1].numel()):
             return fn(hidden_states, *args, **kwargs)
         stream = None
         if offload and hidden_states.is_cuda:
