@@ -1,6 +1,7 @@
 """W512 (and longer) training throughput of llamaft's fast path on one GPU, HF Trainer driven.
 
     python benchmarks/bench.py DIR MODE SEQ BS GA STEPS OUT.json [--variant fast|plain] [--gc auto|on|off]
+        [--compile|--regroup|--offload|--partial|--nf4|--cpu-emb auto|on|off] [--memory-gib N] [--optim NAME]
         DIR   a saved random Llama-3.1-8B-shaped model (`seed_baseline.py save DIR`)
         MODE  lora | qlora | full
 
@@ -14,7 +15,8 @@ fast variant's own choices (packing, varlen attention, fused loss, checkpointing
 settings, for per-step loss parity with the fast path.
 
 Real tokens are counted from the batches the model actually receives (a forward pre-hook), not
-from an estimate; peak memory is torch.cuda.max_memory_allocated over the whole training.
+from an estimate; peak memory is torch.cuda.max_memory_allocated over the whole training (also split:
+forward incl. the loss vs backward + optimizer step).
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def run_config(args):
                   # our config names the optimizers users choose; torch's fused AdamW is a bench-only extra
                   "optimizer": args.optim if args.optim in ("adamw_8bit", "paged_adamw_8bit") else "adamw_torch"},
         "fast": {"enabled": args.variant == "fast", "compile": args.compile, "regroup_batches": args.regroup,
-                 "offload_checkpoints": args.offload},
+                 "offload_checkpoints": args.offload, "partial_checkpointing": args.partial,
+                 "memory_gib": args.memory_gib, "nf4_kernel": args.nf4, "cpu_embeddings": args.cpu_emb},
     }, "bench")
 
 
@@ -120,6 +123,10 @@ def main():
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--regroup", choices=["auto", "off"], default="auto")
     ap.add_argument("--offload", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--partial", choices=["auto", "off"], default="auto")
+    ap.add_argument("--memory-gib", type=float, default=None, help="fast.memory_gib: the plan's memory budget")
+    ap.add_argument("--nf4", choices=["auto", "off"], default="auto")
+    ap.add_argument("--cpu-emb", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--optim", default=None, help="default: adamw_torch (lora), paged_adamw_8bit (qlora, full)")
     ap.add_argument("--fixed-len", type=int, default=0, help="every sequence this long (seq 2048/8192 workloads)")
     args = ap.parse_args()
@@ -174,6 +181,19 @@ def main():
             seen["computed"] += ids.numel()
 
     model.register_forward_pre_hook(count, with_kwargs=True)
+    # peak memory by phase: forward (incl. the fused loss) vs backward + optimizer step
+    phase = {"fwd": 0, "bwd": 0}
+
+    def mark(name):
+        def hook(*_):
+            phase[name] = max(phase[name], torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+        return hook
+
+    fwd_start, fwd_done = mark("bwd"), mark("fwd")  # at a forward's start: the peak since the last one's end
+
+    model.register_forward_pre_hook(fwd_start)
+    model.register_forward_hook(fwd_done)
     stamps = []
 
     class Clock(TrainerCallback):
@@ -190,6 +210,8 @@ def main():
     tr = Trainer(model=model, args=targs, train_dataset=DS(), data_collator=collate, callbacks=[Clock()])
     torch.cuda.reset_peak_memory_stats()
     tr.train()
+    phase["bwd"] = max(phase["bwd"], torch.cuda.max_memory_allocated())
+    free, total = torch.cuda.mem_get_info()
     (t1, r1, c1), (t2, r2, c2) = stamps[1], stamps[-1]
     res = dict(
         mode=args.mode, variant=args.variant, seq=args.seq, bs=args.bs, ga=args.ga, steps=args.steps,
@@ -198,13 +220,18 @@ def main():
         plan=dict(packing=plan.packing, attention=plan.attention, fused_loss=plan.fused_loss,
                   gradient_checkpointing=plan.gradient_checkpointing, compile=plan.compile,
                   offload_checkpoints=plan.offload_checkpoints, fused_optimizer=plan.fused_optimizer,
+                  checkpoint_layers=plan.checkpoint_layers, nf4_kernel=plan.nf4_kernel,
+                  cpu_embeddings=plan.cpu_embeddings,
                   reasons=plan.reasons)
         if args.variant == "fast" else dict(packing=False, attention="sdpa", fused_loss=False,
                                             gradient_checkpointing=plan.gradient_checkpointing),
         timed_steps=len(stamps) - 2, timed_s=round(t2 - t1, 3), timed_real_tokens=r2 - r1,
         timed_computed_tokens=c2 - c1, tokens_per_s=round((r2 - r1) / (t2 - t1), 1),
         computed_tokens_per_s=round((c2 - c1) / (t2 - t1), 1), load_s=round(load_s, 1),
-        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        peak_mem_gib=round(max(phase.values()) / 2**30, 2),
+        peak_fwd_gib=round(phase["fwd"] / 2**30, 2), peak_bwd_step_gib=round(phase["bwd"] / 2**30, 2),
+        # whole-device view at the end (CUDA context, allocator cache, bitsandbytes' paged states)
+        device_used_gib_end=round((total - free) / 2**30, 2),
         losses=[h.get("loss") for h in tr.state.log_history if "loss" in h],
         device=torch.cuda.get_device_name(0), versions=versions(), dynamo=dynamo_counters(),
         command="python " + " ".join(sys.argv))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device invocation: GPU parity tests, then W512 for llamaft's fast path AND the seed recipe on
 # the same card, same model weights, same data. Results land in $OUT (or ./benchmarks/results/raw).
-#   bash benchmarks/run_w512.sh [STEPS] [WHAT...]   WHAT: tests lora seed plain qlora seedq lora16 ...
+#   bash benchmarks/run_w512.sh [STEPS] [WHAT...]   WHAT: tests lora seed plain qlora seedq lora16 ... or NAME:MODE,BS,GA,FLAGS
 # Needs: .bench/seed_baseline.py (copy of ../shared/bench) and wheels in .whl/ (bitsandbytes, pydantic).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -46,6 +46,9 @@ for w in $WHAT; do
     full)   $B full 512 8 4 $STEPS "$OUT/w512_full_fast.json" ;;
     s2048)  $B lora 2048 4 2 $STEPS "$OUT/seq2048_lora_fast.json" --fixed-len 2048 ;;
     s8192)  $B lora 8192 1 2 $STEPS "$OUT/seq8192_lora_fast.json" --fixed-len 8192 ;;
+    # any other W512 variant: NAME:MODE,BS,GA[,bench.py flags...]  e.g. full40c:full,8,4,--memory-gib,40,--compile,on
+    *:*)    IFS=, read -r -a a <<< "${w#*:}"
+            $B ${a[0]} 512 ${a[1]} ${a[2]} $STEPS "$OUT/w512_${w%%:*}.json" "${a[@]:3}" ;;
   esac 2>&1 | grep -v -E "it/s\]|s/it\]|Warning|warn\(" | tail -15 | tee -a "$OUT/log.txt"
 done
 # the device returns at most 8 files: bundle every JSON into one archive
