@@ -36,7 +36,7 @@ def main():
     args = type("A", (), {"dir": d, "mode": "qlora"})()
     plan = FastPlan(True, "varlen", True, True, False, [], fused_lora=True,
                     own_checkpointing=True, offload_checkpoints=offload, tile_mlp_rows=16384, loss_chunk_rows=1024,
-                    cpu_embeddings=True)
+                    cpu_embeddings=True, cpu_lm_head=True, nf4_kernel=True)  # as choose_plan does for qlora
     model = apply_fast_path(load_model(args), plan)
     model.train()
     import bitsandbytes as bnb

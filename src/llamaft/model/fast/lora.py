@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .lora_nf4 import lora_4bit
+
 _fwd = torch.amp.custom_fwd(device_type="cuda")
 _bwd = torch.amp.custom_bwd(device_type="cuda")
 
@@ -144,8 +146,6 @@ def fuse_lora(model, nf4: bool = True) -> int:
             if _dense and not base.weight.requires_grad:
                 return lora_linear(x, base.weight, a, b, s)
             if _four and getattr(base.weight, "quant_state", None) is not None:
-                from .lora_nf4 import lora_4bit
-
                 return lora_4bit(x, base.weight, a, b, s, base.weight.quant_state, base.compute_dtype or x.dtype)
             return lora_delta(base(x), x, a, b, s)
 
