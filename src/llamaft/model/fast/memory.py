@@ -1,10 +1,13 @@
-"""Should gradient checkpointing be on, and how large can a micro-batch be? A coarse estimate of
-peak training memory vs the card.
+"""Should gradient checkpointing be on, how large can a micro-batch be, and how many layers must a
+given micro-batch recompute? A coarse estimate of peak training memory vs the budget (90% of the
+card, or fast.memory_gib).
 
 Checkpointing costs ~45% more FLOPs at 8B (the whole forward is recomputed), so it is only worth it
 when the activations would not fit. The estimate is deliberately pessimistic: the tokens of a
 micro-batch are its longest possible content (the `micro_batch` longest training examples when the
-plan knows them, else micro_batch x max_seq_length), and it is logged in the plan's reasons.
+plan knows them, else micro_batch x max_seq_length), and it is logged in the plan's reasons. Only
+the per-micro-batch layer count (`checkpoint_table` / `layers_for`) looks at the real micro-batch,
+at run time, so typical micro-batches recompute fewer layers than the worst case would.
 """
 
 from __future__ import annotations

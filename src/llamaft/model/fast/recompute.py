@@ -8,6 +8,8 @@ Why our own (HF's `gradient_checkpointing_enable` is the plain reference):
     the compute instead of adding to it;
   * compile: the layer body can be a `torch.compile`d function while the checkpoint itself stays
     outside the graph (streams and CPU copies are not something to trace);
+  * partial: a policy may leave a layer un-checkpointed for a given micro-batch (its token count
+    decides how many layers must be recomputed to fit: model/fast/memory.py checkpoint_table);
   * long sequences: `tile_mlp` runs the MLP in token chunks, each recomputed on its own, so the
     [tokens, 14336] intermediates never exist for the whole sequence at once.
 
