@@ -1,4 +1,4 @@
-"""NF4 dequantisation (model/fast/nf4.py) and the NF4 + LoRA autograd step (model/fast/lora.py) on CPU.
+"""NF4 dequantisation (model/fast/nf4.py) and the NF4 + LoRA ops (model/fast/lora_nf4.py) on CPU.
 
 The Triton kernel itself is compared with bitsandbytes on the GPU (tests/test_fast_gpu.py); here the
 plain-PyTorch reference is checked against a per-element reading of bitsandbytes' layout, and

@@ -175,7 +175,7 @@ class FastConfig(_Section):
         "auto", description="Park a frozen lm_head in CPU memory between losses, streamed back for each (auto: on for qlora; ~1 GiB on 8B)."
     )
     nf4_kernel: Literal["auto", "off"] = Field(
-        "auto", description="QLoRA: NF4 base + LoRA as one autograd step with a one-pass Triton dequant (off: bitsandbytes' forward)."
+        "auto", description="QLoRA: NF4 base + LoRA as one op with a one-pass Triton dequant, weight never saved (off: bitsandbytes' forward)."
     )
     single_sequence_sdpa: Literal["auto", "off"] = Field(
         "auto", description="Rows holding one example (long context): causal SDPA (cuDNN on H100) instead of varlen's FA2."

@@ -46,7 +46,7 @@ class FastPlan:
     checkpoint_tokens: list[int] | None = None
     checkpoint_layers: int | None = None      # N for the largest micro-batch the data can form (reported)
     cpu_lm_head: bool = False                 # frozen lm_head parked in CPU memory between losses (head.py)
-    nf4_kernel: bool = False                  # QLoRA: NF4 base + LoRA in one autograd step (lora.py, nf4.py)
+    nf4_kernel: bool = False                  # QLoRA: NF4 base + LoRA as one opaque op (lora_nf4.py, nf4.py)
 
 
 def _model_device(model) -> torch.device:
@@ -176,7 +176,7 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None) -> FastPlan:
     reasons.append("fused LoRA linears on (fast path): scale and add inside the GEMMs")
     nf4 = cfg.model.method == "qlora" and f.nf4_kernel != "off"
     if cfg.model.method == "qlora":
-        reasons.append(f"NF4 base layers: {'one-pass Triton dequant + LoRA in one autograd step' if nf4 else 'bitsandbytes forward'} (fast.nf4_kernel={f.nf4_kernel})")
+        reasons.append(f"NF4 base layers: {'one op: one-pass Triton dequant + base and LoRA GEMMs' if nf4 else 'bitsandbytes forward'} (fast.nf4_kernel={f.nf4_kernel})")
     if attention == "varlen":
         reasons.append(f"rows holding one example: {'causal SDPA (cuDNN where available)' if f.single_sequence_sdpa != 'off' else 'varlen'} (fast.single_sequence_sdpa={f.single_sequence_sdpa})")
     cpu_emb = f.cpu_embeddings == "on" or (f.cpu_embeddings == "auto" and cfg.model.method == "qlora")

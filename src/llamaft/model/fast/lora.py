@@ -10,8 +10,9 @@ Adapter weights stay fp32 masters (PEFT's default); they are cast to the activat
 (16 x 4096 elements: free), and their gradients come back in fp32 as autograd expects.
 
 `fuse_lora(model)` patches every eligible PEFT `lora.Linear` forward (one active adapter, no dropout,
-no DoRA / variants, not merged, a plain nn.Linear base -> full fusion, a bnb NF4 base -> `lora_4bit`
-with our one-kernel dequant, any other base -> the low-rank half only). At call time any other state (adapters disabled, merged, several adapters)
+no DoRA / variants, not merged; also PEFT's bitsandbytes Linear4bit class): a plain nn.Linear base
+-> full fusion, a bnb NF4 base -> `lora_4bit` (model/fast/lora_nf4.py), any other base -> the
+low-rank half only. At call time any other state (adapters disabled, merged, several adapters)
 falls back to PEFT's own forward. Reference: PEFT's forward itself (tests compare both).
 """
 
