@@ -138,10 +138,23 @@ def _bind(fn, offload, chain, dummy, streams, index=0, policy=None):
             stream = streams[dev]
         # a KV cache would be filled by the forward and read again by the recompute (as HF's own
         # checkpointing, training runs without one)
-        kwargs = {**kwargs, "past_key_values": None, "use_cache": False} if "past_key_values" in kwargs else kwargs
+        kwargs = without_kv_cache(kwargs)
         return _Checkpoint.apply(hidden_states, dummy, lambda h: fn(h, *args, **kwargs), chain, stream)
 
     return forward
+
+
+# The decoder layer's name for its KV cache: transformers <= 5.2x `past_key_values`, newer `cache`
+# (5.24 renamed it and keeps the old name as a deprecated alias until 5.40). Both are cleared;
+# tests/test_fast_recompute.py checks the installed LlamaDecoderLayer still takes one of them.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def without_kv_cache(kwargs: dict) -> dict:
+    """The layer's keyword arguments with any KV cache dropped and caching off."""
+    if not any(name in kwargs for name in CACHE_KWARGS):
+        return kwargs
+    return {**kwargs, **{name: None for name in CACHE_KWARGS if name in kwargs}, "use_cache": False}
 
 
 def tile_mlp(mlp, rows: int) -> None:
