@@ -146,7 +146,7 @@ def _bind(fn, offload, chain, dummy, streams, index=0, policy=None):
 
 # The decoder layer's name for its KV cache: transformers <= 5.2x `past_key_values`, newer `cache`
 # (5.24 renamed it and keeps the old name as a deprecated alias until 5.40). Both are cleared;
-# tests/test_fast_recompute.py checks the installed LlamaDecoderLayer still takes one of them.
+# tests/test_library_contracts.py checks the installed LlamaDecoderLayer still takes one of them.
 CACHE_KWARGS = ("cache", "past_key_values")
 
 

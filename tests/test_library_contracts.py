@@ -1,0 +1,120 @@
+"""Library contracts: every private name or call shape of a dependency that llamaft relies on.
+
+A new transformers / peft / llama-cpp-python release that renames one of these fails here, with the
+contract in the test's name, instead of showing up as wrong gradients or a half-written checkpoint
+in a user's run (transformers 5.24 renamed the decoder layer's `past_key_values` to `cache`, and the
+only symptom was wrong LoRA gradients under our checkpointing). Each test says where we rely on it.
+The tested version range is in README.md ("Dependencies"); `constraints.txt` pins what CI last passed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+import torch
+
+
+# -- transformers ---------------------------------------------------------------------------------
+
+def test_transformers_decoder_layer_takes_a_kv_cache_keyword_we_clear():
+    """model/fast/recompute.py drops the KV cache by keyword name before the layer body runs twice
+    (forward, recompute); an unknown new name would let the recompute read a cache its own forward
+    filled, and the gradients would be silently wrong."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from llamaft.model.fast.recompute import CACHE_KWARGS, without_kv_cache
+
+    params = inspect.signature(LlamaDecoderLayer.forward).parameters
+    assert any(name in params for name in CACHE_KWARGS), sorted(params)
+    assert "use_cache" in params
+    cleared = without_kv_cache({"cache": object(), "past_key_values": object(), "use_cache": True, "x": 1})
+    assert cleared == {"cache": None, "past_key_values": None, "use_cache": False, "x": 1}
+    assert without_kv_cache({"x": 1}) == {"x": 1}
+
+
+def test_transformers_trainer_saves_checkpoints_under_get_output_dir():
+    """train/checkpoint.py (atomic checkpoints) overrides `Trainer._save_checkpoint(model, trial)` and
+    redirects `Trainer._get_output_dir(trial)` to a staging directory while HF saves; that works only
+    while `_save_checkpoint` asks `_get_output_dir` for the parent of checkpoint-N."""
+    from transformers import Trainer
+
+    save = inspect.signature(Trainer._save_checkpoint).parameters
+    assert list(save)[:3] == ["self", "model", "trial"], list(save)
+    assert list(inspect.signature(Trainer._get_output_dir).parameters) == ["self", "trial"]
+    assert "self._get_output_dir(" in inspect.getsource(Trainer._save_checkpoint)
+
+
+def test_transformers_checkpoint_rotation_helpers():
+    """train/checkpoint.py rotates published checkpoints by step with HF's own helper."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+    assert PREFIX_CHECKPOINT_DIR == "checkpoint"
+    params = inspect.signature(rotate_checkpoints).parameters
+    assert {"output_dir", "save_total_limit", "use_mtime"} <= set(params), list(params)
+
+
+def test_transformers_attention_and_mask_registries():
+    """model/fast/attention.py registers our kernels by name and falls back to HF's SDPA pieces."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    assert callable(AttentionInterface.register) and callable(AttentionMaskInterface.register)
+    assert "attention_mask" in inspect.signature(sdpa_mask).parameters
+    assert list(inspect.signature(sdpa_attention_forward).parameters)[:4] == ["module", "query", "key", "value"]
+
+
+def test_transformers_helpers_used_by_tokenizer_and_merge():
+    """model/tokenizer.py builds Meta's tokenizer with `TikTokenConverter(vocab_file=...,
+    extra_special_tokens=...).converted()` (its default `pattern` is Llama 3's split regex); export/merge.py parses `--max-shard-size` with `convert_file_size_to_int`."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers.utils.hub import convert_file_size_to_int
+
+    params = inspect.signature(TikTokenConverter.__init__).parameters
+    assert {"vocab_file", "pattern", "extra_special_tokens"} <= set(params), list(params)
+    assert hasattr(TikTokenConverter, "converted")
+    assert convert_file_size_to_int("5GB") == 5 * 10**9
+
+
+# -- peft -----------------------------------------------------------------------------------------
+
+def test_peft_lora_linear_attributes_read_by_the_fused_path():
+    """model/fast/lora.py patches `peft.tuners.lora.Linear.forward` and reads these attributes; a
+    rename would make every layer silently ineligible (or, worse, read a stale field)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
+    assert isinstance(layer.base_layer, torch.nn.Linear)
+    for name in ("lora_A", "lora_B", "lora_dropout", "scaling"):
+        assert "default" in getattr(layer, name), name
+    assert isinstance(layer.use_dora, dict) and isinstance(getattr(layer, "lora_variant", {}), dict)
+    assert list(layer.active_adapters) == ["default"]
+    assert layer.disable_adapters is False and layer.merged is False
+
+
+def test_peft_lora_class_for_bitsandbytes_4bit_bases():
+    """QLoRA layers are `peft.tuners.lora.bnb.Linear4bit`, not `lora.Linear` (fuse_lora matches both)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes (the gpu extra) is not installed")
+    from peft.tuners.lora.bnb import Linear4bit
+
+    assert "base_layer" in inspect.signature(Linear4bit.__init__).parameters
+
+
+# -- llama-cpp-python -----------------------------------------------------------------------------
+
+def test_llama_cpp_vocab_handle_for_stop_tokens():
+    """export/gguf_check.py and chat/gguf_backend.py read `Llama._model.vocab` (the binding has no
+    public is-end-of-generation call) and pass it to `llama_vocab_is_eog` / `llama_vocab_get_text`."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the gguf-check extra) is not installed")
+    from llama_cpp._internals import LlamaModel
+
+    assert re.search(r"self\._model\s*=", inspect.getsource(llama_cpp.Llama.__init__))
+    assert re.search(r"self\.vocab\s*=", inspect.getsource(LlamaModel.__init__))
+    assert callable(llama_cpp.llama_vocab_is_eog) and callable(llama_cpp.llama_vocab_get_text)
