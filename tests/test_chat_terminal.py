@@ -5,7 +5,7 @@ import io
 import pytest
 
 from inference_helpers import save_model_dir, tiny_model, tiny_rules, tiny_tokenizer
-from llamaft.chat.generate import GenParams, stream_chat
+from llamaft.model.generate import GenParams, stream_chat
 from llamaft.chat.terminal import chat_loop
 from llamaft.errors import LlamaftError
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from inference_helpers import tiny_model, tiny_rules, tiny_tokenizer
-from llamaft.chat.generate import GenParams, chat_prompt_ids, generate_batch, generation_config, stream_chat
+from llamaft.model.generate import GenParams, chat_prompt_ids, generate_batch, generation_config, stream_chat
 from llamaft.errors import LlamaftError
 
 GREEDY = GenParams(temperature=0, max_new_tokens=12)

@@ -12,7 +12,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: run scr
 
 from test_gguf_export import make_model_dir  # noqa: E402
 
-from llamaft.chat.generate import GenParams  # noqa: E402
+from llamaft.model.generate import GenParams  # noqa: E402
 from llamaft.chat.gguf_backend import load_gguf, prompt_tokens, stream_chat_gguf  # noqa: E402
 from llamaft.export.gguf import export_gguf  # noqa: E402
 from llamaft.export.gguf_check import check_gguf  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 
 from browser.ui_assets import letters_only_run
 from llamaft.chat import ui
-from llamaft.chat.generate import GenParams, stream_chat
+from llamaft.model.generate import GenParams, stream_chat
 from llamaft.chat.ui_backends import Backend, Models, resolve_models
 from llamaft.chat.ui_summary import run_summary_markdown
 from llamaft.errors import LlamaftError

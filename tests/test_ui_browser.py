@@ -34,7 +34,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from browser.ui_assets import letters_only_run  # noqa: E402
 from llamaft.chat import ui  # noqa: E402
-from llamaft.chat.generate import GenParams, stream_chat  # noqa: E402
+from llamaft.model.generate import GenParams, stream_chat  # noqa: E402
 
 PARAMS = GenParams(temperature=0, max_new_tokens=24)
 SYSTEM = "Answer briefly."  # the run's data.system_prompt, which the UI pre-fills

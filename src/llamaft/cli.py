@@ -78,7 +78,7 @@ def _cmd_chat(a: argparse.Namespace) -> None:
     if a.ui:
         from .chat.ui import launch_ui
 
-        from .chat.generate import GenParams
+        from .model.generate import GenParams
 
         params = GenParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                            max_new_tokens=a.max_new_tokens, repetition_penalty=a.repetition_penalty)

@@ -132,7 +132,7 @@ def _export_gguf(merged: Path, run_dir: Path, console: Console) -> Path | None:
 
 
 def _chat_sample(model_dir: Path, console: Console) -> None:
-    from .chat.generate import GenParams, stream_chat
+    from .model.generate import GenParams, stream_chat
     from .model.inference import load_for_inference
 
     model, tokenizer, rules = load_for_inference(str(model_dir))

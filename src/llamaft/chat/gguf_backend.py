@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Callable, Iterator, TextIO
 
 from ..errors import LlamaftError
-from .generate import GenParams
+from ..model.generate import GenParams
 
 
 @dataclass

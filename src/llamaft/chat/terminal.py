@@ -3,7 +3,7 @@
     chat_loop("runs/demo", system="You are terse.", temperature=0.7)
 
 Replies stream as they are generated, with the model's chat template and stop tokens (through
-`llamaft.chat.generate`, shared with the web UI and evaluation). Commands: /reset clears the
+`llamaft.model.generate`, shared with the web UI and evaluation). Commands: /reset clears the
 history, /exit (or Ctrl-D) quits, Ctrl-C interrupts a reply (or quits at the prompt).
 Input and output are injectable so tests can script a conversation.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Iterator, TextIO
 
-from .generate import GenParams, stream_chat
+from ..model.generate import GenParams, stream_chat
 
 HELP = "commands: /reset (new conversation), /exit (quit); Ctrl-C stops a reply"
 

@@ -4,7 +4,7 @@
     app = build_app("runs/demo", base=True)         # Gradio Blocks (tests start it on a free port)
     serve(app, port=0, block=False); ...; app.close()
 
-Streaming chat through `llamaft.chat.generate.stream_chat` (the one generation function that the
+Streaming chat through `llamaft.model.generate.stream_chat` (the one generation function that the
 terminal chat and evaluation use: the model's chat template and every stop id), an editable system
 prompt, the sampling settings, stop / clear / regenerate, a side-by-side mode that sends each prompt to
 the base model too, and the run's summary when given a run directory (ui_summary.py).
@@ -34,7 +34,7 @@ from typing import Iterator
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 from ..errors import LlamaftError  # noqa: E402
-from .generate import GenParams  # noqa: E402
+from ..model.generate import GenParams  # noqa: E402
 from .ui_backends import Models, resolve_models  # noqa: E402
 from .ui_summary import run_summary_parts  # noqa: E402
 

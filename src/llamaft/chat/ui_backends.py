@@ -4,7 +4,7 @@
     for piece in models.tuned.stream(messages, GenParams()): ...
     for piece in models.base().stream(messages, GenParams()): ...    # loaded on first use
 
-Every HF backend streams through `llamaft.chat.generate.stream_chat` (the one generation function);
+Every HF backend streams through `llamaft.model.generate.stream_chat` (the one generation function);
 .gguf files go through `llamaft.chat.gguf_backend` (llama.cpp), which owns GGUF chat templates.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import LlamaftError
-from .generate import GenParams, stream_chat
+from ..model.generate import GenParams, stream_chat
 
 Stream = Callable[[list, GenParams], Iterator[str]]
 

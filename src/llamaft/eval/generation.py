@@ -9,7 +9,7 @@ Rules (each one is something a user can check in predictions.jsonl):
   `llamaft.data.chat.prompt_ids` (ends with the assistant header); reference = that turn's content.
 - A prompt longer than `eval.max_prompt_tokens` keeps its last tokens (the question sits at the end;
   the leading BOS is kept) and is counted in `prompts_truncated` and flagged on its row: never silent.
-- Generation is batched with left padding and the model's stop ids (`llamaft.chat.generate.generate_batch`),
+- Generation is batched with left padding and the model's stop ids (`llamaft.model.generate.generate_batch`),
   greedy unless `temperature > 0`.
 - With more rows than `max_samples`, a fixed seeded sample is used, the same rows at every
   evaluation, so the curves over steps compare like with like.
@@ -56,13 +56,13 @@ def truncate_left(ids: list[int], max_tokens: int, bos_id: int | None) -> tuple[
 
 def _prompt_ids(messages: list[dict], tokenizer, rules, tools: dict | None = None) -> list[int]:
     """The generation prompt from the one module that knows templates (looked up at call time)."""
-    from ..chat.generate import chat_prompt_ids  # uses llamaft.data.chat.prompt_ids once it exists
+    from ..model.generate import chat_prompt_ids  # uses llamaft.data.chat.prompt_ids once it exists
 
     return chat_prompt_ids(messages, tokenizer, rules, tools)
 
 
 def _generate(model, tokenizer, rules, prompts: list[list[int]], gen_cfg) -> list:
-    from ..chat.generate import GenParams, generate_batch
+    from ..model.generate import GenParams, generate_batch
 
     params = GenParams(temperature=gen_cfg.temperature, max_new_tokens=gen_cfg.max_new_tokens)
     return generate_batch(model, tokenizer, rules, prompts, params, batch_size=gen_cfg.batch_size)

@@ -149,7 +149,7 @@ def load_run_base(cfg, tokenizer, rules, dtype: torch.dtype, adapter_dir: Path |
 
 
 def load_for_inference(path: str | Path, *, dtype: str | None = None, device: str | None = None, adapter: bool = True):
-    """(model, tokenizer, rules) ready for `llamaft.chat.generate`; model in eval mode on `device`.
+    """(model, tokenizer, rules) ready for `llamaft.model.generate`; model in eval mode on `device`.
 
     path: a run directory, an adapter/checkpoint dir inside one, or a model directory.
     adapter=False on a run gives its base model (before/after comparisons).
