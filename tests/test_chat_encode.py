@@ -4,11 +4,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from llamaft.data.chat import IGNORE, encode, prompt_ids, render_trained
+from llamaft.data.chat import IGNORE_INDEX, encode, prompt_ids, render_trained
 from llamaft.errors import DataError, LlamaftError
 from llamaft.model.tokenizer import make_rules, template_text
 
-X = IGNORE
+X = IGNORE_INDEX
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\\nS<|im_end|>\\n' }}{% endif %}"
           "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from llamaft.data.chat import IGNORE, encode, prompt_ids
+from llamaft.data.chat import IGNORE_INDEX, encode, prompt_ids
 from llamaft.model.tokenizer import make_rules, template_text
 
 pytest.importorskip("llama_models")
@@ -90,12 +90,12 @@ def to_meta(messages, version, date="26 Jul 2024"):
 
 def meta_ids_labels(fmt, raw):
     """Reference ids (without the trailing generation header) and labels built message by message."""
-    ids, labels = [128000], [IGNORE]
+    ids, labels = [128000], [IGNORE_INDEX]
     for msg in raw:
         toks, _ = fmt.encode_message(msg, fmt_json())
         head = len(fmt._encode_header(msg.role))
         ids += toks
-        labels += [IGNORE] * head + (toks[head:] if msg.role == A else [IGNORE] * (len(toks) - head))
+        labels += [IGNORE_INDEX] * head + (toks[head:] if msg.role == A else [IGNORE_INDEX] * (len(toks) - head))
     full = fmt.encode_dialog_prompt(raw).tokens
     assert full[: len(ids)] == ids and len(full) - len(ids) == len(fmt._encode_header(A))
     return ids, labels

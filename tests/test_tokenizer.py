@@ -149,7 +149,7 @@ def test_smollm2_gguf_tokenizer_rules(tmp_path):
     from types import SimpleNamespace
 
     from llamaft.assets import smollm2_gguf
-    from llamaft.data.chat import IGNORE, encode
+    from llamaft.data.chat import IGNORE_INDEX, encode
 
     tok, r = load_tokenizer(ModelConfig(name=str(smollm2_gguf())), None)
     assert (r.family, r.instruct) == ("other", True)
@@ -160,9 +160,9 @@ def test_smollm2_gguf_tokenizer_rules(tmp_path):
     c = SimpleNamespace(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
                         where="w", text=None)
     ex = encode(c, tok, r)
-    trained = [t for t in ex.labels if t != IGNORE]
+    trained = [t for t in ex.labels if t != IGNORE_INDEX]
     assert trained[-1] == 2 and tok.decode(trained) == "yo<|im_end|>"
-    assert ex.labels[-1] == IGNORE and ex.input_ids[-1] == tok.convert_tokens_to_ids("\u010a")  # trailing "\n"
+    assert ex.labels[-1] == IGNORE_INDEX and ex.input_ids[-1] == tok.convert_tokens_to_ids("\u010a")  # trailing "\n"
     save_tokenizer(tok, r, tmp_path)
     gen = json.loads((tmp_path / "generation_config.json").read_text())
     assert gen["eos_token_id"] == r.stop_ids and gen["pad_token_id"] == r.pad_id

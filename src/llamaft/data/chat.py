@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from ..errors import DataError
 
-IGNORE = -100
+# The label of a token that carries no loss (PyTorch's cross_entropy ignore_index); the one definition.
+IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 
 # Base-model format as a template, so it goes through the same exact path as chat templates.
@@ -140,11 +141,11 @@ def encode(conv, tokenizer, rules, *, train_on: str = "completion", assistant_tu
         toks = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += toks
         if msg is None or msg not in trained:
-            labels += [IGNORE] * len(toks)
+            labels += [IGNORE_INDEX] * len(toks)
             continue
         ends = [k for k, t in enumerate(toks) if t in turn_end]
         cut = ends[-1] + 1 if ends else len(toks)  # no closing token known: train the whole span
-        labels += toks[:cut] + [IGNORE] * (len(toks) - cut)
+        labels += toks[:cut] + [IGNORE_INDEX] * (len(toks) - cut)
     if train_on == "all":
         labels = list(ids)
     _verify(ids, pieces, tokenizer, where)
@@ -197,9 +198,9 @@ def render_trained(example: Example, tokenizer):
     start = 0
     n = len(example.input_ids)
     for k in range(1, n + 1):
-        if k == n or (example.labels[k] != IGNORE) != (example.labels[start] != IGNORE):
+        if k == n or (example.labels[k] != IGNORE_INDEX) != (example.labels[start] != IGNORE_INDEX):
             piece = tokenizer.decode(example.input_ids[start:k], skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)
-            out.append(piece, style="bold green" if example.labels[start] != IGNORE else "dim")
+            out.append(piece, style="bold green" if example.labels[start] != IGNORE_INDEX else "dim")
             start = k
     return out

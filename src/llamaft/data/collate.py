@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from .chat import IGNORE_INDEX
 
 
 def _fields(item: Any) -> tuple[list[int], list[int]]:

@@ -17,6 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .chat import IGNORE_INDEX
 from .pipeline import NO_TRAINED, TOO_LONG, Datasets, build_datasets, split_conversations
 
 
@@ -53,7 +54,7 @@ def _print_examples(ds: Datasets, tokenizer, show: int, console) -> None:
     console.print("[bold]legend:[/bold] [bold green]bold green[/bold green] = trained (has loss); "
                   "[dim]dim[/dim] = context only (label -100); special tokens are shown as text")
     for ex in ds.train[:show]:
-        trained = sum(1 for label in ex.labels if label != -100)
+        trained = sum(1 for label in ex.labels if label != IGNORE_INDEX)
         title = f"{ex.where} — {len(ex.input_ids)} tokens, {trained} trained"
         console.print(Panel(render_trained(ex, tokenizer), title=title, title_align="left"))
 

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-IGNORE = -100
+from .chat import IGNORE_INDEX
 
 
 def pack_in_order(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -75,7 +75,7 @@ def flatten(examples: Sequence[dict]) -> dict:
         if len(y) != len(x):
             raise ValueError(f"labels ({len(y)}) and input_ids ({len(x)}) differ in length")
         ids += x
-        labels += [IGNORE] + y[1:]
+        labels += [IGNORE_INDEX] + y[1:]
         pos += range(len(x))
         cu.append(cu[-1] + len(x))
     if not ids:

@@ -26,10 +26,10 @@ import random
 from dataclasses import dataclass, field
 
 from ..errors import DataError
+from .chat import IGNORE_INDEX
 from .formats import Conversation, detect_format, to_conversation
 from .sources import read_records, validation_sets
 
-IGNORE = -100
 TOO_LONG = "too_long"
 NO_TRAINED = "no_trained_tokens"
 
@@ -144,7 +144,7 @@ def _encode_split(convs: list[Conversation], tokenizer, rules, data_cfg) -> tupl
             else:
                 ex.input_ids, ex.labels = ex.input_ids[:max_len], ex.labels[:max_len]
                 truncated += 1
-        if reason is None and all(label == IGNORE for label in ex.labels):
+        if reason is None and all(label == IGNORE_INDEX for label in ex.labels):
             reason = NO_TRAINED
         if reason:
             dropped[reason] += 1
@@ -160,7 +160,7 @@ def _encode_split(convs: list[Conversation], tokenizer, rules, data_cfg) -> tupl
         "dropped_where": dropped_where,
         "longest_row": longest,
         "tokens": length_stats([len(e.input_ids) for e in kept]),
-        "trained_tokens": sum(sum(1 for label in e.labels if label != IGNORE) for e in kept),
+        "trained_tokens": sum(sum(1 for label in e.labels if label != IGNORE_INDEX) for e in kept),
     }
     return kept, stats
 

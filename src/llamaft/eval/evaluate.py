@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.chat import IGNORE_INDEX
 from ..errors import LlamaftError
 from .generation import gen_config_for, generation_metrics, load_conversations, sample_rows
 from .metrics import check_metrics, perplexity
@@ -164,7 +165,7 @@ def set_loss(model, tokenizer, rules, convs: list, cfg, batch_size: int = 8) -> 
     model.eval()
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())  # the model predicts token t+1 from t
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the model predicts token t+1 from t
         if n == 0:
             continue
         loss = model(**batch).loss

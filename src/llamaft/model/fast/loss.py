@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from ...data.chat import IGNORE_INDEX
 
 
 def _chunk_rows(vocab: int) -> int:
@@ -33,7 +33,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, denom, chunk):
         # h [N, H] (bf16), weight [V, H], targets [N] long, denom: float or 0-dim tensor
-        valid = torch.nonzero(targets != IGNORE, as_tuple=False).reshape(-1)
+        valid = torch.nonzero(targets != IGNORE_INDEX, as_tuple=False).reshape(-1)
         grad_h = torch.zeros_like(h)
         need_w = weight.requires_grad
         # full fine-tuning trains the lm_head: its gradient accumulates chunk by chunk in the weight's
@@ -77,13 +77,13 @@ def chunked_linear_cross_entropy(h, weight, targets, denom=None, chunk: int | No
     h = h.reshape(-1, h.shape[-1])
     targets = targets.reshape(-1).to(h.device)
     if denom is None:
-        denom = (targets != IGNORE).sum().clamp(min=1)
+        denom = (targets != IGNORE_INDEX).sum().clamp(min=1)
     return _ChunkedLinearCE.apply(h, weight, targets, denom, chunk or _chunk_rows(weight.shape[0]))
 
 
 def shift_targets(labels: torch.Tensor) -> torch.Tensor:
     """HF's causal shift: position t predicts labels[t + 1]; the last position predicts nothing."""
-    return F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
 
 def fused_causal_lm_loss(hidden, weight, labels, num_items_in_batch=None, chunk: int | None = None):
@@ -94,8 +94,8 @@ def reference_causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
     """Plain reference: full logits, then HF's ForCausalLMLoss arithmetic."""
     logits = (hidden @ weight.t()).float()
     targets = shift_targets(labels).reshape(-1)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE, reduction="sum")
-    denom = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    denom = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
     return loss / denom
 
 
