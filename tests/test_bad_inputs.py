@@ -208,3 +208,30 @@ def test_overrides_after_options_and_on_off_words(tmp_path, model_dir, capsys):
     assert (c.data.packing, c.fast.compile, c.fast.fused_loss, c.train.gradient_checkpointing) == ("on", "off", "off", "on")
     assert c.fast.enabled is True  # a real bool stays a bool
     assert load_config(cfg, ["train.max_steps=null"]).train.max_steps is None  # unset = train for epochs
+
+
+def test_vocab_check_allows_padded_rows_and_requested_tokens_only():
+    from llamaft.config import ModelConfig
+    from llamaft.errors import LlamaftError
+    from llamaft.model.preflight import check_vocab
+
+    own, meta = ModelConfig(name="m"), ModelConfig(name="m", tokenizer="llama3.1")
+    check_vocab(own, 128256, 128256)
+    check_vocab(own, 151665, 152064)  # rows padded past the tokenizer (Qwen2.5-style): fine
+    check_vocab(meta, 128256, 128264)
+    check_vocab(own, 65, 64, n_added=1)  # model.add_pad_token added <|pad|>: one new row, on request
+    with pytest.raises(LlamaftError, match="its tokenizer has 65 ids but the model has 64 embedding rows"):
+        check_vocab(own, 65, 64)
+    with pytest.raises(LlamaftError, match="model.tokenizer=llama3.1 has 128,256 ids but model 'm' has 151,936"):
+        check_vocab(meta, 128256, 151936)  # far fewer ids than rows: another model's tokenizer
+
+
+def test_old_run_snapshots_with_max_steps_minus_one_still_load(tmp_path):
+    from llamaft.config import load_config
+    from llamaft.errors import ConfigError
+
+    snap = tmp_path / "config.yaml"
+    snap.write_text("model: {name: m}\ndata: {train: [t.jsonl]}\ntrain: {max_steps: -1}\n")
+    assert load_config(snap, snapshot=True).train.max_steps is None  # written before max_steps became optional
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(snap)  # as a user's config it is the mistake it looks like
