@@ -102,6 +102,8 @@ CASES = {
                                           ["model.name 'someone/some-model' is not a local directory or file and the hub is offline"]),
     "run-like path while offline": lambda t, m: (["train", _config(t, m, model={"name": "runs/x"})],
                                                  ["model.name 'runs/x' is not a local directory or file"]),
+    "path under an existing directory": lambda t, m: (["train", _config(t, m, model={"name": "runs/nope"}), (t / "runs").mkdir()][:2],
+                                                      ["model.name 'runs/nope' is not a local directory or file (runs/ exists but holds no 'nope')"]),
     "missing GGUF": lambda t, m: (["train", _config(t, m, model={"name": str(t / "m.gguf")})], ["model.name: GGUF file not found", "m.gguf"]),
     "directory without config.json": lambda t, m: (["train", _config(t, m, model={"name": str(t), "tokenizer": str(m)})],
                                                    [f"model.name '{t}': cannot read the model's config", "config.json"]),
@@ -144,7 +146,8 @@ else:  # the export case needs neither quantizer present
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_creates_nothing(case, tmp_path, model_dir, capsys):
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(case, tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths in the cases (./models/foo, runs/x) resolve here
     argv, fragments = CASES[case](tmp_path, model_dir)
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(argv) == 2

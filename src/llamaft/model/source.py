@@ -45,6 +45,14 @@ def _missing(key: str, name: str) -> str:
     return f"{key}: no such local directory or file: {name}{where}"
 
 
+def _near(name: str) -> str:
+    """For `runs/x` when ./runs exists: the user most likely meant a local path."""
+    p = Path(name).expanduser()
+    if "/" in name and p.parent.is_dir():
+        return f" ({p.parent}/ exists but holds no '{p.name}')"
+    return ""
+
+
 def check_source(name: str, key: str = "model.name", revision: str | None = None, filename: str | None = None) -> None:
     """Raise one line when `name` is neither a local path nor a reachable (or cached) hub repository.
 
@@ -77,7 +85,7 @@ def _check_hub_id(name: str, key: str, revision: str | None, filename: str) -> N
         if cached:
             return  # offline mode loads the cached snapshot
         raise LlamaftError(
-            f"{key} '{name}' is not a local directory or file and the hub is offline (HF_HUB_OFFLINE=1), "
+            f"{key} '{name}' is not a local directory or file{_near(name)} and the hub is offline (HF_HUB_OFFLINE=1), "
             "with no cached copy; give a local model directory or .gguf file, or download it online first"
         )
     from huggingface_hub import HfApi
@@ -91,7 +99,7 @@ def _check_hub_id(name: str, key: str, revision: str | None, filename: str) -> N
         return  # the loader explains access to gated models (log in, accept the license)
     except RepositoryNotFoundError:
         raise LlamaftError(
-            f"{_missing(key, name)}, and the hub has no repository '{name}' "
+            f"{_missing(key, name)}{_near(name)}, and the hub has no repository '{name}' "
             "(private? log in with `hf auth login` or set HF_TOKEN)"
         ) from None
     except HfHubHTTPError:
@@ -101,5 +109,5 @@ def _check_hub_id(name: str, key: str, revision: str | None, filename: str) -> N
         if cached:
             raise LlamaftError(f"{key} '{name}': the hub is unreachable ({first}); a cached copy exists: "
                                "set HF_HUB_OFFLINE=1 to use it") from None
-        raise LlamaftError(f"{key} '{name}' is not a local directory or file and the hub is unreachable "
+        raise LlamaftError(f"{key} '{name}' is not a local directory or file{_near(name)} and the hub is unreachable "
                            f"({type(err).__name__}: {first}); give a local model directory or .gguf file") from None
