@@ -238,3 +238,21 @@ def test_old_run_snapshots_with_max_steps_minus_one_still_load(tmp_path):
     assert load_config(snap, snapshot=True).train.max_steps is None  # written before max_steps became optional
     with pytest.raises(ConfigError, match="train.max_steps"):
         load_config(snap)  # as a user's config it is the mistake it looks like
+
+
+def test_hub_id_in_the_offline_cache_still_works(tmp_path, model_dir):
+    """HF_HUB_OFFLINE=1 with the repository in the hub cache: the check passes and the real loaders
+    read the cached snapshot (a subprocess: huggingface_hub reads HF_HUB_CACHE at import)."""
+    import os
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(model_dir, snap)
+    (cache / "models--someone--tiny" / "refs").mkdir()
+    (cache / "models--someone--tiny" / "refs" / "main").write_text("0" * 40)
+    cfg = _config(tmp_path, model_dir, model={"name": "someone/tiny"})
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "llamaft", "data", cfg, "--show", "0"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens per example" in proc.stdout
