@@ -125,13 +125,13 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     (`llamaft data cfg.yaml --dump x.jsonl data.max_seq_length=64`). argparse's own
     parse_intermixed_args does not support subcommands, so leftovers are collected here."""
     args, extra = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    unknown = [x for x in extra if not (takes_overrides and "=" in x and not x.startswith("-"))]
+    if unknown:
+        prog = f"{parser.prog} {args.command}"
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see `{prog} --help`)\n")
     if extra:
-        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
-            args.overrides = [*args.overrides, *extra]
-        else:
-            prog = f"{parser.prog} {args.command}" if getattr(args, "command", None) else parser.prog
-            unknown = [x for x in extra if not ("=" in x and not x.startswith("-") and hasattr(args, "overrides"))]
-            parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see `{prog} --help`)\n")
+        args.overrides = [*args.overrides, *extra]
     config = getattr(args, "config", None)
     if config and "=" in config and not os.path.exists(config):
         # overrides before the config file (`llamaft train lora.r=32 run.yaml`): the first word without '=' is the file
