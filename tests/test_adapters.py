@@ -15,10 +15,10 @@ def model_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
-def _base(model_dir, tok=None, method="lora"):
+def _base(model_dir, tok=None, method="lora", added=()):
     tok = tok or tokenizer()
     mc = ModelConfig(name=str(model_dir), method=method)
-    return load_base(mc, None, Rules(pad_id=tok.pad_token_id), tok, torch.float32), mc
+    return load_base(mc, None, Rules(pad_id=tok.pad_token_id, added_tokens=list(added)), tok, torch.float32), mc
 
 
 def test_load_base_sets_pad_stops_and_no_cache(model_dir):
@@ -32,6 +32,12 @@ def test_missing_model_is_one_line_error(tmp_path):
     mc = ModelConfig(name=str(tmp_path / "nope"))
     with pytest.raises(LlamaftError, match="cannot load model"):
         load_base(mc, None, Rules(), tokenizer(), torch.float32)
+
+
+def test_tokenizer_larger_than_the_embeddings_is_an_error_unless_tokens_were_added(model_dir):
+    tok = tokenizer(extra_pad=True)  # 65 ids on 64 rows, and the rules did not add <|pad|>
+    with pytest.raises(LlamaftError, match="the tokenizer has 65 ids but the model has 64 embedding rows; set model.tokenizer"):
+        _base(model_dir, tok)
 
 
 def test_lora_all_linear_rslora_dora(model_dir):
@@ -70,7 +76,7 @@ def test_added_pad_token_resizes_trains_and_saves_embeddings(model_dir, tmp_path
 
     tok = tokenizer(extra_pad=True)
     assert len(tok) == 65 and tok.pad_token_id == 64
-    model, mc = _base(model_dir, tok)
+    model, mc = _base(model_dir, tok, added=["<|pad|>"])  # as model.add_pad_token makes the tokenizer rules say
     emb = model.get_input_embeddings().weight
     assert emb.shape[0] == 65 and model.config.pad_token_id == 64
     assert torch.allclose(emb[64], emb[:64].mean(0))  # deterministic new row

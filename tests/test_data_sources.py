@@ -86,7 +86,11 @@ def test_save_to_disk_dict_with_several_splits_asks_for_one(tmp_path):
         ("bad.json", '[\n {"a": 1},\n {"a": 2\n]', "{p}:line 4: malformed JSON (Expecting ',' delimiter at column 1)"),
         ("bad.json", '[{"a": 1}, "x"]', "{p}:row 2: expected a JSON object, got a string"),
         ("bad.json", '"x"', '{p}: expected a JSON array of objects or {{"data": [...]}}, got a string'),
+        ("bad.json", '{"a": 1}', "{p}: a .json file must hold a list of rows (a JSON array of objects, or "
+         '{{"data": [...]}}), not a single object; wrap it in [...] or use .jsonl for one object per line'),
         ("bad.csv", "a,b\n1,2,3\n", "{p}:row 1: 3 cells but the header has 2 columns"),
+        ("bad.csv", 'q,a\nx,y\n"open,z\nq2,a2\n', '{p}:line 3: a quoted cell is never closed (it runs to the end of the file); add the closing "'),
+        ("bad.csv", 'q,a\nx,"y ""z""\n', '{p}:line 2: a quoted cell is never closed (it runs to the end of the file); add the closing "'),
         ("bad.csv", "a,a\n1,2\n", "{p}:line 1: the header needs unique, non-empty column names (got ['a', 'a'])"),
         ("d.txt", "hello", "{p}: unsupported file type '.txt' (expected .jsonl, .json, .csv, .tsv, .parquet, or a datasets.save_to_disk directory)"),
     ],
@@ -128,6 +132,20 @@ def test_validation_sets_none_file_mapping(tmp_path):
     assert validation_sets(f) == {"validation": f}
     assert validation_sets({"b": g, "a": f}) == {"b": g, "a": f}
     assert list(validation_sets({"b": g, "a": f})) == ["b", "a"]  # config order, not sorted
+
+
+def test_validation_list_is_named_by_stem_and_same_names_are_errors(tmp_path):
+    (tmp_path / "b").mkdir()
+    f = _write(tmp_path / "relevance_val.jsonl", "{}\n")
+    g = _write(tmp_path / "b" / "qa.csv", "a\n1\n")
+    h = _write(tmp_path / "b" / "relevance_val.jsonl", "{}\n")
+    assert validation_sets([g, f]) == {"qa": g, "relevance_val": f}
+    with pytest.raises(DataError) as err:
+        validation_sets([f, h])
+    assert str(err.value) == (f"{h}: two validation sets named 'relevance_val' ({f} and {h}); rename one, "
+                              "or give data.validation as a mapping name: file")
+    with pytest.raises(DataError, match=r"gone\.jsonl: validation file not found \(data\.validation\)"):
+        validation_sets([f, str(tmp_path / "gone.jsonl")])
 
 
 def test_validation_dir_discovers_val_files_sorted(tmp_path):

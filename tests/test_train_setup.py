@@ -46,7 +46,7 @@ def test_zero_means_no_periodic_eval_or_save(tmp_path):
 
 
 def test_epochs_when_no_max_steps(tmp_path):
-    a = _args(tmp_path, max_steps=-1, epochs=3)
+    a = _args(tmp_path, max_steps=None, epochs=3)
     assert (a.max_steps, a.num_train_epochs) == (-1, 3.0)
 
 

@@ -21,6 +21,7 @@ class Rules:  # same fields as llamaft.model.tokenizer.TokenRules (the parts tra
     instruct: bool = False
     chat_template: str | None = None
     template_kwargs: dict = field(default_factory=dict)
+    added_tokens: list = field(default_factory=list)  # tokens the tokenizer layer added (e.g. <|pad|>)
 
 
 @dataclass
@@ -100,7 +101,7 @@ def patch_data_layer(monkeypatch, data: Data | None = None, extra_pad: bool = Fa
     from llamaft.train import recipe
 
     tok = tokenizer(extra_pad)
-    rules = Rules(pad_id=tok.pad_token_id)
+    rules = Rules(pad_id=tok.pad_token_id, added_tokens=["<|pad|>"] if extra_pad else [])
     calls = []
 
     def save_tok(t, r, out):

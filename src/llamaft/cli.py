@@ -8,8 +8,9 @@
     llamaft export runs/demo --format gguf --quant q8_0
     llamaft chat runs/demo
 
-Every command validates its inputs before loading a model. Problems the user can fix are
-`LlamaftError`s: printed as one line, exit code 2, no traceback.
+Overrides (`section.key=value`) may come anywhere on the line, also after options. Every command
+validates its inputs before loading a model. Problems the user can fix are `LlamaftError`s (and
+argparse usage errors): printed as one line, exit code 2, no traceback.
 """
 
 from __future__ import annotations
@@ -97,13 +98,55 @@ def _cmd_chat(a: argparse.Namespace) -> None:
 
 def _overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config YAML (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. lora.r=32 train.learning_rate=2e-4")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="dotted overrides, anywhere on the line, e.g. lora.r=32 train.learning_rate=2e-4 data.packing=on")
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line (`llamaft CMD: error: ...`, exit 2), like every other llamaft error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but key=value overrides may come anywhere, also after options
+    (`llamaft data cfg.yaml --dump x.jsonl data.max_seq_length=64`). argparse's own
+    parse_intermixed_args does not support subcommands, so leftovers are collected here."""
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    unknown = [x for x in extra if not (takes_overrides and "=" in x and not x.startswith("-"))]
+    if unknown:
+        prog = f"{parser.prog} {args.command}"
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see `{prog} --help`)\n")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    config = getattr(args, "config", None)
+    if config and "=" in config and not os.path.exists(config):
+        # overrides before the config file (`llamaft train lora.r=32 run.yaml`): the first word without '=' is the file
+        files = [x for x in args.overrides if "=" not in x]
+        if files:
+            rest = [config, *args.overrides]
+            rest.remove(files[0])
+            args.config, args.overrides = files[0], rest
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llamaft", description="Fine-tune Llama 3 / 3.1 models: LoRA, QLoRA, full.")
+    parser = _Parser(prog="llamaft", description="Fine-tune Llama 3 / 3.1 models: LoRA, QLoRA, full.")
     parser.add_argument("--version", action="version", version=f"llamaft {__import__('llamaft').__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     table: dict[str, Callable] = {}
 
     def command(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
@@ -125,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("data", _cmd_data, "Show what will be trained: rendered examples with trained spans marked, "
                 "token-length statistics, truncated/dropped rows; --dump writes the exact token ids and labels.")
     _overrides(p)
-    p.add_argument("--show", type=int, default=3, help="examples to render (default 3)")
+    p.add_argument("--show", type=_count, default=3, help="examples to render (default 3; 0 = none)")
     p.add_argument("--dump", metavar="FILE.jsonl", help='write {"input_ids": [...], "labels": [...]} per training example, in trainer order')
 
     p = command("eval", _cmd_eval, "Evaluate a run (adapter or merged model): loss + generation metrics, predictions.jsonl.")
@@ -172,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = _parse(build_parser(), argv)
+    except SystemExit as exit_:  # --help, --version (0) or a usage error (2, one line already printed)
+        return exit_.code if isinstance(exit_.code, int) else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args.func(args)

@@ -9,17 +9,29 @@ Our config names what users choose; `train/` maps it onto HF `TrainingArguments`
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any, info: ValidationInfo) -> Any:
+        """YAML 1.1 reads a bare `on` / `off` (also yes/no) as a boolean: for the switches written
+        `auto | on | off` that means the words the user typed, `true` -> "on", `false` -> "off"."""
+        if isinstance(v, bool) and info.field_name:
+            ann = cls.model_fields[info.field_name].annotation
+            if get_origin(ann) is Literal and "off" in get_args(ann):
+                return "on" if v else "off"
+        return v
 
 
 class ModelConfig(_Section):
@@ -84,8 +96,9 @@ class DataConfig(_Section):
     system_prompt: Optional[str] = Field(None, description="System message added to rows that have none.")
     chat_template: Optional[str] = Field(None, description="Path to a .jinja chat template overriding the tokenizer's.")
     date: Optional[str] = Field(None, description="'Today Date' for the Llama 3.1 system header, e.g. '26 Jul 2024' (default: the template's).")
-    validation: Union[None, str, dict[str, str]] = Field(
-        None, description="A file, a mapping name -> file, or a directory of *val.json / *val.jsonl files (each a named set)."
+    validation: Union[None, str, list[str], dict[str, str]] = Field(
+        None, description="A file, a list of files, a mapping name -> file, or a directory of *val.json / *val.jsonl files "
+        "(each a named set; files in a list or directory are named by their stem)."
     )
     test: Optional[str] = Field(None, description="Test file (default: a split of the training data when test_ratio > 0).")
     val_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of training rows held out for validation when no validation file is given.")
@@ -118,8 +131,8 @@ class TrainConfig(_Section):
     """Optimisation and run bookkeeping (mapped onto HF TrainingArguments)."""
 
     output_dir: str = Field("runs/run", description="Run directory: config, adapter/weights, tokenizer, metrics, plots, checkpoints.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Optimizer steps; > 0 overrides epochs.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: Optional[int] = Field(None, description="Optimizer steps; when set, overrides epochs (unset/null: train for `epochs`).")
     learning_rate: float = Field(2e-4, gt=0)
     scheduler: Literal["linear", "cosine", "constant"] = Field("cosine")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warm-up as a share of all steps.")
@@ -138,6 +151,13 @@ class TrainConfig(_Section):
     save_total_limit: Optional[int] = Field(2, description="Keep at most this many checkpoints.")
     resume: Union[bool, str] = Field(False, description="true: continue from the latest complete checkpoint in output_dir; or a checkpoint path.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Loggers besides metrics.jsonl.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v <= 0:  # HF reads <= 0 as "use epochs": a typo would silently train whole epochs
+            raise ValueError("must be a positive number of steps; leave it unset (or null) to train for train.epochs")
+        return v
 
     @field_validator("eval_every", "save_every", "logging_every")
     @classmethod
@@ -275,19 +295,40 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+# Union members show up in pydantic's error locations as type tags ('str', 'list[str]'): not keys.
+_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\])$")
+_KINDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true/false", "none": "null",
+          "list": "a list", "dict": "a mapping", "literal": "one of the listed words"}
+
+
+def _union_head(loc) -> tuple[list[str], str | None]:
+    """(key parts before the first union tag, that tag's kind) of an error location."""
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and _TAG.match(part):
+            return [str(p) for p in loc[:i]], part.split("[")[0]
+    return [str(p) for p in loc], None
+
+
 def _format_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    loc = [str(p) for p in first["loc"]]
+    errors = err.errors()
+    first = errors[0]
+    loc, tag = _union_head(first["loc"])
     key = ".".join(loc)
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'{_suggest(loc[:-1], loc[-1])}"
     if first["type"] == "missing":
         return f"{source}: missing required key '{key}'"
     got = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ")
+    same = [e for e in errors if _union_head(e["loc"])[0] == loc]
+    if tag is not None and len(same) > 1:  # a value that fits none of a union's types: say what would fit
+        kinds = list(dict.fromkeys(_KINDS.get(_union_head(e["loc"])[1] or "", "another type") for e in same))
+        msg = "expected " + (", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else kinds[0])
     got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    rest = len({tuple(_union_head(e["loc"])[0]) for e in errors}) - 1
+    more = f" [+{rest} more]" if rest > 0 else ""
     where = f"key '{key}'" if key else "config"
-    return f"{source}: {where}: {first['msg']}{got_s}{more}"
+    return f"{source}: {where}: {msg}{got_s}{more}"
 
 
 def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
@@ -297,18 +338,60 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
         raise ConfigError(_format_error(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def _scalar(node) -> str:
+    return f": {node.value}" if isinstance(node, yaml.ScalarNode) and node.value else ""
+
+
+def _check_duplicate_keys(node, path: list[str], source: str) -> None:
+    """yaml.safe_load keeps the last of two equal keys without a word (a second `a:` under
+    data.validation would silently replace the first set): here that is an error naming both."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, path + [str(i)], source)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+        if key in seen:
+            first_line, first_value = seen[key]
+            raise ConfigError(
+                f"{source}:line {key_node.start_mark.line + 1}: key '{'.'.join(path + [key])}' appears twice "
+                f"(line {first_line}{_scalar(first_value)}; line {key_node.start_mark.line + 1}{_scalar(value_node)}); "
+                "keep one (YAML would silently use the last)"
+            )
+        seen[key] = (key_node.start_mark.line + 1, value_node)
+        _check_duplicate_keys(value_node, path + [key], source)
+
+
+def _read_yaml(path: Path) -> Any:
+    loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node, [], str(path))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, *, snapshot: bool = False) -> RunConfig:
+    """`snapshot`: a run directory's config.yaml, possibly written by an older llamaft (kept loadable)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = _read_yaml(path) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with model:, data:, ...")
+    if snapshot and isinstance(raw.get("train"), dict) and isinstance(raw["train"].get("max_steps"), int) \
+            and raw["train"]["max_steps"] <= 0:
+        raw["train"]["max_steps"] = None  # older snapshots stored HF's "-1 = use epochs"
     raw = apply_overrides(raw, overrides or [])
     cfg = config_from_dict(raw, str(path))
     return resolve_paths(cfg, path.parent)
@@ -325,6 +408,8 @@ def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     d.train = [fix(p) for p in d.train]
     if isinstance(d.validation, str):
         d.validation = fix(d.validation)
+    elif isinstance(d.validation, list):
+        d.validation = [fix(v) for v in d.validation]
     elif isinstance(d.validation, dict):
         d.validation = {k: fix(v) for k, v in d.validation.items()}
     if d.test:

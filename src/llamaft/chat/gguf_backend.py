@@ -58,7 +58,17 @@ def _token_text(llm, tid) -> str:
 
 def load_gguf(path, n_ctx: int = 4096) -> GGUFChat:
     """Open a GGUF for chatting (CPU); LlamaftError without llama-cpp-python or a chat template."""
-    from ..export.gguf_check import open_gguf
+    from pathlib import Path
+
+    from ..export.gguf_check import llama_cpp_available, open_gguf
+
+    if not Path(path).is_file():
+        raise LlamaftError(f"{path}: no such GGUF file")
+    if not llama_cpp_available():  # open_gguf's own advice (--no-check) is export's, not chat's
+        raise LlamaftError(
+            f"{path}: chatting with a GGUF needs llama.cpp's Python binding: run scripts/build_llama_cpp_wheel.sh "
+            "(or `pip install llama-cpp-python`), or chat with the run or merged model directory instead"
+        )
 
     llm = open_gguf(path, n_ctx=n_ctx)
     meta = llm.metadata
@@ -114,8 +124,9 @@ def stream_chat_gguf(handle: GGUFChat, messages: list[dict], params: GenParams |
 
 def chat_loop_gguf(path, system: str | None = None, temperature: float = 0.7, top_p: float = 0.9,
                    max_new_tokens: int = 512, top_k: int = 0, repetition_penalty: float = 1.0, *,
-                   input_fn: Callable[[str], str] = input, out: TextIO = sys.stdout, handle: GGUFChat | None = None) -> list[dict]:
+                   input_fn: Callable[[str], str] = input, out: TextIO | None = None, handle: GGUFChat | None = None) -> list[dict]:
     """Terminal chat over a GGUF (same commands as `chat.terminal.chat_loop`); returns the conversation."""
+    out = out or sys.stdout  # looked up now, not at import (a replaced sys.stdout must be honoured)
     params = GenParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                        repetition_penalty=repetition_penalty)
     if handle is None:

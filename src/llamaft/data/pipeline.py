@@ -74,7 +74,8 @@ def split_conversations(data_cfg) -> tuple[list[Conversation], dict[str, list[Co
     named = validation_sets(data_cfg.validation)
     val_ratio = 0.0 if named else data_cfg.val_ratio
     test_ratio = 0.0 if data_cfg.test else data_cfg.test_ratio
-    train_rows, val_rows, test_rows = split_rows(train_rows, val_ratio, test_ratio, data_cfg.split_seed)
+    train_rows, val_rows, test_rows = split_rows(train_rows, val_ratio, test_ratio, data_cfg.split_seed,
+                                                 where=f"data.train ({', '.join(map(str, data_cfg.train))})")
     val_sets = {name: _load_files([path], data_cfg, formats) for name, path in named.items()}
     if val_rows:
         val_sets["validation"] = val_rows
@@ -101,7 +102,7 @@ def _load_files(paths: list[str], data_cfg, formats: dict[str, str]) -> list[Con
     return convs
 
 
-def split_rows(rows: list, val_ratio: float, test_ratio: float, seed: int) -> tuple[list, list, list]:
+def split_rows(rows: list, val_ratio: float, test_ratio: float, seed: int, where: str = "data.train") -> tuple[list, list, list]:
     """(train, validation, test) by ratio: a seeded shuffle of indices picks the held-out rows; all keep file order.
 
     A positive ratio holds out at least one row; at least one row always stays for training.
@@ -110,7 +111,7 @@ def split_rows(rows: list, val_ratio: float, test_ratio: float, seed: int) -> tu
     n_test = _share(n, test_ratio)
     n_val = _share(n, val_ratio)
     if n_val + n_test >= n and (n_val or n_test):
-        raise DataError("data.train", f"only {n} rows: too few to hold out val_ratio={val_ratio} and test_ratio={test_ratio}; "
+        raise DataError(where, f"only {n} row{'' if n == 1 else 's'}: too few to hold out val_ratio={val_ratio} and test_ratio={test_ratio}; "
                         "add rows, lower the ratios, or give data.validation / data.test files")
     order = list(range(n))
     random.Random(seed).shuffle(order)

@@ -103,8 +103,11 @@ def _read_json(p: Path, text: str) -> list[Record]:
         raise DataError(f"{p}:line {err.lineno}", f"malformed JSON ({err.msg} at column {err.colno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
-    elif isinstance(obj, dict) and len(text.strip().splitlines()) == 1:
-        return [Record(obj, f"{p}:line 1")]  # a one-line JSON-lines file
+    elif isinstance(obj, dict):
+        # One object is one row only by accident (a one-line JSON-lines file, or a lone record):
+        # reading it as a dataset of one row fails later with a message that names no file.
+        raise DataError(str(p), "a .json file must hold a list of rows (a JSON array of objects, or "
+                        '{"data": [...]}), not a single object; wrap it in [...] or use .jsonl for one object per line')
     if not isinstance(obj, list):
         raise DataError(str(p), f'expected a JSON array of objects or {{"data": [...]}}, got {_kind(obj)}')
     records = []
@@ -126,6 +129,7 @@ def _looks_like_jsonl(text: str) -> bool:
 
 def _read_csv(p: Path, text: str, delimiter: str) -> list[Record]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    last_line = len(text.splitlines())
     try:
         header = next(reader, None)
         if header is None:
@@ -134,6 +138,10 @@ def _read_csv(p: Path, text: str, delimiter: str) -> list[Record]:
             raise DataError(f"{p}:line 1", f"the header needs unique, non-empty column names (got {header})")
         records = []
         for n, cells in enumerate(reader, 1):
+            if reader.line_num == last_line and _unclosed_quote(text, delimiter):
+                # csv (non-strict) lets an unclosed quote swallow the rest of the file into one cell
+                raise DataError(f"{p}:line {_unclosed_quote(text, delimiter)}",
+                                "a quoted cell is never closed (it runs to the end of the file); add the closing \"")
             if not any(c.strip() for c in cells):
                 continue  # blank line
             if len(cells) > len(header):
@@ -141,8 +149,34 @@ def _read_csv(p: Path, text: str, delimiter: str) -> list[Record]:
             cells = cells + [""] * (len(header) - len(cells))
             records.append(Record(dict(zip(header, cells)), f"{p}:row {n}"))
     except csv.Error as err:
+        opened = _unclosed_quote(text, delimiter)
+        if opened:
+            raise DataError(f"{p}:line {opened}", "a quoted cell is never closed (it runs to the end of the file); "
+                            'add the closing "') from None
         raise DataError(f"{p}:line {reader.line_num}", f"malformed CSV ({err})") from None
     return records
+
+
+def _unclosed_quote(text: str, delimiter: str) -> int | None:
+    """The line where a quoted cell opens and never closes, read the way the csv module reads quotes
+    (a quote opens a cell only at its start; "" inside is an escaped quote); None when all close."""
+    in_quote, at_start, line, opened = False, True, 1, None
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if in_quote:
+            if c == '"':
+                if i + 1 < n and text[i + 1] == '"':
+                    i += 1
+                else:
+                    in_quote = False
+        elif c == '"' and at_start:
+            in_quote, opened = True, line
+        if c == "\n":
+            line += 1
+        at_start = not in_quote and c in (delimiter, "\n", "\r")
+        i += 1
+    return opened if in_quote else None
 
 
 def _read_parquet(p: Path) -> list[Record]:
@@ -180,8 +214,9 @@ def validation_sets(spec) -> dict[str, str]:
     """Named validation files from `data.validation`, in config order.
 
     None -> {}; a file -> {"validation": file}; a mapping -> as given (each file must exist);
-    a directory -> every ``*val.json`` / ``*val.jsonl`` in sorted order, named by the file stem
-    (``relevance_val.jsonl`` -> ``relevance_val``).
+    a list of files -> each named by its file stem (``data/relevance_val.jsonl`` -> ``relevance_val``);
+    a directory -> every ``*val.json`` / ``*val.jsonl`` in sorted order, named by the file stem.
+    Two files that would get the same name are an error naming both (never "the last one wins").
     """
     if spec is None:
         return {}
@@ -192,17 +227,28 @@ def validation_sets(spec) -> dict[str, str]:
             if not Path(path).exists():
                 raise DataError(str(path), f"validation file not found (data.validation.{name})")
         return {str(k): str(v) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        for path in spec:
+            if not Path(path).exists():
+                raise DataError(str(path), "validation file not found (data.validation)")
+        return _named_by_stem([Path(f) for f in spec])
     p = Path(spec)
     if p.is_dir() and not (p / "dataset_info.json").exists() and not (p / "dataset_dict.json").exists():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(("val.json", "val.jsonl")))
         if not files:
             raise DataError(str(p), "no validation files in this directory (expected names ending in val.json or val.jsonl, e.g. relevance_val.jsonl)")
-        sets: dict[str, str] = {}
-        for f in files:
-            if f.stem in sets:
-                raise DataError(str(f), f"two validation sets named '{f.stem}' ({Path(sets[f.stem]).name} and {f.name}); rename one")
-            sets[f.stem] = str(f)
-        return sets
+        return _named_by_stem(files)
     if not p.exists():
         raise DataError(str(p), "validation file or directory not found (data.validation)")
     return {"validation": str(p)}
+
+
+def _named_by_stem(files: list[Path]) -> dict[str, str]:
+    sets: dict[str, str] = {}
+    for f in files:
+        name = f.stem if f.suffix else f.name  # a save_to_disk directory keeps its whole name
+        if name in sets:
+            raise DataError(str(f), f"two validation sets named '{name}' ({sets[name]} and {f}); rename one, "
+                            "or give data.validation as a mapping name: file")
+        sets[name] = str(f)
+    return sets

@@ -66,7 +66,11 @@ def check_generation_sets(eval_cfg, set_names: list[str]) -> dict:
     for name in set_names:
         gen = gen_config_for(eval_cfg, name)
         if gen is not None:
-            check_metrics(gen.metrics, gen.labels)
+            try:
+                check_metrics(gen.metrics, gen.labels)
+            except LlamaftError as err:
+                key = name if name in eval_cfg.generation else "*"
+                raise LlamaftError(f"eval.generation.{key}.metrics: {err}") from None
             plan[name] = gen
     return plan
 

@@ -46,7 +46,7 @@ def evaluate_run(path, data: str | None = None, compare_base: bool = False, out:
 
     console = console or Console()
     src = resolve_source(path)
-    cfg = load_config(src.run_dir / "config.yaml") if src.run_dir is not None else None
+    cfg = load_config(src.run_dir / "config.yaml", snapshot=True) if src.run_dir is not None else None
     if compare_base and cfg is None:
         raise LlamaftError(f"{path}: --compare-base needs a run directory (its config.yaml names the base model)")
     eval_cfg = cfg.eval if cfg is not None else EvalConfig()

@@ -160,7 +160,11 @@ def load_user_metric(spec: str) -> Callable:
     """Import `module:function`; the current directory is searched too (the `llamaft` script omits it)."""
     module_name, _, func_name = spec.partition(":")
     if not module_name or not func_name:
-        raise LlamaftError(f"eval metric '{spec}': expected one of {', '.join(BUILTIN)} or module:function")
+        import difflib
+
+        close = difflib.get_close_matches(spec, BUILTIN, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise LlamaftError(f"eval metric '{spec}': {hint}expected one of {', '.join(BUILTIN)} or module:function")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:

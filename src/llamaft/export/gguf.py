@@ -242,7 +242,7 @@ def _quantizer(outtype: str):
         import llama_cpp
     except ImportError:
         raise LlamaftError(
-            f"--outtype {outtype} needs llama.cpp's quantizer: put a `llama-quantize` binary on PATH or install "
+            f"--quant {outtype} needs llama.cpp's quantizer: put a `llama-quantize` binary on PATH or install "
             f"llama-cpp-python (scripts/build_llama_cpp_wheel.sh); without it use f16, bf16, q8_0 or q4_0"
         ) from None
     import gguf
@@ -266,12 +266,12 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", ollama: bool = False,
     model_dir, out = Path(model_dir), Path(out_path)
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
-        raise LlamaftError(f"unknown GGUF outtype '{outtype}'; choose one of: {', '.join(OUTTYPES)}")
+        raise LlamaftError(f"--quant {outtype}: unknown GGUF outtype; choose one of: {', '.join(OUTTYPES)}")
+    quantize = None if outtype in PY_TYPES else _quantizer(outtype)  # before anything is created
     if out.is_dir() or out.suffix != ".gguf":
         out = out / f"{model_dir.resolve().name}.{outtype}.gguf" if out.is_dir() else out.with_suffix(out.suffix + ".gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = _config(model_dir)
-    quantize = None if outtype in PY_TYPES else _quantizer(outtype)
     vocab = read_vocab(model_dir, cfg["vocab_size"])
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp16 = out.with_name(f".{out.name}.{os.getpid()}.f16.tmp")

@@ -160,12 +160,12 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, device: st
         if src.run_dir is not None:
             from ..config import load_config
 
-            trust = load_config(src.run_dir / "config.yaml").model.trust_remote_code
+            trust = load_config(src.run_dir / "config.yaml", snapshot=True).model.trust_remote_code
         model, tokenizer, rules = _load_model_dir(src.weights, torch_dtype(dtype), trust)
     else:
         from ..config import load_config
 
-        cfg = load_config(src.run_dir / "config.yaml")
+        cfg = load_config(src.run_dir / "config.yaml", snapshot=True)
         tdtype = torch_dtype(dtype or cfg.model.dtype, cfg.model.method)
         tokenizer, rules = load_tokenizer(cfg.model, cfg.data)  # exactly as training built it
         model = load_run_base(cfg, tokenizer, rules, tdtype, src.weights if src.kind == "adapter" else None)

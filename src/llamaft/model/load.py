@@ -138,6 +138,12 @@ def prepare_for_training_tokens(model, tokenizer, rules) -> None:
     rows = model.get_input_embeddings().weight.shape[0]
     wanted = len(tokenizer)
     added: list[int] = []
+    n_added = len(getattr(rules, "added_tokens", None) or [])
+    if wanted - n_added > rows:
+        # Growing the matrix for ids the model never saw trains garbage: only tokens we added on request
+        # (model.add_pad_token) get new rows. train() checks this before any weights load (preflight.py).
+        raise LlamaftError(f"the tokenizer has {wanted - n_added:,} ids but the model has {rows:,} embedding rows; "
+                           "set model.tokenizer to the tokenizer the model was trained with")
     if wanted > rows:
         # Deterministic init (mean of the old rows, no noise) so a later merge/load can rebuild the
         # same matrix; the rows are also saved with the adapter (see adapters.py).

@@ -271,7 +271,14 @@ def _from_source(model_cfg):
         return llama3_tokenizer("3.1" if src == "llama3.1" else "3"), True
     from transformers import AutoTokenizer
 
+    from .source import check_source
+
     name, gguf = (src, None) if src else _model_source(model_cfg)
+    # A missing directory or an unreachable hub: one line now, not transformers' retries and repo-id errors.
+    if src:
+        check_source(src, "model.tokenizer", model_cfg.revision)
+    else:
+        check_source(model_cfg.name, "model.name", model_cfg.revision, model_cfg.gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf, revision=model_cfg.revision,
                                             trust_remote_code=model_cfg.trust_remote_code)

@@ -3,7 +3,8 @@
     llamaft train configs/demo.yaml train.max_steps=20        # CLI
     run_dir = train(load_config("configs/demo.yaml"))          # Python
 
-setup (run dir, hardware checks) → tokenizer + data (validated before any model loads) → base model
+setup (hardware, run-dir checks) → tokenizer + data → eval names + model checks on the meta device →
+run dir created (nothing is written before every check passed) → base model
 → adapters → fast path / collator → Trainer → train (or resume) → final eval → save → summary + plot.
 """
 
@@ -56,7 +57,8 @@ def build_datasets(data_cfg, tokenizer, rules, splits=None):
 
 
 def prepare_run_dir(cfg) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint to resume from); refuses to mix a fresh run into an old one."""
+    """(run dir, checkpoint to resume from); refuses to mix a fresh run into an old one.
+    Creates nothing: train() makes the directory only once every check has passed."""
     run_dir = Path(cfg.train.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     clean_incomplete(ckpt_dir)
@@ -66,8 +68,17 @@ def prepare_run_dir(cfg) -> tuple[Path, Path | None]:
             f"train.output_dir={run_dir} already holds a run; set train.resume=true to continue it "
             "or choose another train.output_dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, resume_from
+
+
+def check_before_model(cfg, tokenizer, rules, data) -> None:
+    """The checks left that need no weights: eval.generation set and metric names against the
+    validation sets; the model's source, vocabulary and lora.target_modules on the meta device."""
+    from ..eval.callback import check_generation_sets
+    from ..model.preflight import check_model
+
+    check_generation_sets(cfg.eval, list(data.validation))
+    check_model(cfg.model, cfg.lora, tokenizer, rules)
 
 
 def check_hardware(cfg) -> None:
@@ -114,6 +125,8 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     data = build_datasets(cfg.data, tokenizer, rules, splits=splits)
     if not data.train:
         raise LlamaftError("data.train: no training examples left after filtering; check data.max_seq_length")
+    check_before_model(cfg, tokenizer, rules, data)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad input never leaves an empty run directory
     save_config(cfg, run_dir / "config.yaml")
     metrics_path = run_dir / "metrics.jsonl"
     if resume_from is not None:

@@ -94,7 +94,7 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
     kwargs: dict[str, Any] = dict(
         output_dir=str(ckpt_dir),
         num_train_epochs=float(t.epochs),
-        max_steps=int(t.max_steps) if t.max_steps > 0 else -1,
+        max_steps=int(t.max_steps) if t.max_steps else -1,  # HF: -1 = train for num_train_epochs
         learning_rate=t.learning_rate,
         lr_scheduler_type=scheduler(t),
         warmup_steps=warmup(t),
