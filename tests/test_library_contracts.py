@@ -118,3 +118,29 @@ def test_llama_cpp_vocab_handle_for_stop_tokens():
     assert re.search(r"self\._model\s*=", inspect.getsource(llama_cpp.Llama.__init__))
     assert re.search(r"self\.vocab\s*=", inspect.getsource(LlamaModel.__init__))
     assert callable(llama_cpp.llama_vocab_is_eog) and callable(llama_cpp.llama_vocab_get_text)
+
+
+# -- huggingface_hub ------------------------------------------------------------------------------
+
+def test_huggingface_hub_calls_used_to_resolve_model_names(tmp_path, monkeypatch):
+    """model/source.py: `model_info(..., timeout=)` answers once (no retries), `try_to_load_from_cache`
+    returns a str only for a cached file, and `except RepositoryNotFoundError` must come after
+    `except GatedRepoError` (a gated repo is a subclass)."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    assert "timeout" in inspect.signature(HfApi.model_info).parameters
+    assert issubclass(GatedRepoError, RepositoryNotFoundError)
+    assert issubclass(RepositoryNotFoundError, HfHubHTTPError) and issubclass(RevisionNotFoundError, HfHubHTTPError)
+    assert hasattr(constants, "HF_HUB_OFFLINE")
+    with pytest.raises(HFValidationError):
+        validate_repo_id("not/a/repo/id")
+    # an empty cache: no str for a file that was never downloaded
+    assert not isinstance(try_to_load_from_cache("org/model", "config.json", cache_dir=str(tmp_path)), str)
+    snap = tmp_path / "models--org--model" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (tmp_path / "models--org--model" / "refs").mkdir()
+    (tmp_path / "models--org--model" / "refs" / "main").write_text("abc")
+    assert try_to_load_from_cache("org/model", "config.json", cache_dir=str(tmp_path)) == str(snap / "config.json")
