@@ -6,6 +6,9 @@ Here the Trainer writes into `checkpoints/.staging/checkpoint-N`, files are fsyn
 directory is renamed into place: a `checkpoint-N` either is complete or does not exist. Resume also
 requires `trainer_state.json` (written last by HF), so directories from other writers count only
 when finished.
+
+A checkpoint is only written when every trainable weight is finite (a NaN checkpoint would be the
+"latest" one that resume and merge pick up).
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..errors import LlamaftError
+from ..model.finite import first_nonfinite_param
+from .nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +74,41 @@ def publish(staged: Path, final: Path) -> None:
 
 
 class AtomicCheckpointTrainer(Trainer):
-    """HF Trainer whose checkpoints appear only when complete (the one behaviour we change)."""
+    """HF Trainer with the behaviours we change: checkpoints appear only when complete and finite,
+    and every step passes the non-finite guard (nonfinite.py)."""
 
     _staging_root: str | None = None
+
+    def __init__(self, *args, on_nonfinite: str = "stop", max_nonfinite_skips: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nonfinite_guard = NonFiniteGuard(on_nonfinite, max_nonfinite_skips)
+        # Last, so that it sees the gradients exactly as optimizer.step() will.
+        self.add_callback(self.nonfinite_guard)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.add_loss(loss)
+        return loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        # HF resets its running loss with `tr_loss -= tr_loss` after logging it, and NaN - NaN stays
+        # NaN: with logging_nan_inf_filter off, every later log would repeat one skipped step's NaN.
+        running = getattr(self, "_tr_loss", None)
+        if "loss" in logs and isinstance(running, torch.Tensor) and not torch.isfinite(running).all():
+            running.zero_()
 
     def _get_output_dir(self, trial) -> str:
         # While saving, HF's _save_checkpoint asks this for the parent of checkpoint-N.
         return self._staging_root or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        bad = first_nonfinite_param(self.model, trainable_only=True)
+        if bad is not None:
+            # Never publish NaN weights: the latest checkpoint is what resume and merge pick up.
+            self.nonfinite_guard.stop(self.state.global_step, f"weight {bad} is not finite")
+            self.control.should_training_stop = True
+            return
         root = Path(super()._get_output_dir(trial))
         staging = root / STAGING
         shutil.rmtree(staging, ignore_errors=True)
