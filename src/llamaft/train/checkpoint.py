@@ -8,7 +8,8 @@ requires `trainer_state.json` (written last by HF), so directories from other wr
 when finished.
 
 A checkpoint is only written when every trainable weight is finite (a NaN checkpoint would be the
-"latest" one that resume and merge pick up).
+"latest" one that resume and merge pick up), and a run resumed at the end of its schedule trains no
+further step (HF would train one: it checks max_steps only after a step).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..errors import LlamaftError
@@ -75,7 +76,8 @@ def publish(staged: Path, final: Path) -> None:
 
 class AtomicCheckpointTrainer(Trainer):
     """HF Trainer with the behaviours we change: checkpoints appear only when complete and finite,
-    and every step passes the non-finite guard (nonfinite.py)."""
+    every step passes the non-finite guard (nonfinite.py), and a resumed run never trains past the
+    end of its schedule."""
 
     _staging_root: str | None = None
 
@@ -97,6 +99,15 @@ class AtomicCheckpointTrainer(Trainer):
         running = getattr(self, "_tr_loss", None)
         if "loss" in logs and isinstance(running, torch.Tensor) and not torch.isfinite(running).all():
             running.zero_()
+
+    def _run_epoch(self, *args, **kwargs):
+        # HF stops when DefaultFlowCallback sees global_step >= max_steps at the end of a step, so a
+        # run resumed at its last step (max_steps or epochs not ending on an epoch boundary) would
+        # train one step more. Nothing left to do: no step.
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
         # While saving, HF's _save_checkpoint asks this for the parent of checkpoint-N.
@@ -126,6 +137,12 @@ class AtomicCheckpointTrainer(Trainer):
         # HF rotated inside .staging (a no-op); rotate the real directory by step number (mtime is
         # meaningless after a rename).
         rotate_checkpoints(str(root), save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+    def steps_left(self, checkpoint: Path) -> int:
+        """Optimizer steps the schedule holds after `checkpoint` (<= 0: the run is at its end), by
+        HF's own arithmetic for this config and data (max_steps, or epochs x steps per epoch)."""
+        max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        return max_steps - TrainerState.load_from_json(str(checkpoint / STATE_FILE)).global_step
 
 
 def is_complete(path: Path) -> bool:

@@ -120,13 +120,6 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     data = build_datasets(cfg.data, tokenizer, rules, splits=splits)
     if not data.train:
         raise LlamaftError("data.train: no training examples left after filtering; check data.max_seq_length")
-    save_config(cfg, run_dir / "config.yaml")
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume_from is not None:
-        truncate_metrics(metrics_path, _step_of(resume_from))
-        print(f"resuming from {resume_from}")
-    else:
-        metrics_path.unlink(missing_ok=True)
 
     # -- model
     dtype, bf16, fp16 = resolve_precision(cfg.train, cfg.model)
@@ -146,6 +139,7 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
         cfg, run_dir / "checkpoints", bf16=bf16, fp16=fp16, has_eval=bool(eval_sets),
         grad_ckpt=gradient_checkpointing(cfg.train, plan), extra=training_args, plan=plan,
     )
+    metrics_path = run_dir / "metrics.jsonl"
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=args,
@@ -156,6 +150,23 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
         on_nonfinite=cfg.train.on_nonfinite,
         max_nonfinite_skips=cfg.train.max_nonfinite_skips,
     )
+    if resume_from is not None and trainer.steps_left(resume_from) <= 0:
+        out = run_dir / ("model" if cfg.model.method == "full" else "adapter")
+        if run_finished(run_dir, out):
+            # HF would train one more step and every output would be rewritten: change nothing.
+            print(f"nothing to do: {run_dir} already finished its schedule at {resume_from.name}; "
+                  "raise train.max_steps or train.epochs to train further")
+            return run_dir
+        print(f"{resume_from.name} is the end of the schedule: writing the run's final outputs from it")
+
+    # Only now is the run directory written to: a run that is already complete stays untouched.
+    save_config(cfg, run_dir / "config.yaml")
+    if resume_from is not None:
+        truncate_metrics(metrics_path, _step_of(resume_from))
+        print(f"resuming from {resume_from}")
+    else:
+        metrics_path.unlink(missing_ok=True)
+
     # Generation metrics per validation set (eval.generation) at every evaluation, logged with the loss.
     from ..eval.callback import attach_eval_callback
 
@@ -211,6 +222,14 @@ def read_summary(run_dir: Path) -> dict | None:
         return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def run_finished(run_dir: Path, out: Path) -> bool:
+    """Did this run write its final outputs? (Summaries from before `status` existed were only
+    written by completed runs.)"""
+    summary = read_summary(run_dir)
+    done = summary is not None and summary.get("status", "completed") == "completed"
+    return done and out.is_dir() and any(out.glob("*.safetensors"))
 
 
 def _finish(run_dir, cfg, trainer, data, plan, set_names, *, started, resume_from, status,
