@@ -217,3 +217,42 @@ def test_fresh_run_may_reuse_the_dir_of_a_run_stopped_before_any_checkpoint(mode
         train(_cfg(model_dir, out), callbacks=[InjectNaNLoss({1})])
     train(_cfg(model_dir, out, max_steps=2))  # not "already holds a run": nothing there to resume
     assert strict_json((out / "summary.json").read_text())["status"] == "completed"
+
+
+def _guard_step(guard, *, fp16, loss, grad):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    model.weight.grad = torch.full_like(model.weight, grad)
+    guard.add_loss(torch.tensor(loss))
+    control = TrainerControl()
+    guard.on_pre_optimizer_step(SimpleNamespace(fp16=fp16, device="cpu"), SimpleNamespace(global_step=6), control,
+                                model=model)
+    return model.weight.grad, control
+
+
+def test_guard_under_fp16_leaves_inf_gradients_to_the_grad_scaler():
+    from llamaft.train.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard()
+    grad, control = _guard_step(guard, fp16=True, loss=2.0, grad=float("inf"))  # scaler overflow: normal
+    assert guard.stopped is None and not control.should_training_stop and torch.isinf(grad).all()
+    # a NaN loss stops; its NaN gradients stay for the scaler, which skips the update (emptying them
+    # would make GradScaler.step fail: "No inf checks were recorded")
+    grad, control = _guard_step(guard, fp16=True, loss=float("nan"), grad=float("nan"))
+    assert guard.stopped.step == 7 and control.should_training_stop and grad is not None
+    assert guard.stopped.last_finite_loss == 2.0 and guard.stopped.last_finite_step == 7
+
+
+def test_guard_drops_the_gradients_it_refuses():
+    from llamaft.train.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard("skip", max_skips=1)
+    grad, control = _guard_step(guard, fp16=False, loss=1.0, grad=float("nan"))
+    assert grad is None and guard.skipped == [7] and not control.should_training_stop
+    grad, control = _guard_step(guard, fp16=False, loss=1.0, grad=1.0)
+    assert grad is not None and guard.skipped == [7]
+    with pytest.raises(ValueError, match="stop or skip"):
+        NonFiniteGuard("ignore")

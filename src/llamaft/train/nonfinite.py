@@ -11,7 +11,7 @@ losses of its micro-batches (the Trainer hands each one to `add_loss`) and the n
                     train.max_nonfinite_skips times in one process; the next one stops as above.
 
 Under fp16 the grad scaler makes Inf gradients on purpose and skips those steps itself, so only the
-loss is checked there.
+loss is checked there (and the scaler, which sees the NaN gradients a NaN loss leaves, drops the update).
 """
 
 from __future__ import annotations
@@ -114,9 +114,11 @@ class NonFiniteGuard(TrainerCallback):
         if not _any_process(reason is not None, args.device):
             return
         reason = reason or "a loss or gradient was not finite on another process"
-        if model is not None:
+        if model is not None and not args.fp16:
             # No gradient, no update: optimizers skip parameters whose .grad is None entirely
-            # (weights, moments and step counts stay as they were).
+            # (weights, moments and step counts stay as they were). Under fp16 the grad scaler finds
+            # the NaN/Inf in these gradients and skips the update itself; with no gradients at all
+            # it would fail ("No inf checks were recorded for this optimizer").
             model.zero_grad(set_to_none=True)
         if self.policy == "skip" and len(self.skipped) < self.max_skips:
             self.skipped.append(step)
