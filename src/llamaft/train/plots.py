@@ -6,6 +6,7 @@ at the top edge with a dotted red line: a diverged run must not look like a loss
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -20,13 +21,15 @@ def plot_losses(rows: list[dict], set_names: list[str], out: str | Path, title: 
     matplotlib.use("Agg")  # no display on servers / CI
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["train/loss"]) for r in rows if r.get("train/loss") is not None]
+    # A non-finite (null) loss stays in the series as NaN: the line breaks there instead of bridging it.
+    train = [(r["step"], r["train/loss"] if r["train/loss"] is not None else math.nan) for r in rows if "train/loss" in r]
+    has_train = any(math.isfinite(v) for _, v in train)
     curves = {n: [(r["step"], r[f"eval/{n}/loss"]) for r in rows if r.get(f"eval/{n}/loss") is not None] for n in set_names}
     bad = nonfinite_steps(rows)
-    if not train and not any(curves.values()) and not bad:
+    if not has_train and not any(curves.values()) and not bad:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    if train:
+    if has_train:
         ax.plot(*zip(*train), label="train", linewidth=1.2, alpha=0.85)
     for name, pts in curves.items():
         if pts:
