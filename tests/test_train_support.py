@@ -119,3 +119,124 @@ def patch_data_layer(monkeypatch, data: Data | None = None, extra_pad: bool = Fa
     monkeypatch.setattr(recipe, "split_conversations", lambda data_cfg: None)
     monkeypatch.setattr(recipe, "save_tokenizer", save_tok)
     return tok, rules, calls
+
+
+# ---------------------------------------------------------------------------------------------
+# `llamaft train` in a child process (exit codes, stderr, SIGKILL): real tokenizer/data modules on a
+# tiny byte-level Llama, no monkeypatching across the process boundary.
+
+
+def cli_project(root: Path, **train) -> Path:
+    """A base model dir, 24 q/a rows and a run config under root; returns the config path.
+    `train` entries override the config's train section (run dir: root/run)."""
+    import json
+
+    import yaml
+
+    from inference_helpers import save_model_dir, tiny_model, tiny_rules, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    base = save_model_dir(tiny_model(vocab_size=len(tok)), tok, tiny_rules(tok), root / "base")
+    rng = random.Random(5)
+    rows = [{"question": " ".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 5))),
+             "answer": rng.choice(["yes", "no", "maybe"])} for _ in range(24)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = {
+        "model": {"name": str(base), "dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"train": [str(root / "train.jsonl")], "format": "qa", "val_ratio": 0.0},
+        "train": {"output_dir": str(root / "run"), "max_steps": 6, "micro_batch_size": 4, "gradient_accumulation": 2,
+                  "learning_rate": 1e-2, "scheduler": "constant", "save_every": 1, "eval_every": 0,
+                  "save_total_limit": 2, "report_to": [], **train},
+        "fast": {"enabled": False},
+    }
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_child(*args: str, kill: str | None = None, timeout: int = 300):
+    """`llamaft ARGS` in a child process (tests/train_child.py), optionally SIGKILLed at PHASE:STEP."""
+    import os
+    import subprocess
+    import sys
+
+    child = Path(__file__).with_name("train_child.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, str(child), *(["--kill", kill] if kill else []), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection through public Trainer callbacks (train(cfg, callbacks=[...]))
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class InjectNaNLoss(_callback_base()):
+    """The loss (and so every gradient) is NaN during the given optimizer steps (1-based): a forward
+    hook on lm_head multiplies the logits by NaN while such a step runs (evaluation is left alone)."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+        self.active = False
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.get_output_embeddings().register_forward_hook(lambda m, i, out: out * float("nan") if self.active else out)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.active = state.global_step + 1 in self.steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.active = False
+
+
+class InjectInfGrad(_callback_base()):
+    """One gradient entry becomes Inf right before the optimizer step (the loss stays finite)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            grad = next(p.grad for p in model.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("inf")
+
+
+class PoisonWeight(_callback_base()):
+    """A trainable weight becomes NaN right after the optimizer step `step` (its loss and gradients
+    were finite): only the check before publishing a checkpoint can catch it."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            import torch
+
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+
+
+class Snapshot(_callback_base()):
+    """The trainable weights as training left them (to check that a refused update changed nothing)."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN / Infinity (which Python's json would accept)."""
+    import json
+
+    def refuse(name):
+        raise ValueError(f"not valid JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)

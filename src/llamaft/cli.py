@@ -10,7 +10,9 @@
 
 Overrides (`section.key=value`) may come anywhere on the line, also after options. Every command
 validates its inputs before loading a model. Problems the user can fix are `LlamaftError`s (and
-argparse usage errors): printed as one line, exit code 2, no traceback.
+argparse usage errors): printed as one line, no traceback. Exit codes: 0 done, 2 bad input (config,
+data, paths, non-finite weights to merge/export), 3 training stopped because the loss or gradients
+were not finite (diverged), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -143,15 +145,22 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
+TRAIN_EXIT_CODES = (
+    "exit codes: 0 trained (or the run was already complete: nothing to do); 2 bad config, data or "
+    "paths; 3 stopped because the loss or gradients were not finite (train.on_nonfinite), nothing "
+    "after the last good checkpoint saved; 130 interrupted (resume with train.resume=true)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llamaft", description="Fine-tune Llama 3 / 3.1 models: LoRA, QLoRA, full.")
     parser.add_argument("--version", action="version", version=f"llamaft {__import__('llamaft').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     table: dict[str, Callable] = {}
 
-    def command(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+    def command(name: str, fn: Callable, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
         table[name] = fn
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, epilog=epilog)
         p.set_defaults(func=fn)
         return p
 
@@ -162,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="skip the closing chat sample")
     p.add_argument("--no-export", action="store_true", help="skip the GGUF export")
 
-    p = command("train", _cmd_train, "Fine-tune from a YAML config (+ dotted key=value overrides).")
+    p = command("train", _cmd_train, "Fine-tune from a YAML config (+ dotted key=value overrides).", epilog=TRAIN_EXIT_CODES)
     _overrides(p)
 
     p = command("data", _cmd_data, "Show what will be trained: rendered examples with trained spans marked, "
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except LlamaftError as err:
         print(f"llamaft {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -144,6 +144,10 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0)
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="Recompute activations to save memory (auto: off on CPU).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Mixed precision; auto = bf16 where supported, fp16 on older GPUs, fp32 on CPU.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A step whose loss or gradient norm is NaN/Inf: stop before applying it (exit code 3), or skip its update."
+    )
+    max_nonfinite_skips: int = Field(3, ge=1, description="With on_nonfinite=skip: updates skipped before training stops anyway.")
     seed: int = Field(42)
     eval_every: Every = Field(0.25, description="Evaluate every N steps (int) or every fraction of the run (0 < x < 1); 0 = only at the end.")
     save_every: Every = Field(0.5, description="Checkpoint every N steps (int) or fraction of the run; 0 = only at the end.")

@@ -112,12 +112,14 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, chat: bool = 
 
 def _write_before_after(run_dir: Path, results: dict) -> None:
     """summary.json gets `before` (base) and `after` (tuned) blocks from the same rows."""
+    from .train.callbacks import json_safe
+
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["before"] = results["base"]
     summary["after"] = results["tuned"]
     tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))  # strict JSON, like train's
     tmp.replace(summary_path)
 
 

@@ -2,12 +2,15 @@
 
 Every problem a user can fix (bad config, bad data, missing file, wrong hardware) is raised as
 `LlamaftError` with a one-line message that says what is wrong, where, and how to fix it. The CLI
-prints it without a traceback and exits with code 2. Internal bugs stay ordinary exceptions.
+prints it without a traceback and exits with its `exit_code`: 2 for bad input, 3 when training
+stopped because the loss or gradients were not finite. Internal bugs stay ordinary exceptions.
 """
 
 
 class LlamaftError(Exception):
     """A problem in the user's input or environment; the message is shown as-is."""
+
+    exit_code = 2
 
 
 class DataError(LlamaftError):
@@ -20,3 +23,10 @@ class DataError(LlamaftError):
 
 class ConfigError(LlamaftError):
     """Bad run configuration; the message names the key."""
+
+
+class TrainingDiverged(LlamaftError):
+    """Training stopped: a loss, gradient norm or weight was NaN/Inf. Nothing after the last good
+    checkpoint was saved; the message names the step, the last finite loss and what to try."""
+
+    exit_code = 3

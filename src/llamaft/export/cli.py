@@ -19,7 +19,14 @@ def _merged_dir(path: Path, dtype: str) -> Path:
 
         return merge(path, path / "merged", dtype=dtype, overwrite=True)
     if (path / "config.json").is_file():
+        from .merge import refuse_nonfinite_files
+
+        refuse_nonfinite_files(path)  # before a GGUF is written from it
         return path
+    if (path / "config.yaml").is_file():
+        from ..model.inference import resolve_source
+
+        resolve_source(path)  # a run without final weights: raises, saying why (stopped, interrupted)
     raise LlamaftError(f"{path}: not a run directory (config.yaml + adapter/ or model/) nor a model directory (config.json)")
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..errors import LlamaftError
 from ..model.inference import load_for_inference, resolve_source, torch_dtype
-from .merge import check_out_dir, check_shard_size, merge, refuse_clobber, write_model_dir
+from .merge import (check_out_dir, check_shard_size, merge, refuse_clobber, refuse_nonfinite_files,
+                    refuse_nonfinite_model, write_model_dir)
 
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -29,6 +30,8 @@ def export_hf(path: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ma
         return merge(path, out_dir, dtype, overwrite=overwrite, max_shard_size=max_shard_size)
     out = check_out_dir(out_dir, overwrite)
     refuse_clobber(out, src.weights)
+    refuse_nonfinite_files(src.weights)
     model, tokenizer, rules = load_for_inference(path, dtype=dtype, device="cpu")
     model = model.to(torch_dtype(dtype))
+    refuse_nonfinite_model(model, dtype, src.weights)
     return write_model_dir(model, tokenizer, rules, out, max_shard_size=max_shard_size, overwrite=overwrite)

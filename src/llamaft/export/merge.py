@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import LlamaftError
+from ..model.finite import first_nonfinite_in_files, first_nonfinite_param
 from ..model.inference import load_for_inference, resolve_source, torch_dtype
 from ..model.tokenizer import save_tokenizer
 
@@ -52,6 +53,25 @@ def check_shard_size(max_shard_size: int | str) -> None:
             raise ValueError
     except (ValueError, TypeError):
         raise LlamaftError(f"max shard size '{max_shard_size}' is not a size like 5GB, 500MB or a byte count") from None
+
+
+def refuse_nonfinite_files(weights_dir: Path) -> None:
+    """Before any model loads: NaN/Inf in an adapter or model directory (a diverged run, or a
+    checkpoint saved after it) must not become a model that loads and generates garbage."""
+    hit = first_nonfinite_in_files(Path(weights_dir).glob("*.safetensors"))
+    if hit is not None:
+        path, tensor = hit
+        raise LlamaftError(f"{path}: tensor {tensor} holds NaN/Inf values (training diverged?); nothing was "
+                           "written; use an earlier checkpoint of the run")
+
+
+def refuse_nonfinite_model(model, dtype: str, source) -> None:
+    """After merging and casting: the weights about to be written must all be finite (a large
+    merged weight can overflow float16)."""
+    bad = first_nonfinite_param(model)
+    if bad is not None:
+        raise LlamaftError(f"{source}: weight {bad} is not finite in {dtype} (NaN/Inf, or too large for {dtype}); "
+                           "nothing was written; try --dtype bfloat16 or an earlier checkpoint")
 
 
 def write_model_dir(model, tokenizer, rules, out_dir: str | Path, *, max_shard_size: int | str = "5GB",
@@ -126,6 +146,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", *, 
         raise LlamaftError(f"{run_dir}: a model directory has no adapter to merge; use `llamaft export --format hf` to re-save it")
     out = check_out_dir(out_dir, overwrite)
     refuse_clobber(out, src.run_dir)
+    refuse_nonfinite_files(src.weights)
     # Loading in the target dtype costs no accuracy: PEFT computes the LoRA delta in fp32 and rounds
     # once when adding it, exactly as merging in fp32 and casting afterwards would; and it halves
     # the memory an 8B merge needs.
@@ -133,4 +154,5 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", *, 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = model.to(torch_dtype(dtype))
+    refuse_nonfinite_model(model, dtype, src.weights)
     return write_model_dir(model, tokenizer, rules, out, max_shard_size=max_shard_size, overwrite=overwrite)

@@ -48,7 +48,7 @@ def resolve_source(path: str | Path) -> Source:
             return Source("adapter", p, p / "adapter")
         if _is_model_dir(p / "model"):
             return Source("full", p, p / "model")
-        raise LlamaftError(f"{p}: run directory has neither adapter/ nor model/ (did training finish? try a checkpoint)")
+        raise LlamaftError(f"{p}: {_why_no_weights(p)}")
     if (p / "adapter_config.json").is_file():
         # An adapter or checkpoint dir inside a run (RUN/adapter, RUN/checkpoints/checkpoint-N):
         # the base comes from the nearest config.yaml above it.
@@ -61,6 +61,24 @@ def resolve_source(path: str | Path) -> Source:
     if (p / "config.json").is_file() and any(p.glob("*.bin")):
         raise LlamaftError(f"{p}: only pickle (.bin) weights found; llamaft loads safetensors only")
     raise LlamaftError(f"{p}: not a run directory (config.yaml + adapter/ or model/) nor a model directory (config.json + *.safetensors)")
+
+
+def _why_no_weights(run: Path) -> str:
+    """Why a run directory holds no final adapter/ or model/, as its summary.json tells it."""
+    try:
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    status = summary.get("status") if isinstance(summary, dict) else None
+    if status == "stopped_nonfinite":
+        stopped = summary.get("stopped") or {}
+        good = stopped.get("last_good_checkpoint")
+        hint = f"use its last good checkpoint {good}" if good else "it saved no checkpoint before that"
+        return (f"training stopped at step {stopped.get('step')} (loss or gradients not finite), so no final "
+                f"weights were written; {hint}")
+    if status == "interrupted":
+        return "training was interrupted; resume it (train.resume=true) or pass one of its checkpoints"
+    return "run directory has neither adapter/ nor model/ (did training finish? try a checkpoint)"
 
 
 def torch_dtype(name: str | None, method: str = "lora") -> torch.dtype:

@@ -1,7 +1,12 @@
-"""metrics.jsonl: every HF log event, renamed to our keys.
+"""metrics.jsonl: every HF log event, renamed to our keys; strict JSON (no bare NaN/Infinity).
 
     {"step": 10, "epoch": 0.5, "train/loss": 2.31, "train/learning_rate": 0.0002, "train/grad_norm": 1.7}
     {"step": 10, "epoch": 0.5, "eval/validation/loss": 2.40, "eval/validation/runtime_s": 0.8}
+    {"step": 11, "epoch": 0.55, "train/loss": null, "train/grad_norm": null, ..., "nonfinite": {"train/loss": "nan", "train/grad_norm": "nan"}}
+
+A value that is not a finite number is written as null, and the row's "nonfinite" object says which
+keys those were and what they held ("nan", "inf", "-inf"): readers that skip nulls keep working, and
+the plot can still show the step as diverged.
 
 HF names a set's metrics `eval_<set>_<metric>` (eval_dataset is a dict); set names may contain `_`,
 so the callback is told the names and matches the longest one.
@@ -19,9 +24,22 @@ _TRAIN_KEYS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "gr
 _RENAME = {"runtime": "runtime_s"}
 
 
+def json_safe(value):
+    """Non-finite floats → None, through dicts and lists (for json.dumps(..., allow_nan=False))."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def rename_logs(logs: dict, set_names: list[str]) -> dict:
-    """HF log keys → ours; values that are not finite numbers become null (JSON has no NaN)."""
+    """HF log keys → ours; values that are not finite numbers become null (JSON has no NaN) and are
+    listed under "nonfinite"."""
     out: dict = {}
+    nonfinite: dict = {}
     by_length = sorted(set_names, key=len, reverse=True)
     for key, value in logs.items():
         if key == "epoch":
@@ -42,8 +60,11 @@ def rename_logs(logs: dict, set_names: list[str]) -> dict:
         else:
             new = f"train/{key}"
         if isinstance(value, float) and not math.isfinite(value):
+            nonfinite[new] = str(value)  # "nan", "inf", "-inf"
             value = None
         out[new] = value
+    if nonfinite:
+        out["nonfinite"] = nonfinite
     return out
 
 
@@ -60,7 +81,7 @@ class MetricsJsonlCallback(TrainerCallback):
         row = {"step": state.global_step, "epoch": round(state.epoch, 6) if state.epoch is not None else None}
         row.update(rename_logs(logs, self.set_names))
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -6,6 +6,10 @@ Here the Trainer writes into `checkpoints/.staging/checkpoint-N`, files are fsyn
 directory is renamed into place: a `checkpoint-N` either is complete or does not exist. Resume also
 requires `trainer_state.json` (written last by HF), so directories from other writers count only
 when finished.
+
+A checkpoint is only written when every trainable weight is finite (a NaN checkpoint would be the
+"latest" one that resume and merge pick up), and a run resumed at the end of its schedule trains no
+further step (HF would train one: it checks max_steps only after a step).
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import re
 import shutil
 from pathlib import Path
 
-from transformers import Trainer
+import torch
+from transformers import Trainer, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..errors import LlamaftError
+from ..model.finite import first_nonfinite_param
+from .nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +75,51 @@ def publish(staged: Path, final: Path) -> None:
 
 
 class AtomicCheckpointTrainer(Trainer):
-    """HF Trainer whose checkpoints appear only when complete (the one behaviour we change)."""
+    """HF Trainer with the behaviours we change: checkpoints appear only when complete and finite,
+    every step passes the non-finite guard (nonfinite.py), and a resumed run never trains past the
+    end of its schedule."""
 
     _staging_root: str | None = None
+
+    def __init__(self, *args, on_nonfinite: str = "stop", max_nonfinite_skips: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nonfinite_guard = NonFiniteGuard(on_nonfinite, max_nonfinite_skips)
+        # Last, so that it sees the gradients exactly as optimizer.step() will.
+        self.add_callback(self.nonfinite_guard)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.add_loss(loss)
+        return loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        # HF resets its running loss with `tr_loss -= tr_loss` after logging it, and NaN - NaN stays
+        # NaN: with logging_nan_inf_filter off, every later log would repeat one skipped step's NaN.
+        running = getattr(self, "_tr_loss", None)
+        if "loss" in logs and isinstance(running, torch.Tensor) and not torch.isfinite(running).all():
+            running.zero_()
+
+    def _run_epoch(self, *args, **kwargs):
+        # HF stops when DefaultFlowCallback sees global_step >= max_steps at the end of a step, so a
+        # run resumed at its last step (max_steps or epochs not ending on an epoch boundary) would
+        # train one step more. Nothing left to do: no step.
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
         # While saving, HF's _save_checkpoint asks this for the parent of checkpoint-N.
         return self._staging_root or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        bad = first_nonfinite_param(self.model, trainable_only=True)
+        if bad is not None:
+            # Never publish NaN weights: the latest checkpoint is what resume and merge pick up.
+            self.nonfinite_guard.stop(self.state.global_step, f"weight {bad} is not finite")
+            self.control.should_training_stop = True
+            return
         root = Path(super()._get_output_dir(trial))
         staging = root / STAGING
         shutil.rmtree(staging, ignore_errors=True)
@@ -94,6 +137,12 @@ class AtomicCheckpointTrainer(Trainer):
         # HF rotated inside .staging (a no-op); rotate the real directory by step number (mtime is
         # meaningless after a rename).
         rotate_checkpoints(str(root), save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+    def steps_left(self, checkpoint: Path) -> int:
+        """Optimizer steps the schedule holds after `checkpoint` (<= 0: the run is at its end), by
+        HF's own arithmetic for this config and data (max_steps, or epochs x steps per epoch)."""
+        max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        return max_steps - TrainerState.load_from_json(str(checkpoint / STATE_FILE)).global_step
 
 
 def is_complete(path: Path) -> bool:

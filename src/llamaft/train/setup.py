@@ -118,6 +118,9 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
         save_total_limit=t.save_total_limit,
         logging_strategy="steps",
         logging_steps=logging_steps,
+        # HF would log a NaN/Inf loss as the mean of earlier ones: a diverged run must look diverged
+        # (train/nonfinite.py stops or skips such steps).
+        logging_nan_inf_filter=False,
         # tensorboard is attached by the recipe with RUN/tb as its directory (HF 5 dropped logging_dir)
         report_to=[r for r in t.report_to if r not in ("tensorboard", "none")] or "none",
         remove_unused_columns=False,  # our collator builds the tensors from Examples
