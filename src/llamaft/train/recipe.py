@@ -21,6 +21,7 @@ from ..config import save_config
 from ..errors import LlamaftError
 from ..model.adapters import apply_adapters, count_parameters, save_trained
 from ..model.load import load_base, quantization_config, resolve_precision
+from ..paths import check_output_dir
 from .callbacks import MetricsJsonlCallback, read_metrics, truncate_metrics
 from .checkpoint import AtomicCheckpointTrainer, clean_incomplete, resolve_resume
 from .plots import plot_losses
@@ -57,7 +58,7 @@ def build_datasets(data_cfg, tokenizer, rules, splits=None):
 
 def prepare_run_dir(cfg) -> tuple[Path, Path | None]:
     """(run dir, checkpoint to resume from); refuses to mix a fresh run into an old one."""
-    run_dir = Path(cfg.train.output_dir)
+    run_dir = check_output_dir(cfg.train.output_dir, "train.output_dir")  # a file, under a file, read-only: one line
     ckpt_dir = run_dir / "checkpoints"
     clean_incomplete(ckpt_dir)
     resume_from = resolve_resume(cfg.train.resume, ckpt_dir)
