@@ -149,7 +149,9 @@ def push_to_hub(paths: Path | list[Path], repo_id: str, private: bool = False) -
         raise LlamaftError(f"push to {repo_id} failed: offline mode is on (HF_HUB_OFFLINE=1){kept}") from None
     except (HfHubHTTPError, LocalTokenNotFoundError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise LlamaftError(_scrub(f"push to {repo_id} failed: {first}{kept}")) from None
+        server = (getattr(err, "server_message", None) or "").strip().splitlines()  # the Hub's own reason
+        detail = f"{first}: {server[0]}" if server and server[0] not in first else first
+        raise LlamaftError(_scrub(f"push to {repo_id} failed: {detail}{kept}")) from None
     except OSError as err:
         if getattr(err, "filename", None) is None:
             raise _unreachable(repo_id, api.endpoint, err, kept) from None
