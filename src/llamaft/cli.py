@@ -183,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     except LlamaftError as err:
         print(f"llamaft {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk or unwritable place that no command anticipated: still one line
+        from .paths import ENVIRONMENT_ERRNOS, reason
+
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"llamaft {args.command}: error: {err.filename or 'write'}: {reason(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
