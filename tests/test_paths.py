@@ -127,3 +127,23 @@ def test_staging_names(tmp_path):
     assert tmp_file(out).name == f".m.gguf.{os.getpid()}.tmp"
     assert tmp_file(out, "f16").name == f".m.gguf.{os.getpid()}.f16.tmp"
     assert tmp_dir(tmp_path / "merged").name == f".merged.tmp-{os.getpid()}"
+
+
+def test_cli_reports_an_unanticipated_machine_error_in_one_line(monkeypatch, capsys):
+    """A full disk deep inside a command that has no check of its own: one line, exit 2; an OSError
+    that is not about the machine (a bug, a missing file we should have checked) stays a traceback."""
+    import llamaft.cli as cli
+
+    def full(a):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/eval/predictions.jsonl")
+
+    monkeypatch.setattr(cli, "_cmd_eval", full)
+    assert cli.main(["eval", "runs/x"]) == 2
+    assert capsys.readouterr().err == "llamaft eval: error: /runs/x/eval/predictions.jsonl: No space left on device\n"
+
+    def missing(a):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/some/internal/file")
+
+    monkeypatch.setattr(cli, "_cmd_eval", missing)
+    with pytest.raises(FileNotFoundError):
+        cli.main(["eval", "runs/x"])
