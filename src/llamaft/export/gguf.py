@@ -310,7 +310,6 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", ollama: bool = False,
                 _write(model_dir, cfg, tmp, outtype, name, vocab)
             else:
                 _write(model_dir, cfg, tmp16, "f16", name, vocab)
-                remove(tmp)
                 quantize(tmp16, tmp)
             if ollama:
                 write_modelfile(out, vocab, dest=tmp_mf)
