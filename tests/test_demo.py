@@ -21,6 +21,13 @@ def test_demo_improves_and_reports(tmp_path):
     report = (out / "report.md").read_text()
     assert f"{after['loss']:.3f}" in report or f"{after['loss']:.4f}" in report
     assert (out / "merged" / "model.safetensors").is_file()
-    assert json.loads((out / "merged" / "generation_config.json").read_text())["eos_token_id"]
+    gen = json.loads((out / "merged" / "generation_config.json").read_text())
+    # SmolLM2-Instruct stops on its turn end <|im_end|> (id 2) alone; pad is <repo_name> (id 3), a
+    # spare special token that is not a stop id
+    assert gen["eos_token_id"] == [2] and gen["pad_token_id"] == 3
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out / "merged"))
+    assert tok.convert_ids_to_tokens([2, 3]) == ["<|im_end|>", "<repo_name>"]
     preds = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 24 and all("prediction" in p and "reference" in p for p in preds)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # max_steps 5 and epochs 1.5 (4 optimizer steps per epoch) both end inside an epoch: exactly where
 # HF's loop, resumed at the last step, trained one step more (it checks max_steps only after a step).
-SCHEDULES = {"max_steps": {"max_steps": 5}, "epochs": {"max_steps": -1, "epochs": 1.5}}
+SCHEDULES = {"max_steps": {"max_steps": 5}, "epochs": {"max_steps": None, "epochs": 1.5}}
 
 
 @pytest.fixture(scope="module")

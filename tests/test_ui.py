@@ -191,6 +191,72 @@ def test_auth_and_exposure_rules():
     assert "without --auth" in ui.exposure_warning("0.0.0.0", None)
 
 
+PASSWORD = "Sup3r-S3cret:pw"  # with a ':' (allowed in the password)
+
+
+def test_auth_sources_and_warnings(tmp_path):
+    """--auth (warned: visible in `ps`) > --auth-file (warned when others can read it) > LLAMAFT_UI_AUTH."""
+    warned = []
+    assert ui.resolve_auth(env={}, warn=warned.append) is None
+    assert ui.resolve_auth(env={"LLAMAFT_UI_AUTH": f"alice:{PASSWORD}"}, warn=warned.append) == ("alice", PASSWORD)
+    f = tmp_path / "auth"
+    f.write_text(f"\nalice:{PASSWORD}\n")
+    f.chmod(0o600)
+    assert ui.resolve_auth(auth_file=str(f), env={"LLAMAFT_UI_AUTH": "env:x"}, warn=warned.append) == ("alice", PASSWORD)
+    assert warned == []  # env and an owner-only file: nothing to warn about
+    assert ui.resolve_auth(f"bob:{PASSWORD}", env={"LLAMAFT_UI_AUTH": "env:x"}, warn=warned.append) == ("bob", PASSWORD)
+    assert len(warned) == 1 and "process list" in warned[0] and "LLAMAFT_UI_AUTH" in warned[0] and "--auth-file" in warned[0]
+    f.chmod(0o644)
+    assert ui.resolve_auth(auth_file=f, env={}, warn=warned.append) == ("alice", PASSWORD)
+    assert warned[1] == f"warning: --auth-file {f} can be read by other users (mode 644); chmod 600 {f}"
+    assert not any(PASSWORD in w or "Sup3r" in w for w in warned)
+    with pytest.raises(LlamaftError, match="is a directory"):
+        ui.resolve_auth(auth_file=tmp_path, env={})
+    with pytest.raises(LlamaftError, match="^LLAMAFT_UI_AUTH must look like user:password") as e:
+        ui.resolve_auth(env={"LLAMAFT_UI_AUTH": "Sup3r"})
+    assert "Sup3r" not in str(e.value)
+
+
+@pytest.mark.parametrize("content,expected", [
+    (None, "no such file"), ("", "found 0 non-empty lines"), ("a:b\nc:d\n", "found 2 non-empty lines"),
+    (f"alice{PASSWORD.replace(':', '')}", "must look like user:password"), (f"alice:{PASSWORD}", "not both"),
+])
+def test_auth_file_errors_never_echo_the_password(tmp_path, content, expected):
+    f = tmp_path / "auth"
+    if content is not None:
+        f.write_text(content)
+    with pytest.raises(LlamaftError) as e:
+        ui.resolve_auth(auth="x:y" if expected == "not both" else None, auth_file=f, env={}, warn=lambda m: None)
+    assert expected in str(e.value) and "Sup3r" not in str(e.value)
+
+
+def test_chat_ui_cli_takes_auth_from_env_file_or_flag(tmp_path, monkeypatch, capsys):
+    from llamaft.cli import main
+
+    got = []
+    monkeypatch.setattr(ui, "launch_ui", lambda path, **k: got.append(k["auth"]))
+    monkeypatch.setenv("LLAMAFT_UI_AUTH", f"env:{PASSWORD}")
+    assert main(["chat", "runs/x", "--ui"]) == 0
+    f = tmp_path / "auth"
+    f.write_text(f"file:{PASSWORD}\n")
+    f.chmod(0o400)
+    assert main(["chat", "runs/x", "--ui", "--auth-file", str(f)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and got == [("env", PASSWORD), ("file", PASSWORD)]
+    assert main(["chat", "runs/x", "--ui", "--auth", f"flag:{PASSWORD}"]) == 0
+    captured = capsys.readouterr()
+    assert got[-1] == ("flag", PASSWORD)
+    assert captured.err.startswith("warning: --auth puts the password in the process list") and captured.err.count("\n") == 1
+    assert main(["chat", "runs/x", "--ui", "--auth-file", str(tmp_path / "missing")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"llamaft chat: error: --auth-file {tmp_path / 'missing'}: no such file\n"
+    assert "Sup3r" not in captured.out + captured.err and len(got) == 3
+    with pytest.raises(SystemExit):
+        main(["chat", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--auth-file FILE" in help_text and "LLAMAFT_UI_AUTH" in help_text and "process" in help_text
+
+
 def test_server_is_local_private_and_password_protected(run, models, capsys):
     """Served on a free loopback port: the page needs the password; no share link, analytics off."""
     app = ui.build_app(run, models=models)

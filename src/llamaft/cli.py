@@ -79,13 +79,14 @@ def _cmd_export(a: argparse.Namespace) -> None:
 
 def _cmd_chat(a: argparse.Namespace) -> None:
     if a.ui:
-        from .chat.ui import launch_ui
+        from .chat.ui import launch_ui, resolve_auth
 
         from .model.generate import GenParams
 
         params = GenParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                            max_new_tokens=a.max_new_tokens, repetition_penalty=a.repetition_penalty)
-        launch_ui(a.path, host=a.host, port=a.port, auth=a.auth, base=a.base, system=a.system, params=params)
+        auth = resolve_auth(a.auth, a.auth_file)  # --auth, else --auth-file, else $LLAMAFT_UI_AUTH
+        launch_ui(a.path, host=a.host, port=a.port, auth=auth, base=a.base, system=a.system, params=params)
         return
     if a.path.endswith(".gguf"):
         from .chat.gguf_backend import chat_loop_gguf
@@ -215,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ui", action="store_true", help="web UI (Gradio) instead of the terminal")
     p.add_argument("--host", default="127.0.0.1", help="--ui: bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="--ui: port")
-    p.add_argument("--auth", help="--ui: user:pass required to open the page")
+    p.add_argument("--auth-file", metavar="FILE", help="--ui: file with one user:pass line (chmod 600) required to open "
+                   "the page; or set LLAMAFT_UI_AUTH=user:pass")
+    p.add_argument("--auth", metavar="USER:PASS", help="--ui: like --auth-file, but the password shows in the process "
+                   "list (ps) to every user; prints a warning")
     p.add_argument("--base", nargs="?", const=True, default=False, metavar="PATH",
                    help="--ui: side-by-side with the base model (a run's own base by default; PATH for a merged or other model)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -234,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     except LlamaftError as err:
         print(f"llamaft {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a full disk or unwritable place that no command anticipated: still one line
+        from .paths import ENVIRONMENT_ERRNOS, reason
+
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"llamaft {args.command}: error: {err.filename or 'write'}: {reason(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""Web chat UI: `llamaft chat RUN_DIR|MODEL_DIR|FILE.gguf --ui [--host H] [--port N] [--auth user:pass]`.
+"""Web chat UI: `llamaft chat RUN_DIR|MODEL_DIR|FILE.gguf --ui [--host H] [--port N] [--auth-file FILE]`.
 
     launch_ui("runs/demo")                          # http://127.0.0.1:7860, blocks until Ctrl-C
     app = build_app("runs/demo", base=True)         # Gradio Blocks (tests start it on a free port)
@@ -16,7 +16,9 @@ Where the base model for side-by-side comes from (ui_backends.py, `resolve_model
   any other model dir / .gguf   only with an explicit base=PATH (CLI: --base PATH); otherwise the
                                 side-by-side switch is disabled and says why.
 
-Private by default: binds 127.0.0.1; any other host without auth prints a warning. No share
+Private by default: binds 127.0.0.1; any other host without auth prints a warning. The login comes
+from LLAMAFT_UI_AUTH=user:pass or --auth-file FILE (`resolve_auth`); --auth user:pass still works but
+is visible to every user in `ps`, so it prints a warning. No share
 links, no telemetry (GRADIO_ANALYTICS_ENABLED=False before gradio is imported), no monitoring or
 MCP endpoints, and the theme's fonts are the ones gradio ships, so the page loads offline.
 """
@@ -316,14 +318,56 @@ def build_app(path: str | Path, *, base: bool | str | Path = False, system: str 
 # Serving
 
 
-def parse_auth(auth: str | tuple[str, str] | None) -> tuple[str, str] | None:
+AUTH_ENV = "LLAMAFT_UI_AUTH"
+
+
+def parse_auth(auth: str | tuple[str, str] | None, source: str = "--auth") -> tuple[str, str] | None:
     """'user:password' → (user, password); the password may contain ':'. Never echoes the value."""
     if auth is None or isinstance(auth, tuple):
         return auth
-    user, sep, password = auth.partition(":")
+    user, sep, password = auth.strip("\r\n").partition(":")
     if not sep or not user or not password:
-        raise LlamaftError("--auth must look like user:password (both non-empty)")
+        raise LlamaftError(f"{source} must look like user:password (both non-empty)")
     return user, password
+
+
+def resolve_auth(auth: str | None = None, auth_file: str | Path | None = None,
+                 env: dict | None = None, warn=None) -> tuple[str, str] | None:
+    """The UI's login from, in this order: --auth user:pass (visible to every user in `ps`, so a
+    warning is printed), --auth-file PATH (one user:pass line), the LLAMAFT_UI_AUTH environment
+    variable; None when none is given. Errors and warnings never contain the password."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    env = os.environ if env is None else env
+    if auth is not None and auth_file is not None:
+        raise LlamaftError("give --auth or --auth-file, not both")
+    if auth is not None:
+        warn(f"warning: --auth puts the password in the process list (any user can read it with `ps`); "
+             f"use {AUTH_ENV}=user:password or --auth-file FILE instead")
+        return parse_auth(auth)
+    if auth_file is not None:
+        return parse_auth(_read_auth_file(Path(auth_file).expanduser(), warn), f"--auth-file {auth_file}")
+    if env.get(AUTH_ENV):
+        return parse_auth(env[AUTH_ENV], AUTH_ENV)
+    return None
+
+
+def _read_auth_file(path: Path, warn) -> str:
+    """The one non-empty line of an auth file; warns when others may read it (chmod 600)."""
+    if path.is_dir():
+        raise LlamaftError(f"--auth-file {path}: is a directory, not a file holding user:password")
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise LlamaftError(f"--auth-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        why = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else "not UTF-8 text"
+        raise LlamaftError(f"--auth-file {path}: cannot read it ({why})") from None
+    if len(lines) != 1:
+        raise LlamaftError(f"--auth-file {path}: must hold exactly one user:password line (found {len(lines)} non-empty lines)")
+    if mode & 0o077:
+        warn(f"warning: --auth-file {path} can be read by other users (mode {mode & 0o777:03o}); chmod 600 {path}")
+    return lines[0].strip()
 
 
 def exposure_warning(host: str, auth) -> str | None:
@@ -331,7 +375,7 @@ def exposure_warning(host: str, auth) -> str | None:
     if host in LOOPBACK or auth:
         return None
     return (f"warning: serving on {host} without --auth: anyone who can reach this machine can use the model; "
-            "add --auth user:password, or keep the default --host 127.0.0.1")
+            f"set {AUTH_ENV}=user:password (or --auth-file FILE), or keep the default --host 127.0.0.1")
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 7860, auth=None, block: bool = True):

@@ -6,17 +6,17 @@
 
 Prints a few rendered training examples with the loss-bearing spans highlighted, a table of token
 lengths per split, and what was truncated or dropped (and where). `dump` writes one line per
-training example, ``{"input_ids": [...], "labels": [...]}``, in the trainer's order; it is written to
-a temporary file and renamed, so a crash never leaves a half-written dump.
+training example, ``{"input_ids": [...], "labels": [...]}``, in the trainer's order. The dump path is
+checked before the tokenizer loads (not a directory, its folder writable); the file is written to a
+temporary sibling and renamed, so a crash or a full disk never leaves a half-written dump.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from ..paths import check_output_file, clean_stale, publish_file, remove, tmp_file, write_errors
 from .chat import IGNORE_INDEX
 from .pipeline import NO_TRAINED, TOO_LONG, Datasets, build_datasets, split_conversations
 
@@ -28,6 +28,8 @@ def inspect_data(cfg, show: int = 3, dump: str | None = None, console=None) -> d
     from ..model.tokenizer import load_tokenizer
 
     console = console or Console()
+    if dump:
+        dump = str(check_output_file(dump, "--dump", example="train.jsonl"))
     splits = split_conversations(cfg.data)  # bad rows fail here, before the (slow) tokenizer load
     tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
     ds = build_datasets(cfg.data, tokenizer, rules, splits=splits)
@@ -96,15 +98,17 @@ def _print_drops(stats: dict, console) -> None:
 
 def write_dump(examples: list, path: str) -> str:
     """One JSON line per example, in order, written atomically (temp file in the same directory + os.replace)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for ex in examples:
-                f.write(json.dumps({"input_ids": list(ex.input_ids), "labels": list(ex.labels)}) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    target = check_output_file(path, "--dump", example="train.jsonl")
+    clean_stale(target)
+    tmp = tmp_file(target)
+    with write_errors(target, "--dump", cleanup=(tmp,)):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                for ex in examples:
+                    f.write(json.dumps({"input_ids": list(ex.input_ids), "labels": list(ex.labels)}) + "\n")
+        except BaseException:
+            remove(tmp)
+            raise
+    publish_file(tmp, target, "--dump")
     return str(target)

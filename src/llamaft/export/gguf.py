@@ -9,7 +9,7 @@ tokenizer from `gguf_vocab`. f32/f16/bf16/q8_0/q4_0/q4_1/q5_0/q5_1 are quantised
 (`gguf.quants`); k-quants and i-quants (q4_k_m, q6_k, ...) go through llama.cpp's quantizer: a
 `llama-quantize` binary on PATH, else the `llama_cpp` binding's `llama_model_quantize`.
 Tensors are streamed one at a time, so memory stays near one tensor; the file appears only when
-complete (temp file + rename).
+complete (temp file `.NAME.PID.tmp` + rename; see paths.py for stale temp files and disk errors).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LlamaftError
+from ..paths import check_output_file, clean_stale, publish_file, remove, tmp_file, write_errors
 from .gguf_check import check_gguf  # noqa: F401 - `export` calls export_gguf then check_gguf
 from .gguf_vocab import add_vocab, read_vocab
 
@@ -256,37 +257,68 @@ def _quantizer(outtype: str):
     return run_binding
 
 
+def check_outtype(outtype: str):
+    """Validate `outtype` before any work; returns llama.cpp's quantizer for k/i-quants, else None."""
+    outtype = outtype.lower()
+    if outtype not in OUTTYPES:
+        raise LlamaftError(f"--quant {outtype}: unknown GGUF outtype; choose one of: {', '.join(OUTTYPES)}")
+    return None if outtype in PY_TYPES else _quantizer(outtype)
+
+
+def gguf_target(out_path, outtype: str, model_name: str) -> Path:
+    """The file `export_gguf` writes for `out_path`: a directory gets NAME.OUTTYPE.gguf inside it,
+    a name without .gguf gets the suffix added."""
+    out = Path(out_path).expanduser()
+    if out.is_dir():
+        return out / f"{model_name}.{outtype.lower()}.gguf"
+    return out if out.suffix == ".gguf" else out.with_suffix(out.suffix + ".gguf")
+
+
+def check_target(out_path, outtype: str, model_name: str, ollama: bool = False, name: str | None = "--out") -> Path:
+    """Everything about the output that can fail, checked before any model work: the outtype and its
+    quantizer, the path (not a directory, its folder writable); returns the .gguf path."""
+    check_outtype(outtype)
+    out = check_output_file(gguf_target(out_path, outtype, model_name), name, example="model.gguf")
+    if ollama:
+        check_output_file(out.with_name("Modelfile"), name, example="Modelfile")
+    return out
+
+
 def export_gguf(model_dir, out_path, outtype: str = "f16", ollama: bool = False, *, name: str | None = None) -> Path:
     """Convert a merged HF Llama model directory to GGUF; returns the written path.
 
     outtype: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 (pure Python), or
     q4_k_m, q5_k_m, q6_k, ... (needs `llama-quantize` on PATH or llama-cpp-python).
     ollama: also write `Modelfile` beside the GGUF (template + stop tokens).
+    name: general.name in the file (default: the model directory's name).
+    The GGUF (and Modelfile) appear only when complete; a failed write (full disk, read-only, ...)
+    leaves no partial file and an existing output untouched.
     """
-    model_dir, out = Path(model_dir), Path(out_path)
-    outtype = outtype.lower()
-    if outtype not in OUTTYPES:
-        raise LlamaftError(f"--quant {outtype}: unknown GGUF outtype; choose one of: {', '.join(OUTTYPES)}")
-    quantize = None if outtype in PY_TYPES else _quantizer(outtype)  # before anything is created
-    if out.is_dir() or out.suffix != ".gguf":
-        out = out / f"{model_dir.resolve().name}.{outtype}.gguf" if out.is_dir() else out.with_suffix(out.suffix + ".gguf")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    model_dir, outtype = Path(model_dir), outtype.lower()
+    name = name or model_dir.resolve().name
+    quantize = check_outtype(outtype)
+    out = check_target(out_path, outtype, name, ollama, name=None)
+    clean_stale(out)
     cfg = _config(model_dir)
     vocab = read_vocab(model_dir, cfg["vocab_size"])
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp16 = out.with_name(f".{out.name}.{os.getpid()}.f16.tmp")
+    modelfile = out.with_name("Modelfile")
+    tmp, tmp16, tmp_mf = tmp_file(out), tmp_file(out, "f16"), tmp_file(modelfile)
     try:
-        if outtype in PY_TYPES:
-            _write(model_dir, cfg, tmp, outtype, name or model_dir.resolve().name, vocab)
-        else:
-            _write(model_dir, cfg, tmp16, "f16", name or model_dir.resolve().name, vocab)
-            quantize(tmp16, tmp)
-        os.replace(tmp, out)
+        with write_errors(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if outtype in PY_TYPES:
+                _write(model_dir, cfg, tmp, outtype, name, vocab)
+            else:
+                _write(model_dir, cfg, tmp16, "f16", name, vocab)
+                quantize(tmp16, tmp)
+            if ollama:
+                write_modelfile(out, vocab, dest=tmp_mf)
+        publish_file(tmp, out)
+        if ollama:
+            publish_file(tmp_mf, modelfile)
     finally:
-        for p in (tmp, tmp16):
-            p.unlink(missing_ok=True)
-    if ollama:
-        write_modelfile(out, vocab)
+        for p in (tmp, tmp16, tmp_mf):
+            remove(p)
     return out
 
 
@@ -307,8 +339,9 @@ _OLLAMA_CHATML = (
 )
 
 
-def write_modelfile(gguf_path: Path, vocab) -> Path:
-    """Ollama Modelfile beside the GGUF: FROM, TEMPLATE (Llama 3 / ChatML) and every stop token."""
+def write_modelfile(gguf_path: Path, vocab, dest: Path | None = None) -> Path:
+    """Ollama Modelfile beside the GGUF: FROM, TEMPLATE (Llama 3 / ChatML) and every stop token.
+    dest: where to write it (default: `Modelfile` beside the GGUF)."""
     tpl = vocab.chat_template or ""
     lines = [f"FROM ./{gguf_path.name}", ""]
     if "<|start_header_id|>" in tpl:
@@ -320,6 +353,6 @@ def write_modelfile(gguf_path: Path, vocab) -> Path:
         lines.append("# no TEMPLATE: Ollama derives one from the GGUF's chat template")
     for i in sorted(set(vocab.stop_ids) | {v for k, v in vocab.special.items() if k in ("eos", "eot", "eom")}):
         lines.append(f'PARAMETER stop "{vocab.tokens[i]}"')
-    path = gguf_path.with_name("Modelfile")
+    path = dest or gguf_path.with_name("Modelfile")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

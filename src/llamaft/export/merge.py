@@ -6,8 +6,10 @@
 The output holds safetensors weights, the tokenizer with its chat template, and a
 generation_config.json whose eos_token_id lists every stop id (Llama 3.1 Instruct: 128001, 128008,
 128009), so `AutoModelForCausalLM.from_pretrained(out).generate(...)` stops where our chat does.
-It is written to a temporary sibling directory and renamed into place: a crash never leaves a
-half-written model behind.
+It is written to a temporary sibling directory (`.NAME.tmp-PID`) and renamed into place: a crash
+never leaves a half-written model behind, an existing output is only replaced by a complete one,
+and the sibling a killed merge leaves is removed by the next merge or export into the same place.
+A full disk or unwritable --out is one line naming it (paths.py), checked before the model loads.
 
 QLoRA runs merge into the base loaded unquantized (16-bit): merging into 4-bit weights would round
 the adapter away, and the dequantized base is what the adapter was trained to correct.
@@ -16,23 +18,23 @@ the adapter away, and the dequantized base is what the adapter was trained to co
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from ..errors import LlamaftError
 from ..model.finite import first_nonfinite_in_files, first_nonfinite_param
 from ..model.inference import load_for_inference, resolve_source, torch_dtype
 from ..model.tokenizer import save_tokenizer
+from ..paths import check_output_dir, clean_stale, publish_dir, remove, tmp_dir, write_errors
 
 DTYPES = ("bfloat16", "float16", "float32")
 
 
 def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Fail before any model loads when the output would clobber something."""
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise LlamaftError(f"{out}: exists and is not a directory")
+    """Fail before any model loads when the output would clobber something or cannot be written
+    (a file, under a file, read-only, no permission). Staging dirs that killed runs left beside it
+    (`.NAME.tmp-PID`, model-sized) are removed here, before they can fill the disk."""
+    out = check_output_dir(out_dir)
+    clean_stale(out.resolve())
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise LlamaftError(f"{out}: directory is not empty; choose another --out or pass --overwrite")
     return out
@@ -78,32 +80,32 @@ def write_model_dir(model, tokenizer, rules, out_dir: str | Path, *, max_shard_s
                     overwrite: bool = False) -> Path:
     """Save weights (safetensors, sharded) + tokenizer + generation config atomically into out_dir."""
     out = check_out_dir(out_dir, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    return publish_dir(stage_model_dir(model, tokenizer, rules, out, max_shard_size=max_shard_size), out)
+
+
+def stage_model_dir(model, tokenizer, rules, out: Path, *, max_shard_size: int | str = "5GB") -> Path:
+    """Write the model directory into out's staging sibling `.NAME.tmp-PID` and return that; the
+    caller renames it into place (paths.publish_dir) or removes it. A failed write (full disk,
+    read-only, ...) leaves nothing and raises one line naming `out`."""
+    clean_stale(out)
+    tmp = tmp_dir(out)
+    remove(tmp)
     try:
-        _drop_gguf_quantizer(model)
-        # A run's base had its cache off for training; the shipped model should generate fast.
-        model.config.use_cache = True
-        model.config.pad_token_id = rules.pad_id
-        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        # Tokenizer + chat template, then eos_token_id = all stop ids and pad_token_id = pad, merged
-        # into the generation_config.json that save_pretrained just wrote.
-        save_tokenizer(tokenizer, rules, tmp)
+        with write_errors(out, cleanup=(tmp,)):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _drop_gguf_quantizer(model)
+            # A run's base had its cache off for training; the shipped model should generate fast.
+            model.config.use_cache = True
+            model.config.pad_token_id = rules.pad_id
+            model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+            # Tokenizer + chat template, then eos_token_id = all stop ids and pad_token_id = pad, merged
+            # into the generation_config.json that save_pretrained just wrote.
+            save_tokenizer(tokenizer, rules, tmp)
         _check_written(tmp, rules)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
-    if out.exists():
-        # Swap, then delete: at every moment either the old or the complete new directory is there.
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out
+    return tmp
 
 
 def _drop_gguf_quantizer(model) -> None:
@@ -146,7 +148,14 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", *, 
         raise LlamaftError(f"{run_dir}: a model directory has no adapter to merge; use `llamaft export --format hf` to re-save it")
     out = check_out_dir(out_dir, overwrite)
     refuse_clobber(out, src.run_dir)
-    refuse_nonfinite_files(src.weights)
+    return publish_dir(merge_staged(run_dir, out, dtype, max_shard_size=max_shard_size), out.resolve())
+
+
+def merge_staged(run_dir: str | Path, out: Path, dtype: str = "bfloat16", *, max_shard_size: int | str = "5GB") -> Path:
+    """The merge written to out's staging sibling (see stage_model_dir), not yet renamed into place:
+    `export --format gguf` converts from it and publishes it only when the GGUF was written."""
+    src = resolve_source(run_dir)
+    refuse_nonfinite_files(src.weights)  # before anything loads or is written
     # Loading in the target dtype costs no accuracy: PEFT computes the LoRA delta in fp32 and rounds
     # once when adding it, exactly as merging in fp32 and casting afterwards would; and it halves
     # the memory an 8B merge needs.
@@ -155,4 +164,4 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", *, 
         model = model.merge_and_unload()
     model = model.to(torch_dtype(dtype))
     refuse_nonfinite_model(model, dtype, src.weights)
-    return write_model_dir(model, tokenizer, rules, out, max_shard_size=max_shard_size, overwrite=overwrite)
+    return stage_model_dir(model, tokenizer, rules, Path(out).resolve(), max_shard_size=max_shard_size)

@@ -24,6 +24,7 @@ from ..errors import LlamaftError, TrainingDiverged
 from ..model.adapters import apply_adapters, count_parameters, save_trained
 from ..model.finite import first_nonfinite_param
 from ..model.load import load_base, quantization_config, resolve_precision
+from ..paths import check_output_dir
 from .callbacks import MetricsJsonlCallback, json_safe, read_metrics, truncate_metrics
 from .checkpoint import AtomicCheckpointTrainer, clean_incomplete, latest_complete, resolve_resume
 from .plots import plot_losses
@@ -61,7 +62,7 @@ def build_datasets(data_cfg, tokenizer, rules, splits=None):
 def prepare_run_dir(cfg) -> tuple[Path, Path | None]:
     """(run dir, checkpoint to resume from); refuses to mix a fresh run into an old one.
     Creates nothing: train() makes the directory only once every check has passed."""
-    run_dir = Path(cfg.train.output_dir)
+    run_dir = check_output_dir(cfg.train.output_dir, "train.output_dir")  # a file, under a file, read-only: one line
     ckpt_dir = run_dir / "checkpoints"
     clean_incomplete(ckpt_dir)
     resume_from = resolve_resume(cfg.train.resume, ckpt_dir)
