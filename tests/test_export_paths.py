@@ -176,7 +176,7 @@ def test_kquant_without_quantizer_fails_before_the_merge(tmp_path, monkeypatch, 
     assert _tree(merged) == before and (merged / "model.safetensors").stat().st_mtime_ns == stamp
     assert hidden(run) == [] and not list(run.glob("*.gguf"))
     assert main(["export", str(run), "--format", "gguf", "--quant", "q9_x"]) == 2
-    one_error_line(capsys.readouterr().err, "export", "unknown GGUF outtype 'q9_x'")
+    one_error_line(capsys.readouterr().err, "export", "--quant q9_x: unknown GGUF outtype")
 
 
 @pytest.mark.usefixtures("no_model_load")
