@@ -225,13 +225,10 @@ def _run_inspect(tmp_path, monkeypatch, fake_chat, **kw):
     from llamaft.config import config_from_dict
     from llamaft.data.inspect import inspect_data
 
-    tok = types.ModuleType("llamaft.model.tokenizer")
-    tok.load_tokenizer = lambda model_cfg, data_cfg: ("TOK", "RULES")
-    monkeypatch.setitem(sys.modules, "llamaft.model.tokenizer", tok)
     t = qa_file(tmp_path / "t.jsonl", 10, answer=lambda i: "x" * (3 * i + 1))
     cfg = config_from_dict({"model": {"name": "m"}, "data": {"train": [t], "val_ratio": 0.2, "max_seq_length": 20}})
     out = io.StringIO()
-    stats = inspect_data(cfg, console=Console(file=out, width=200), **kw)
+    stats = inspect_data(cfg, lambda model_cfg, data_cfg: ("TOK", "RULES"), console=Console(file=out, width=200), **kw)
     return cfg, stats, out.getvalue()
 
 
@@ -253,14 +250,11 @@ def test_inspect_reads_data_before_loading_the_tokenizer(tmp_path, monkeypatch, 
     from llamaft.config import config_from_dict
     from llamaft.data.inspect import inspect_data
 
-    tok = types.ModuleType("llamaft.model.tokenizer")
-    tok.load_tokenizer = lambda *a: pytest.fail("tokenizer loaded before the data was checked")
-    monkeypatch.setitem(sys.modules, "llamaft.model.tokenizer", tok)
     t = tmp_path / "t.jsonl"
     t.write_text('{"question": "q"}\n')
     cfg = config_from_dict({"model": {"name": "m"}, "data": {"train": [str(t)], "format": "qa"}})
     with pytest.raises(DataError, match=r"t\.jsonl:line 1: field 'answer': missing"):
-        inspect_data(cfg)
+        inspect_data(cfg, lambda *a: pytest.fail("tokenizer loaded before the data was checked"))
 
 
 def test_inspect_show_zero_and_no_dump(tmp_path, monkeypatch, fake_chat):

@@ -53,9 +53,10 @@ def _cmd_train(a: argparse.Namespace) -> None:
 
 def _cmd_data(a: argparse.Namespace) -> None:
     from .data.inspect import inspect_data
+    from .model.tokenizer import load_tokenizer
 
     cfg = _load(a)
-    inspect_data(cfg, show=a.show, dump=a.dump)
+    inspect_data(cfg, load_tokenizer, show=a.show, dump=a.dump)
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:

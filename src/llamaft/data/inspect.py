@@ -2,7 +2,8 @@
 
     from llamaft.config import load_config
     from llamaft.data.inspect import inspect_data
-    inspect_data(load_config("configs/demo.yaml"), show=2, dump="/tmp/train.jsonl")
+    from llamaft.model.tokenizer import load_tokenizer
+    inspect_data(load_config("configs/demo.yaml"), load_tokenizer, show=2, dump="/tmp/train.jsonl")
 
 Prints a few rendered training examples with the loss-bearing spans highlighted, a table of token
 lengths per split, and what was truncated or dropped (and where). `dump` writes one line per
@@ -14,18 +15,18 @@ temporary sibling and renamed, so a crash or a full disk never leaves a half-wri
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ..paths import check_output_file, clean_stale, publish_file, remove, tmp_file, write_errors
 from .chat import IGNORE_INDEX
 from .pipeline import NO_TRAINED, TOO_LONG, Datasets, build_datasets, split_conversations
 
 
-def inspect_data(cfg, show: int = 3, dump: str | None = None, console=None) -> dict:
-    """Build every split as the trainer would, print it, optionally dump train; returns the stats (+ "dump")."""
+def inspect_data(cfg, load_tokenizer, show: int = 3, dump: str | None = None, console=None) -> dict:
+    """Build every split as the trainer would, print it, optionally dump train; returns the stats (+ "dump").
+    `load_tokenizer(model_cfg, data_cfg) -> (tokenizer, rules)` comes from the caller (the model layer's
+    loader for the CLI): data never imports the layer above it, and it is called only after the rows
+    were read and checked."""
     from rich.console import Console
-
-    from ..model.tokenizer import load_tokenizer
 
     console = console or Console()
     if dump:

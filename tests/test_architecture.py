@@ -1,0 +1,83 @@
+"""Imports follow the flow: config → data → model (+ fast, generate) → eval → train → export → chat → cli.
+
+A module may import its own layer or any layer below it, never one above (data never imports model,
+eval never imports chat, ...). Imports inside functions count too: a late import that runs back up
+is still a dependency. docs/ARCHITECTURE.md draws the same picture.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "llamaft"
+
+# Bottom to top. Modules not named sit in the layer of their first dotted part.
+LAYERS = [
+    {"errors", "versions", "assets", "paths"},  # shared leaves: user errors, versions, bundled assets, output paths
+    {"config"},
+    {"data"},
+    {"model"},
+    {"eval"},
+    {"train"},
+    {"export"},
+    {"chat"},
+    {"demo", "demo_data", "cli", "__main__", "__init__"},
+]
+
+
+def _layer(module: str) -> int:
+    head = module.split(".")[1] if "." in module else "__init__"
+    for rank, names in enumerate(LAYERS):
+        if head in names:
+            return rank
+    raise AssertionError(f"llamaft.{head} is in no layer of tests/test_architecture.py: add it where it belongs")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every llamaft module `path` imports, absolute or relative, at any depth of the file."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("llamaft"):
+                found.add(target)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("llamaft")}
+    return found
+
+
+def test_no_module_imports_a_layer_above_it():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        me = _module_name(path)
+        for target in _imports(path):
+            if target != "llamaft" and _layer(target) > _layer(me):
+                upward.append(f"{me} imports {target}")
+    assert not upward, "imports that run back up the flow:\n" + "\n".join(upward)
+
+
+def test_the_walker_sees_relative_and_late_imports(tmp_path):
+    """The check itself can fail: a late relative import from data into model is found."""
+    global PACKAGE
+    pkg = tmp_path / "llamaft"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data" / "__init__.py").write_text("")
+    bad = pkg / "data" / "x.py"
+    bad.write_text("def f():\n    from ..model.tokenizer import load\n")
+    saved, PACKAGE = PACKAGE, pkg
+    try:
+        assert _imports(bad) == {"llamaft.model.tokenizer"}
+        assert _layer("llamaft.model.tokenizer") > _layer(_module_name(bad))
+    finally:
+        PACKAGE = saved
