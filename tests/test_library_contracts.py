@@ -46,6 +46,29 @@ def test_transformers_trainer_saves_checkpoints_under_get_output_dir():
     assert "self._get_output_dir(" in inspect.getsource(Trainer._save_checkpoint)
 
 
+def test_transformers_training_loop_hooks_used_by_the_nonfinite_guard_and_resume():
+    """train/checkpoint.py + train/nonfinite.py:
+    - the guard's `on_pre_optimizer_step` fires after clipping and right before `optimizer.step()`;
+    - `training_step(model, inputs, num_items_in_batch)` returns the loss HF accumulates;
+    - `log(logs, start_time)` and the running-loss tensor `Trainer._tr_loss` (zeroed after a NaN was
+      logged, since HF resets it with `tr_loss -= tr_loss`, which keeps NaN);
+    - `_run_epoch(...)`, overridden so that a run resumed at its last step trains no extra step;
+    - `set_initial_training_values(args, dataloader)` returns a tuple ending with max_steps;
+    - `logging_nan_inf_filter` exists (we switch it off so logged losses are true)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    loop = inspect.getsource(Trainer._run_epoch)
+    hook, step = loop.index("on_pre_optimizer_step("), loop.index("self.optimizer.step()")
+    assert loop.index("_clip_grad_norm(") < hook < step
+    assert "self._tr_loss" in loop and "tr_loss -= tr_loss" in inspect.getsource(Trainer._maybe_log_save_evaluate)
+    assert list(inspect.signature(Trainer.training_step).parameters)[:4] == ["self", "model", "inputs", "num_items_in_batch"]
+    assert list(inspect.signature(Trainer.log).parameters)[:3] == ["self", "logs", "start_time"]
+    assert hasattr(TrainerCallback, "on_pre_optimizer_step")
+    returned = inspect.getsource(Trainer.set_initial_training_values).rsplit("return", 1)[1]
+    assert re.fullmatch(r"\s*\(?[\w\s,]*\bmax_steps,?\s*\)?\s*", returned), returned
+    assert "logging_nan_inf_filter" in inspect.signature(TrainingArguments).parameters
+
+
 def test_transformers_checkpoint_rotation_helpers():
     """train/checkpoint.py rotates published checkpoints by step with HF's own helper."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -144,3 +167,40 @@ def test_huggingface_hub_calls_used_to_resolve_model_names(tmp_path, monkeypatch
     (tmp_path / "models--org--model" / "refs").mkdir()
     (tmp_path / "models--org--model" / "refs" / "main").write_text("abc")
     assert try_to_load_from_cache("org/model", "config.json", cache_dir=str(tmp_path)) == str(snap / "config.json")
+
+
+def test_huggingface_hub_upload_calls_and_errors_used_by_export():
+    """export/cli.py: offline check, upload calls and the refusal reason (`server_message`); the HTTP
+    client whose transport errors we catch (huggingface_hub 2.x: httpx2) is one of those we look for."""
+    import sys
+
+    import huggingface_hub
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled  # noqa: F401
+
+    from llamaft.export.cli import _transport_errors
+
+    assert callable(getattr(constants, "is_offline_mode", None)) or hasattr(constants, "HF_HUB_OFFLINE")
+    assert {"path_in_repo", "path_or_fileobj"} <= set(inspect.signature(CommitOperationAdd).parameters)
+    assert {"repo_id", "private", "exist_ok"} <= set(inspect.signature(HfApi.create_repo).parameters)
+    assert {"folder_path", "repo_id", "commit_message"} <= set(inspect.signature(HfApi.upload_folder).parameters)
+    assert {"repo_id", "operations", "commit_message"} <= set(inspect.signature(HfApi.create_commit).parameters)
+    assert "server_message" in inspect.getsource(HfHubHTTPError.__init__)
+    clients = [m for m in ("httpx2", "httpx", "requests") if m in sys.modules]
+    assert clients, f"huggingface_hub {huggingface_hub.__version__} imported none of httpx2/httpx/requests"
+    assert _transport_errors(), "no transport error class found for the hub's HTTP client"
+
+
+def test_safetensors_io_errors_carry_the_os_error_number(tmp_path):
+    """paths.write_errors reads the errno from safetensors' Rust I/O message `(os error N)` (a full
+    disk raises SafetensorError, not OSError)."""
+    from safetensors.torch import save_file
+
+    from llamaft.paths import as_os_error
+
+    target = tmp_path / "missing-dir" / "x.safetensors"
+    with pytest.raises(Exception) as info:
+        save_file({"x": torch.zeros(2)}, str(target))
+    assert not isinstance(info.value, OSError)  # its own type: only the message carries the errno
+    err = as_os_error(info.value)
+    assert isinstance(err, OSError) and err.errno == 2, (type(info.value), str(info.value))
