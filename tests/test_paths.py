@@ -147,3 +147,25 @@ def test_cli_reports_an_unanticipated_machine_error_in_one_line(monkeypatch, cap
     monkeypatch.setattr(cli, "_cmd_eval", missing)
     with pytest.raises(FileNotFoundError):
         cli.main(["eval", "runs/x"])
+
+
+def test_write_text_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+
+    from llamaft import paths
+    from llamaft.errors import LlamaftError
+
+    out = tmp_path / "summary.json"
+    assert paths.write_text_atomic(out, "old") == out and out.read_text() == "old"
+    real_open = open
+
+    def full_disk(path, *a, **k):
+        f = real_open(path, *a, **k)
+        f.write = lambda _text: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return f
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(LlamaftError, match="summary.json.*[Nn]o space left"):
+        paths.write_text_atomic(out, "new")
+    monkeypatch.undo()
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]

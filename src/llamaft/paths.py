@@ -220,3 +220,16 @@ def publish_file(tmp: Path, out: Path, name: str | None = None) -> Path:
     with write_errors(out, name, cleanup=(tmp,)):
         os.replace(tmp, out)
     return out
+
+
+def write_text_atomic(out: Path | str, text: str, name: str | None = None) -> Path:
+    """Write `text` to `out` through a temporary sibling and one rename: a reader sees the old file or
+    the whole new one, never half of it; an OS error (full disk, read-only) is one LlamaftError."""
+    out = Path(out)
+    tmp = tmp_file(out)
+    with write_errors(out, name, cleanup=(tmp,)):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return publish_file(tmp, out, name)
