@@ -62,7 +62,7 @@ def enospc_after_partial_write(path, *_args, **_kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
-PROGRESS = re.compile(r"^[\w ]+:\s+\d+%\|")  # tqdm bars: "Loading weights: 100%|███| 21/21 [...]"
+PROGRESS = re.compile(r"^\s*(?:[\w ]+:\s+)?\d+%\|")  # tqdm bars: "Loading weights: 100%|███| 21/21 [...]", " 50%|█ | 3/6"
 
 
 def one_error_line(err: str, command: str, *names: str) -> str:

@@ -26,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..errors import LlamaftError
 from ..model.finite import first_nonfinite_param
+from ..paths import as_os_error, reason
 from .nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,16 @@ class AtomicCheckpointTrainer(Trainer):
         self._staging_root = str(staging)
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as err:
+            why = write_failure(err)
+            if why is None:
+                raise
+            shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
+            last = latest_complete(root)
+            then = (f"the last good checkpoint is {last} (free space, then continue with train.resume=true)" if last
+                    else "no checkpoint was completed yet (free space, then start the run again)")
+            raise LlamaftError(f"checkpoint of step {self.state.global_step} could not be written to {root}: {why}; "
+                               f"nothing was published, {then}") from None
         finally:
             self._staging_root = None
         if not self.args.should_save:
@@ -143,6 +154,22 @@ class AtomicCheckpointTrainer(Trainer):
         HF's own arithmetic for this config and data (max_steps, or epochs x steps per epoch)."""
         max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
         return max_steps - TrainerState.load_from_json(str(checkpoint / STATE_FILE)).global_step
+
+
+# torch's zip writer reports a full disk as a RuntimeError: "PytorchStreamWriter failed writing file
+# data/0: file write failed" or "[enforce fail at inline_container.cc] . unexpected pos 14336 vs 14228".
+_TORCH_WRITE_FAILED = re.compile(r"PytorchStreamWriter failed|unexpected pos \d+ vs \d+|file write failed")
+
+
+def write_failure(err: BaseException) -> str | None:
+    """Why a checkpoint write failed, when the machine (disk full, read-only, quota) is the cause;
+    None for anything else (a bug stays a traceback)."""
+    os_err = as_os_error(err)
+    if os_err is not None:
+        return reason(os_err)
+    if isinstance(err, RuntimeError) and _TORCH_WRITE_FAILED.search(str(err)):
+        return f"the write failed, most likely a full disk ({str(err).strip().splitlines()[-1][:120]})"
+    return None
 
 
 def is_complete(path: Path) -> bool:

@@ -192,11 +192,19 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
         # Checkpoints are atomic, so whatever is in checkpoints/ is safe to continue from.
+        _close_progress_bar(trainer)
         try:
             finish(status="interrupted")
         except Exception as err:  # never let bookkeeping hide the interrupt
             log.warning("could not write summary.json for the interrupted run: %s", err)
         print(f"\ninterrupted; continue with: llamaft train {run_dir / 'config.yaml'} train.resume=true")
+        raise
+    except LlamaftError as err:  # the machine failed the run (e.g. a checkpoint on a full disk)
+        _close_progress_bar(trainer)
+        try:
+            finish(status="failed", stopped={"step": trainer.state.global_step, "reason": str(err)})
+        except Exception as summary_err:  # the same full disk may refuse the summary too
+            log.warning("could not write summary.json for the failed run: %s", summary_err)
         raise
     guard = trainer.nonfinite_guard
     if guard.stopped is None and (bad := first_nonfinite_param(trainer.model, trainable_only=True)):
@@ -244,6 +252,17 @@ def run_finished(run_dir: Path, out: Path) -> bool:
     summary = read_summary(run_dir)
     done = summary is not None and summary.get("status", "completed") == "completed"
     return done and out.is_dir() and any(out.glob("*.safetensors"))
+
+
+def _close_progress_bar(trainer) -> None:
+    """End HF's progress bar line (it closes only on a normal end), so that the one-line error or the
+    interrupt note starts on a line of its own instead of after the bar's last carriage return."""
+    from transformers.trainer_callback import ProgressCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, ProgressCallback) and getattr(cb, "training_bar", None) is not None:
+            cb.training_bar.close()
+            cb.training_bar = None
 
 
 def _finish(run_dir, cfg, trainer, data, plan, set_names, *, started, resume_from, status,
