@@ -110,7 +110,7 @@ CASES = {
 
 def fake_facts(monkeypatch, gpu=None, kernel="varlen", world=1):
     """No CUDA (gpu=None), or a CUDA card of `gpu` GiB that every model is placed on."""
-    import llamaft.model.fast as fast
+    import llamaft.model.fast.plan as plan
     import llamaft.model.fast.attention as att
     import llamaft.model.fast.memory as mem
 
@@ -119,7 +119,7 @@ def fake_facts(monkeypatch, gpu=None, kernel="varlen", world=1):
     monkeypatch.setattr(att, "best_packed_attention", lambda: kernel)
     if gpu is not None:
         monkeypatch.setattr(mem, "_usable_bytes", lambda: gpu * 0.9 * 2**30)
-        monkeypatch.setattr(fast, "_cuda_target", lambda model: True)
+        monkeypatch.setattr(plan, "_cuda_target", lambda model: True)
 
 
 def reasons_for(name, monkeypatch) -> list[str]:

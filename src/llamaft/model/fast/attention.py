@@ -26,6 +26,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ..adapters import base_model
+
 _NAMES = {"varlen": "llamaft_varlen", "flex": "llamaft_flex", "reference": "llamaft_ref",
           "varlen_only": "llamaft_varlen_only"}  # varlen without the one-example SDPA shortcut
 
@@ -232,10 +234,6 @@ def register_all() -> None:
         AttentionMaskInterface.register(name, _padding_only_mask)
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def install_attention(model, attention: str, single_sdpa: bool = True) -> str:
     """Switch a HF model (PEFT-wrapped or not) to `attention` ('varlen'|'flex'|'reference'|'sdpa'|'eager').
     single_sdpa=False keeps varlen's kernel for rows holding one example too."""
@@ -244,7 +242,7 @@ def install_attention(model, attention: str, single_sdpa: bool = True) -> str:
     name = _NAMES.get(attention, attention)
     if name.startswith("llamaft_"):
         register_all()
-    base = _base(model)
+    base = base_model(model)
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation(name)
     else:

@@ -162,6 +162,16 @@ def regroup(cfg, model, tokens_of, checkpointing: bool = False) -> tuple[int, in
     return mbs, ga, "a larger micro-batch would not fit: as configured"
 
 
+def micro_batch_tokens(cfg, lengths: list[int] | None):
+    """micro-batch size -> the most tokens one micro-batch can hold: its `m` longest training
+    examples (capped at max_seq_length) when the lengths are known, else m x max_seq_length."""
+    cap = cfg.data.max_seq_length
+    if not lengths:
+        return lambda m: m * cap
+    longest = sorted((min(n, cap) for n in lengths), reverse=True)
+    return lambda m: sum(longest[:m]) if m <= len(longest) else sum(longest) + (m - len(longest)) * cap
+
+
 def regroup_by_tokens(mbs: int, ga: int, lengths: list[int] | None, target: int) -> tuple[int, int, str]:
     """(micro-batch, accumulation), same sequences per optimizer step: the largest micro-batch whose
     MEAN token count (mean example length x micro-batch) stays within `target`."""
