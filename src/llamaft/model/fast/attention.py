@@ -62,7 +62,7 @@ def _varlen_params() -> frozenset:
 def varlen_available() -> bool:
     try:
         _varlen_params()
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError):  # torch < 2.10 has no varlen_attn (pyproject allows >= 2.4)
         return False
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
@@ -142,7 +142,7 @@ def best_packed_attention() -> str | None:
         return "varlen"
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
+    except ImportError:  # torch < 2.5 has no FlexAttention (pyproject allows >= 2.4)
         return None
     return "flex" if torch.cuda.is_available() else None
 
