@@ -35,8 +35,8 @@ QLORA_MICRO_BATCH_TOKENS = 11264
 # at the default ~1,046 rows, out of a ~7 GiB budget. A memory choice, not timed on its own.
 QLORA_LOSS_CHUNK_ROWS = 256
 # torch.compile measured to win: W512 LoRA without checkpointing +8% (run7_w512_lora_fast_compile.json
-# vs run6_w512_lora_fast.json); QLoRA +28-33% (launch-bound; run11_w512_qlora_fast_compile.json,
-# run11_w512_qlora_fast_bs16_compile.json); full 32 x 1 with partial checkpointing +17% (7,907 vs
+# vs run6_w512_lora_fast.json); QLoRA +28% / +33% at 8 x 4 / 16 x 2 (launch-bound; run9_w512_qlora_fast.json
+# -> run11_w512_qlora_fast_compile.json, run10_w512_qlora_fast_bs16.json -> run11_..._bs16_compile.json); full 32 x 1 with partial checkpointing +17% (7,907 vs
 # 6,763 tok/s, run19_w512_full40c.json vs run19_w512_full40.json). Checkpointed LoRA was not measured.
 COMPILE_MEASURED_FOR = ("qlora", "full")
 
@@ -119,12 +119,10 @@ def read_facts(cfg, model) -> Facts:
 
 def _cuda_target(model) -> bool:
     """The model is (or, on the meta device / not given, will be) on a CUDA device."""
-    dev = None
-    if model is not None:
-        try:
-            dev = next(model.parameters()).device
-        except (StopIteration, AttributeError, TypeError):
-            dev = None
+    try:
+        dev = next(model.parameters()).device if model is not None else None
+    except (StopIteration, AttributeError, TypeError):  # no parameters to tell
+        dev = None
     if dev is not None and dev.type == "meta":  # not placed yet: decide for where it will go
         dev = None
     return torch.cuda.is_available() and (dev is None or dev.type == "cuda")
@@ -283,11 +281,11 @@ def offload_checkpoints(cfg, own: bool):
 
 
 def micro_batches(cfg, model, lengths, tokens_of, packing: bool, gc: bool, own: bool):
-    """(micro-batch, accumulation), same sequences per optimizer step: fewer, fuller kernels. Only
-    with packing (padded rows grow with the batch). QLoRA: up to QLORA_MICRO_BATCH_TOKENS; LoRA /
-    full: the largest the estimate fits (W512 LoRA 8 x 4 -> 16 x 2: +7%, run8_w512_lora_fast_best.json),
-    with every layer checkpointed when checkpointing is ours (then partial_checkpointing trims it).
-    HF's checkpointing (DDP) keeps the configured shape: the estimate is for ours."""
+    """(micro-batch, accumulation), same sequences per optimizer step: fewer, fuller kernels; only
+    with packing (padded rows grow with the batch). QLoRA: up to QLORA_MICRO_BATCH_TOKENS. LoRA /
+    full: the largest the estimate fits (W512 LoRA 8 x 4 -> 16 x 2 +7%: run6_w512_lora_fast.json ->
+    run7_w512_lora_fast_bs16_nogc.json), every layer checkpointed when checkpointing is ours (then
+    partial_checkpointing trims it); with HF's (DDP) as configured: the estimate is for ours."""
     mbs, ga = cfg.train.micro_batch_size, cfg.train.gradient_accumulation
     if not packing or cfg.fast.regroup_batches != "auto":
         return (mbs, ga), None
@@ -366,8 +364,8 @@ def cpu_embeddings(cfg):
 
 
 def cpu_lm_head(cfg, fused: bool):
-    """A frozen lm_head parked in CPU memory between losses (auto: qlora; 8.09 -> 7.11 GiB,
-    run19_w512_qlora32p.json). Only with the fused loss, the one place that reads it."""
+    """A frozen lm_head parked in CPU memory between losses (auto: qlora; QLoRA 32 x 1 8.09 -> 7.11 GiB,
+    run18_w512_qlora32.json -> run19_w512_qlora32p.json). Only with the fused loss, the one place that reads it."""
     setting = cfg.fast.cpu_lm_head
     on = fused and (setting == "on" or (setting == "auto" and cfg.model.method == "qlora"))
     where = "parked in CPU memory between losses when frozen and untied" if on else "on the GPU"
