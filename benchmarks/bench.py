@@ -113,7 +113,7 @@ def dynamo_counters():
     return {k: {str(kk): vv for kk, vv in list(v.items())[:20]} for k, v in counters.items() if k in ("graph_break", "stats", "recompiles")}
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("dir"); ap.add_argument("mode", choices=["lora", "qlora", "full"])
     ap.add_argument("seq", type=int); ap.add_argument("bs", type=int); ap.add_argument("ga", type=int)
@@ -129,49 +129,44 @@ def main():
     ap.add_argument("--cpu-emb", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--optim", default=None, help="default: adamw_torch (lora), paged_adamw_8bit (qlora, full)")
     ap.add_argument("--fixed-len", type=int, default=0, help="every sequence this long (seq 2048/8192 workloads)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     # full: paged 8-bit AdamW, as the seed recipe and Unsloth were measured (../shared/bench)
     args.optim = args.optim or {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "paged_adamw_8bit"}[args.mode]
+    return args
 
-    from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from llamaft.model.fast import apply_fast_path, choose_plan, make_collator
-
-    torch.manual_seed(0)
-    cfg = run_config(args)
-    t0 = time.time()
-    model = load_model(args)
-    load_s = time.time() - t0
+def workload(args):
     n = args.bs * args.ga * (args.steps + 2)
-    rows = make_rows(n, args.seq)
-    if args.fixed_len:
-        g = torch.Generator().manual_seed(1)
-        rows = [{"input_ids": torch.randint(0, 128000, (args.fixed_len,), generator=g).tolist()} for _ in range(n)]
+    if not args.fixed_len:
+        return make_rows(n, args.seq)
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 128000, (args.fixed_len,), generator=g).tolist()} for _ in range(n)]
+
+
+def prepare(args, cfg, model, rows):
+    """(model, collate, plan, micro-batch, accumulation): the fast variant exactly as llamaft.train
+    sets it up (the plan installed, its collator, `resolve_steps` for the batch shape and torch's
+    fused AdamW); the plain variant: padding, HF's checkpointing where the plan would checkpoint."""
+    from llamaft.model.fast import apply_fast_path, choose_plan, make_collator
+    from llamaft.train.setup import resolve_steps
+
     plan = choose_plan(cfg, model, [len(r["input_ids"]) for r in rows])
-    bs, ga = args.bs, args.ga
-    if args.variant == "fast":
-        # what llamaft.train does with the plan: regrouped micro-batches (same 32 sequences per
-        # optimizer step) and torch's fused AdamW in place of adamw_torch
-        bs, ga = plan.micro_batch_size or bs, plan.gradient_accumulation or ga
-        if plan.fused_optimizer and args.optim == "adamw_torch":
-            args.optim = "adamw_torch_fused"
-        model = apply_fast_path(model, plan)
-        collate = make_collator(plan, PAD) if plan.packing else padded_collate
-    else:
+    if args.variant == "plain":
         if plan.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        collate = padded_collate
-    print("plan:", plan, flush=True)
+        return model, padded_collate, plan, args.bs, args.ga
+    steps = resolve_steps(cfg.train, plan)  # same 32 sequences per optimizer step, maybe regrouped
+    if args.optim == "adamw_torch":  # other names are passed to HF as given (the bench's --optim)
+        args.optim = steps.optim
+    # unpacked rows keep the seed recipe's padding (these rows carry no labels for data.collate)
+    collate = make_collator(plan, PAD) if plan.packing else padded_collate
+    return apply_fast_path(model, plan), collate, plan, steps.micro_batch_size, steps.gradient_accumulation
 
-    class DS(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(rows)
 
-        def __getitem__(self, i):
-            return rows[i]
-
-    # count what the model really sees: real tokens (non-pad) and computed tokens (incl. pad)
-    seen = {"real": 0, "computed": 0}
+def meters(model):
+    """Forward hooks: real / computed tokens the model sees, and peak memory by phase (forward incl.
+    the fused loss vs backward + optimizer step)."""
+    seen, phase = {"real": 0, "computed": 0}, {"fwd": 0, "bwd": 0}
 
     def count(_module, _args, kwargs):
         ids = kwargs.get("input_ids")
@@ -180,21 +175,49 @@ def main():
             seen["real"] += int(att.sum()) if att is not None else ids.numel()
             seen["computed"] += ids.numel()
 
-    model.register_forward_pre_hook(count, with_kwargs=True)
-    # peak memory by phase: forward (incl. the fused loss) vs backward + optimizer step
-    phase = {"fwd": 0, "bwd": 0}
-
     def mark(name):
         def hook(*_):
             phase[name] = max(phase[name], torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
         return hook
 
-    fwd_start, fwd_done = mark("bwd"), mark("fwd")  # at a forward's start: the peak since the last one's end
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    model.register_forward_pre_hook(mark("bwd"))  # at a forward's start: the peak since the last one's end
+    model.register_forward_hook(mark("fwd"))
+    return seen, phase
 
-    model.register_forward_pre_hook(fwd_start)
-    model.register_forward_hook(fwd_done)
+
+def plan_record(args, plan):
+    if args.variant != "fast":
+        return dict(packing=False, attention="sdpa", fused_loss=False, gradient_checkpointing=plan.gradient_checkpointing)
+    return dict(packing=plan.packing, attention=plan.attention, fused_loss=plan.fused_loss,
+                gradient_checkpointing=plan.gradient_checkpointing, compile=plan.compile,
+                offload_checkpoints=plan.offload_checkpoints, fused_optimizer=plan.fused_optimizer,
+                checkpoint_layers=plan.checkpoint_layers, nf4_kernel=plan.nf4_kernel,
+                cpu_embeddings=plan.cpu_embeddings, reasons=list(plan.reasons))
+
+
+def main():
+    args = parse_args()
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    torch.manual_seed(0)
+    cfg = run_config(args)
+    t0 = time.time()
+    model = load_model(args)
+    load_s = time.time() - t0
+    rows = workload(args)
+    model, collate, plan, bs, ga = prepare(args, cfg, model, rows)
+    print("plan:", plan, flush=True)
+    seen, phase = meters(model)
     stamps = []
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
 
     class Clock(TrainerCallback):
         def on_step_end(self, a, state, control, **k):
@@ -211,20 +234,18 @@ def main():
     torch.cuda.reset_peak_memory_stats()
     tr.train()
     phase["bwd"] = max(phase["bwd"], torch.cuda.max_memory_allocated())
+    write_result(args, dict(micro_batch_run=bs, accumulation_run=ga, plan=plan_record(args, plan)),
+                 stamps, phase, tr, load_s)
+
+
+def write_result(args, run, stamps, phase, trainer, load_s):
     free, total = torch.cuda.mem_get_info()
     (t1, r1, c1), (t2, r2, c2) = stamps[1], stamps[-1]
     res = dict(
         mode=args.mode, variant=args.variant, seq=args.seq, bs=args.bs, ga=args.ga, steps=args.steps,
-        micro_batch_run=bs, accumulation_run=ga,
+        micro_batch_run=run["micro_batch_run"], accumulation_run=run["accumulation_run"],
         fixed_len=args.fixed_len, optimizer=args.optim, lora_dropout=0.0 if args.mode != "full" else None,
-        plan=dict(packing=plan.packing, attention=plan.attention, fused_loss=plan.fused_loss,
-                  gradient_checkpointing=plan.gradient_checkpointing, compile=plan.compile,
-                  offload_checkpoints=plan.offload_checkpoints, fused_optimizer=plan.fused_optimizer,
-                  checkpoint_layers=plan.checkpoint_layers, nf4_kernel=plan.nf4_kernel,
-                  cpu_embeddings=plan.cpu_embeddings,
-                  reasons=plan.reasons)
-        if args.variant == "fast" else dict(packing=False, attention="sdpa", fused_loss=False,
-                                            gradient_checkpointing=plan.gradient_checkpointing),
+        plan=run["plan"],
         timed_steps=len(stamps) - 2, timed_s=round(t2 - t1, 3), timed_real_tokens=r2 - r1,
         timed_computed_tokens=c2 - c1, tokens_per_s=round((r2 - r1) / (t2 - t1), 1),
         computed_tokens_per_s=round((c2 - c1) / (t2 - t1), 1), load_s=round(load_s, 1),
@@ -232,7 +253,7 @@ def main():
         peak_fwd_gib=round(phase["fwd"] / 2**30, 2), peak_bwd_step_gib=round(phase["bwd"] / 2**30, 2),
         # whole-device view at the end (CUDA context, allocator cache, bitsandbytes' paged states)
         device_used_gib_end=round((total - free) / 2**30, 2),
-        losses=[h.get("loss") for h in tr.state.log_history if "loss" in h],
+        losses=[h.get("loss") for h in trainer.state.log_history if "loss" in h],
         device=torch.cuda.get_device_name(0), versions=versions(), dynamo=dynamo_counters(),
         command="python " + " ".join(sys.argv))
     print(json.dumps(res), flush=True)

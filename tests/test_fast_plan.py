@@ -199,3 +199,188 @@ def test_fused_loss_bf16_head_gradient_accumulates_over_chunks_within_bf16_round
     assert got.dtype == torch.bfloat16
     err = (got.double() - exact).norm() / exact.norm()
     assert err < 2e-2, err
+
+
+# ---- each decider of model/fast/plan.py alone: (value, reason) from the config, the facts and
+# earlier decisions (memory estimates faked where a decider asks memory.py)
+from llamaft.model.fast import plan as P  # noqa: E402
+
+
+def test_fast_path_decider():
+    assert P.fast_path(cfg(), P.Facts(cuda=True)) == (True, None)
+    off, why = P.fast_path(cfg(), P.Facts(cuda=False))
+    assert not off and why.startswith("fast path off (no CUDA device)")
+    assert "fast.enabled=false" in P.fast_path(cfg(fast__enabled=False), P.Facts(cuda=True))[1]
+
+
+def test_plain_path_deciders():
+    assert P.plain_packing(cfg()) == ((False, "sdpa"), None)
+    assert P.plain_packing(cfg(fast__attention="eager"))[0] == (False, "eager")
+    (packing, attention), why = P.plain_packing(cfg(data__packing="on"))
+    assert packing and attention == "reference" and "per-example reference" in why
+    assert P.plain_packing(cfg(data__packing="on", fast__attention="flex"))[0] == (True, "flex")
+    assert P.plain_checkpointing(cfg(train__gradient_checkpointing="auto")) == (
+        False, "gradient checkpointing off (train.gradient_checkpointing=auto)")
+    assert P.plain_checkpointing(cfg(train__gradient_checkpointing="on"))[0]
+
+
+def test_attention_and_packing_deciders():
+    assert P.attention_kernel(cfg(), "varlen") == ("varlen", "attention varlen (auto: best packed kernel on this torch/GPU)")
+    assert P.attention_kernel(cfg(), None)[0] == "sdpa"
+    assert P.attention_kernel(cfg(fast__attention="flex"), "varlen") == ("flex", "attention flex (fast.attention)")
+    assert P.packing_mode(cfg(), "varlen") == (True, "packing on (auto): no pad tokens computed")
+    assert P.packing_mode(cfg(), "sdpa") == (False, "packing off (auto: attention sdpa has no varlen path here)")
+    assert P.packing_mode(cfg(data__packing="on"), "sdpa")[0]
+    assert P.packing_mode(cfg(data__packing="off"), "varlen") == (False, "packing off (data.packing=off)")
+
+
+def test_loss_deciders():
+    assert P.fused_loss(cfg()) == (True, "fused loss on (fast.fused_loss=auto)")
+    assert not P.fused_loss(cfg(fast__fused_loss="off"))[0]
+    assert P.loss_chunk_rows(cfg(model__method="qlora")) == (P.QLORA_LOSS_CHUNK_ROWS, None)
+    assert P.loss_chunk_rows(cfg()) == (None, None)
+    assert P.single_sequence_sdpa(cfg(), "flex") == (True, None)  # logged only where varlen runs
+    assert P.single_sequence_sdpa(cfg(fast__single_sequence_sdpa="off"), "varlen") == (
+        False, "rows holding one example: varlen (fast.single_sequence_sdpa=off)")
+
+
+def test_checkpointing_decider_asks_the_estimate_only_under_auto(monkeypatch):
+    import llamaft.model.fast.memory as mem
+
+    asked = []
+    monkeypatch.setattr(mem, "needs_checkpointing", lambda c, m, t: asked.append(t) or (True, "too big"))
+    assert P.checkpointing(cfg(), None, 4096) == (True, "gradient checkpointing on (auto: too big)") and asked == [4096]
+    assert P.checkpointing(cfg(train__gradient_checkpointing="off"), None, 1) == (
+        False, "gradient checkpointing off (train.gradient_checkpointing)") and asked == [4096]
+
+
+def test_own_checkpointing_and_offload_deciders():
+    assert P.own_checkpointing(True, False) == (True, None)
+    assert P.own_checkpointing(False, True) == (False, None)
+    own, why = P.own_checkpointing(True, True)  # DDP: HF's non-reentrant checkpointing
+    assert not own and "multi-process" in why
+    assert P.offload_checkpoints(cfg(model__method="qlora"), True) == (True, "checkpoints offloaded to CPU (auto: qlora: memory-lean)")
+    assert P.offload_checkpoints(cfg(), True) == (False, "checkpoints kept on the GPU (auto: not qlora)")
+    assert P.offload_checkpoints(cfg(fast__offload_checkpoints="on"), True)[0]
+    assert P.offload_checkpoints(cfg(model__method="qlora"), False) == (False, None)  # nothing of ours to offload
+
+
+def test_micro_batches_decider(monkeypatch):
+    import llamaft.model.fast.memory as mem
+
+    w = dict(train__micro_batch_size=8, train__gradient_accumulation=4)
+    monkeypatch.setattr(mem, "regroup", lambda c, m, tokens_of, checkpointing: (16, 2, f"fits (ckpt={checkpointing})"))
+    assert P.micro_batches(cfg(**w), None, None, None, True, False, False) == (
+        (16, 2), "micro-batches 16 x 2 accumulation (fast.regroup_batches=auto: fits (ckpt=False))")
+    assert P.micro_batches(cfg(**w), None, None, None, True, True, True)[1].endswith("(ckpt=True))")
+    assert P.micro_batches(cfg(**w), None, None, None, True, True, False) == ((8, 4), None)  # HF's checkpointing
+    assert P.micro_batches(cfg(**w), None, None, None, False, False, False) == ((8, 4), None)  # no packing
+    assert P.micro_batches(cfg(fast__regroup_batches="off", **w), None, None, None, True, False, False) == ((8, 4), None)
+    (mbs, ga), why = P.micro_batches(cfg(model__method="qlora", **w), None, [300] * 64, None, True, True, True)
+    assert (mbs, ga) == (32, 1) and f"<= {P.QLORA_MICRO_BATCH_TOKENS}" in why  # by tokens, no estimate
+
+
+def test_partial_checkpointing_decider(monkeypatch):
+    import llamaft.model.fast.memory as mem
+
+    monkeypatch.setattr(mem, "checkpoint_table", lambda c, m, worst, ga: [10, 20, 10**6])
+    (table, layers), why = P.partial_checkpointing(cfg(), None, True, 15, 1)
+    assert table == (10, 20, 10**6) and layers == 1 and why.endswith("(fast.partial_checkpointing=auto)")
+    assert P.partial_checkpointing(cfg(fast__partial_checkpointing="off"), None, True, 15, 1) == (
+        (None, None), "checkpointing every layer (fast.partial_checkpointing=off)")
+    for c, own in ((cfg(), False), (cfg(train__gradient_checkpointing="on"), True), (cfg(model__method="qlora"), True)):
+        assert P.partial_checkpointing(c, None, own, 15, 1) == ((None, None), None)
+
+
+def test_tile_optimizer_compile_lora_nf4_deciders():
+    assert P.tile_mlp(cfg(data__max_seq_length=131072, train__micro_batch_size=1))[0] == P.TILE_MLP_ROWS
+    assert P.tile_mlp(cfg(data__max_seq_length=16384, train__micro_batch_size=1)) == (0, None)
+    assert P.fused_optimizer(cfg()) == (True, "torch fused AdamW on (fast.fused_optimizer=auto)")
+    assert P.fused_optimizer(cfg(fast__fused_optimizer="off"))[0] is False
+    assert P.fused_optimizer(cfg(train__optimizer="paged_adamw_8bit")) == (False, None)
+    assert P.compile_blocks(cfg(), False) == (True, "torch.compile on (auto: measured to win here)")
+    assert P.compile_blocks(cfg(), True)[0] is False  # checkpointed LoRA: not measured
+    assert P.compile_blocks(cfg(model__method="full"), True)[0] and P.compile_blocks(cfg(model__method="qlora"), True)[0]
+    assert P.compile_blocks(cfg(fast__compile="off"), False) == (False, "torch.compile off (fast.compile=off)")
+    assert P.fused_lora()[0] is True
+    assert P.nf4_kernel(cfg()) == (False, None)
+    assert P.nf4_kernel(cfg(model__method="qlora"))[0] and not P.nf4_kernel(cfg(model__method="qlora", fast__nf4_kernel="off"))[0]
+
+
+def test_where_frozen_weights_live_deciders():
+    assert P.cpu_embeddings(cfg(model__method="qlora")) == (True, "input embeddings in CPU memory when frozen and untied (fast.cpu_embeddings=auto)")
+    assert P.cpu_embeddings(cfg()) == (False, "input embeddings on the GPU (fast.cpu_embeddings=auto)")
+    assert P.cpu_embeddings(cfg(fast__cpu_embeddings="on"))[0]
+    assert P.cpu_lm_head(cfg(model__method="qlora"), True)[0]
+    assert not P.cpu_lm_head(cfg(model__method="qlora"), False)[0]  # only the fused loss leaves it idle
+    assert P.cpu_lm_head(cfg(fast__cpu_lm_head="on"), True)[0] and not P.cpu_lm_head(cfg(), True)[0]
+
+
+def test_model_fit_deciders():
+    unknown, none = P.ModelFits(), P.ModelFits(layers=False, embeddings=False, fused_loss=False, park_head=False)
+    assert P.embeddings_fit(True, unknown) == (True, None)
+    assert P.embeddings_fit(True, none)[0] is False and "stay on the GPU" in P.embeddings_fit(True, none)[1]
+    assert P.embeddings_fit(False, none) == (False, None)
+    assert P.fused_loss_fits(True, none) == (False, "fused loss off: lm_head is not a plain bias-free nn.Linear")
+    assert P.lm_head_fits(True, True, unknown) == (True, None)
+    assert P.lm_head_fits(True, False, unknown)[0] is False  # the fused loss itself did not fit
+    assert P.lm_head_fits(True, True, none)[0] is False
+    assert P.layers_fit(True, True, none) == ((False, False), None)  # HF's checkpointing instead
+    assert P.layers_fit(True, True, unknown) == ((True, True), None)
+
+
+def test_facts_and_model_fits(monkeypatch):
+    from llamaft.model.fast.install import model_fits
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    f = P.read_facts(cfg(), tiny())
+    assert (f.cuda, f.packed_kernel, f.distributed) == (False, None, True)
+    assert f.fits == P.ModelFits(layers=True, embeddings=False, fused_loss=True, park_head=False)  # trained table, CPU head
+    assert model_fits(None) == P.ModelFits() and model_fits(object()) == P.ModelFits()  # stand-ins say nothing
+    frozen = tiny().requires_grad_(False)
+    assert model_fits(frozen).embeddings
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not P._cuda_target(tiny()) and P._cuda_target(None)  # a CPU model stays on the plain path
+
+
+def test_plan_is_frozen_and_names_its_checkpointing():
+    import dataclasses
+
+    p = FastPlan(False, "sdpa", False, True, False, ["a"], own_checkpointing=True, checkpoint_tokens=[1, 2])
+    assert p.reasons == ("a",) and p.checkpoint_tokens == (1, 2) and p.checkpointing == "partial"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.fused_loss = True
+    assert dataclasses.replace(p, checkpoint_tokens=None).checkpointing == "own"
+    assert dataclasses.replace(p, own_checkpointing=False).checkpointing == "hf"
+    assert dataclasses.replace(p, gradient_checkpointing=False).checkpointing == "none"
+
+
+def test_install_never_changes_the_plan_and_refuses_a_plan_for_another_model():
+    from llamaft.data.collate import Collator
+    from llamaft.data.pack import PackedCollator
+
+    plan = FastPlan(True, "reference", True, False, False, ["x"], fused_lora=True, cpu_embeddings=True)
+    before = copy.deepcopy(plan)
+    apply_fast_path(tiny().requires_grad_(False), plan)
+    assert plan == before
+    with pytest.raises(ValueError, match="choose_plan"):  # a trained table cannot go to CPU memory
+        apply_fast_path(tiny(), plan)
+    assert isinstance(make_collator(plan, 0), PackedCollator)
+    assert isinstance(make_collator(FastPlan(False, "sdpa", False, False, False), 7), Collator)
+
+
+def test_memory_budget(monkeypatch):
+    import llamaft.model.fast.memory as mem
+
+    monkeypatch.setattr(mem, "_usable_bytes", lambda: 72 * 2**30)
+    assert mem.budget_bytes(cfg()) == 72 * 2**30
+    assert mem.budget_bytes(cfg(fast__memory_gib=16)) == 16 * 2**30  # fast.memory_gib wins
+
+
+def test_micro_batch_tokens():
+    import llamaft.model.fast.memory as mem
+
+    assert mem.micro_batch_tokens(cfg(data__max_seq_length=100), None)(3) == 300
+    tokens_of = mem.micro_batch_tokens(cfg(data__max_seq_length=100), [50, 300, 20])
+    assert (tokens_of(1), tokens_of(2), tokens_of(4)) == (100, 150, 270)  # longest first, capped; then the cap

@@ -259,7 +259,7 @@ def test_plan_full_ft_in_40_gib_checkpoints_only_some_layers(monkeypatch):
     assert p.gradient_checkpointing and p.own_checkpointing
     assert (p.micro_batch_size, p.gradient_accumulation) == (32, 1)  # one micro-batch: no grads during the forward
     table, worst = p.checkpoint_tokens, 512 * 32
-    assert len(table) == 33 and table == sorted(table)  # more layers checkpointed -> more tokens fit
+    assert len(table) == 33 and list(table) == sorted(table)  # more layers checkpointed -> more tokens fit
     assert p.checkpoint_layers == mem.layers_for(table, worst) and 0 < p.checkpoint_layers < 32, p.reasons
     est = lambda k, t: mem.estimate_peak_bytes(c, model, k, t, 1)  # noqa: E731
     for k in range(33):  # each entry is the budget's exact edge (or the data's largest micro-batch)

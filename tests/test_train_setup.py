@@ -84,3 +84,19 @@ def test_resume_picks_latest_complete(tmp_path):
     removed = {p.name for p in clean_incomplete(root)}
     assert removed == {"checkpoint-6", ".staging"}
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_resolve_steps_is_the_one_place_batch_shape_checkpointing_and_optimizer_are_settled(tmp_path, monkeypatch):
+    from llamaft.model.fast import FastPlan
+    from llamaft.train import setup
+
+    t = run_config(Path("unused"), tmp_path / "run", micro_batch_size=8, gradient_accumulation=4).train
+    assert setup.resolve_steps(t) == setup.Steps(8, 4, False, "adamw_torch")  # no plan: the config (CPU: auto = off)
+    regrouped = FastPlan(True, "varlen", True, True, False, micro_batch_size=16, gradient_accumulation=2,
+                         fused_optimizer=True, own_checkpointing=False)
+    assert setup.resolve_steps(t, regrouped) == setup.Steps(16, 2, True, "adamw_torch")  # HF's checkpointing; no CUDA
+    monkeypatch.setattr(setup, "cuda_available", lambda: True)
+    assert setup.resolve_steps(t, regrouped).optim == "adamw_torch_fused"
+    ours = FastPlan(True, "varlen", True, True, False, own_checkpointing=True)
+    assert setup.resolve_steps(t, ours) == setup.Steps(8, 4, False, "adamw_torch")  # ours: HF's stays off
+    assert setup.resolve_steps(t).gradient_checkpointing  # no plan, auto, a GPU: on

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 from ..errors import LlamaftError
 from ..model.generate import GenParams, stream_chat
+from ..model.inference import is_run_dir
 
 Stream = Callable[[list, GenParams], Iterator[str]]
 
@@ -101,7 +102,7 @@ def load_backend(path: Path, label: str) -> Backend:
 def _enclosing_run(model_dir: Path) -> Path | None:
     """RUN for RUN/merged (where `llamaft demo` and the docs put merges): the run that made it."""
     for parent in list(model_dir.resolve().parents)[:2]:
-        if (parent / "config.yaml").is_file() and ((parent / "adapter").is_dir() or (parent / "model").is_dir()):
+        if is_run_dir(parent):
             return parent
     return None
 

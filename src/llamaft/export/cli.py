@@ -14,11 +14,8 @@ import sys
 from pathlib import Path
 
 from ..errors import LlamaftError
+from ..model.inference import is_run_dir as _is_run_dir
 from ..paths import publish_dir, reason, remove
-
-
-def _is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir())
 
 
 def export_command(a: argparse.Namespace) -> Path:

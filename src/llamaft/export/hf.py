@@ -16,7 +16,7 @@ from ..model.inference import load_for_inference, resolve_source, torch_dtype
 from .merge import (check_out_dir, check_shard_size, merge, refuse_clobber, refuse_nonfinite_files,
                     refuse_nonfinite_model, write_model_dir)
 
-EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+from ..model.load import DTYPES as EXPORT_DTYPES  # noqa: E402 - the one dtype map
 
 
 def export_hf(path: str | Path, out_dir: str | Path, dtype: str = "bfloat16", max_shard_size: int | str = "5GB",

@@ -26,7 +26,7 @@ from ..model.inference import load_for_inference, resolve_source, torch_dtype
 from ..model.tokenizer import save_tokenizer
 from ..paths import check_output_dir, clean_stale, publish_dir, remove, tmp_dir, write_errors
 
-DTYPES = ("bfloat16", "float16", "float32")
+from ..model.load import DTYPES  # noqa: E402 - the one dtype map (name -> torch dtype)
 
 
 def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:

@@ -94,6 +94,12 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+def base_model(model):
+    """The HF model under a PEFT wrapper (the model itself when it has none): where the fast path
+    finds the lm_head, the embeddings, the decoder layers and the attention setting."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def save_trained(model, out_dir: str | Path) -> None:
     """adapter/ (PEFT format) or model/ (full weights): safetensors only.
 

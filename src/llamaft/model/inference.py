@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import LlamaftError
+from .load import DTYPES
 from .tokenizer import TokenRules, detect_family, load_tokenizer, make_rules
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -30,6 +29,12 @@ class Source:
     kind: str                 # "adapter" (run with a PEFT adapter) | "full" (run with model/) | "model"
     run_dir: Path | None      # the run directory (holds config.yaml), None for plain model dirs
     weights: Path             # adapter dir, or the HF model dir
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A llamaft run directory with final weights: its config.yaml and adapter/ or model/."""
+    p = Path(path)
+    return (p / "config.yaml").is_file() and ((p / "adapter").is_dir() or (p / "model").is_dir())
 
 
 def _is_model_dir(p: Path) -> bool:
@@ -88,9 +93,9 @@ def torch_dtype(name: str | None, method: str = "lora") -> torch.dtype:
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.bfloat16 if method == "qlora" else torch.float32
-    if name not in _DTYPES:
-        raise LlamaftError(f"dtype '{name}' is not one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise LlamaftError(f"dtype '{name}' is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 # ---------------------------------------------------------------------------------------------

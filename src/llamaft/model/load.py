@@ -16,7 +16,8 @@ import torch
 
 from ..errors import LlamaftError
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The dtypes a config, a merge or an export may name (model.dtype, quantization.compute_dtype, --dtype).
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Set on the model by load_base when the tokenizer gained tokens (e.g. a new <|pad|>): their ids.
 # apply_adapters reads it to make those rows trainable and to save the embeddings with the adapter.
@@ -56,7 +57,7 @@ def resolve_precision(train_cfg, model_cfg) -> tuple[torch.dtype, bool, bool]:
     bf16, fp16 = precision == "bf16", precision == "fp16"
 
     if model_cfg.dtype != "auto":
-        dtype = _DTYPES[model_cfg.dtype]
+        dtype = DTYPES[model_cfg.dtype]
     elif bf16:
         dtype = torch.bfloat16
     elif fp16 and model_cfg.method != "full":
@@ -90,7 +91,7 @@ def quantization_config(quant_cfg, method: str):
     require_bitsandbytes("QLoRA", "use model.method=lora on CPU")
     from transformers import BitsAndBytesConfig
 
-    compute = _DTYPES[quant_cfg.compute_dtype]
+    compute = DTYPES[quant_cfg.compute_dtype]
     if compute == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         compute = torch.float16  # older GPUs (T4, V100) have no bf16 matmuls
     if quant_cfg.bits == 8:

@@ -131,10 +131,12 @@ def _first_line(err: Exception) -> str:
 
 
 def _run_dir_hint(name: str) -> str:
+    from .inference import is_run_dir
+
     p = Path(name)
-    if (p / "config.yaml").is_file() and (p / "model").is_dir():
+    if is_run_dir(p) and (p / "model").is_dir():
         return f"; it is a llamaft run directory: train from its weights, model.name={p / 'model'}"
-    if (p / "config.yaml").is_file() and (p / "adapter").is_dir():
+    if is_run_dir(p):
         return f"; it is a llamaft run directory: merge it (llamaft merge {name} --out DIR) and train from DIR"
     if p.is_dir() and not (p / "config.json").is_file():
         return "; a model directory needs config.json and the weights (save_pretrained writes both)"

@@ -5,12 +5,13 @@ Our config names what users choose; this file is the one place that knows HF's 2
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..data.collate import Collator
+from ..model.fast import apply_fast_path, choose_plan, make_collator
 from ..model.load import cuda_available, require_bitsandbytes
 
 _OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
@@ -63,30 +64,48 @@ def scheduler(train_cfg) -> str:
     return {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[train_cfg.scheduler]
 
 
+@dataclass(frozen=True)
+class Steps:
+    """How the Trainer steps: the one resolution of the user's `train` section and the fast-path plan."""
+
+    micro_batch_size: int         # per device, per forward
+    gradient_accumulation: int    # micro-batches per optimizer step
+    gradient_checkpointing: bool  # HF's; False when the fast path checkpoints the layers itself
+    optim: str                    # HF's optimizer name
+
+
+def resolve_steps(train_cfg, plan=None) -> Steps:
+    """The plan's choices where it made them (regrouped micro-batches, torch's fused AdamW, whose
+    checkpointing), else the config's; 8-bit optimizers need CUDA + bitsandbytes (LlamaftError)."""
+    micro = getattr(plan, "micro_batch_size", None) or train_cfg.micro_batch_size
+    accum = getattr(plan, "gradient_accumulation", None) or train_cfg.gradient_accumulation
+    optim = check_optimizer(train_cfg)
+    if optim == "adamw_torch" and getattr(plan, "fused_optimizer", False) and cuda_available():
+        optim = "adamw_torch_fused"  # same update, one kernel per step instead of one per tensor
+    return Steps(micro, accum, gradient_checkpointing(train_cfg, plan), optim)
+
+
 def gradient_checkpointing(train_cfg, plan=None) -> bool:
-    """HF's checkpointing on/off: from the config; auto: the fast-path plan decides, else on for GPUs
-    and off on CPU. False when the fast path checkpoints the layers itself (model/fast/recompute.py)."""
-    if plan is not None and getattr(plan, "own_checkpointing", False):
-        return False
+    """HF's checkpointing on/off (part of `resolve_steps`): the plan's when there is one ("hf"; its
+    own layer checkpointing, model/fast/recompute.py, keeps HF's off), else the config's, auto =
+    on for GPUs and off on CPU."""
+    if plan is not None:
+        return plan.checkpointing == "hf"
     if train_cfg.gradient_checkpointing != "auto":
         return train_cfg.gradient_checkpointing == "on"
-    if plan is not None:
-        return bool(plan.gradient_checkpointing)
     return cuda_available()
 
 
-def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval: bool, grad_ckpt: bool,
+def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval: bool, grad_ckpt: bool | None = None,
                        extra: dict | None = None, plan=None):
     """Build TrainingArguments; `extra` lets tests and callers set fields we do not expose.
-    `plan` (the fast path's) may regroup micro-batches and pick torch's fused AdamW."""
+    Batch shape, optimizer and HF's checkpointing come from `resolve_steps(cfg.train, plan)`;
+    `grad_ckpt` overrides the checkpointing flag when given."""
     from transformers import TrainingArguments
 
     t = cfg.train
-    micro = getattr(plan, "micro_batch_size", None) or t.micro_batch_size
-    accum = getattr(plan, "gradient_accumulation", None) or t.gradient_accumulation
-    optim = check_optimizer(t)
-    if optim == "adamw_torch" and getattr(plan, "fused_optimizer", False) and cuda_available():
-        optim = "adamw_torch_fused"  # same update, one kernel per step instead of one per tensor
+    steps = resolve_steps(t, plan)
+    grad_ckpt = steps.gradient_checkpointing if grad_ckpt is None else grad_ckpt
     eval_strategy, eval_steps = _every(t.eval_every) if has_eval else ("no", 1)
     save_strategy, save_steps = _every(t.save_every)
     _, logging_steps = _every(t.logging_every or 1)
@@ -98,10 +117,10 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
         learning_rate=t.learning_rate,
         lr_scheduler_type=scheduler(t),
         warmup_steps=warmup(t),
-        per_device_train_batch_size=micro,
+        per_device_train_batch_size=steps.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=accum,
-        optim=optim,
+        gradient_accumulation_steps=steps.gradient_accumulation,
+        optim=steps.optim,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=grad_ckpt,
@@ -135,16 +154,8 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
 
 
 def pick_collator_and_plan(cfg, model, pad_id: int, lengths: list[int] | None = None) -> tuple[Any, Callable, Any]:
-    """(model, collator, plan): the GPU fast path when llamaft.model.fast exists, else plain padding.
-
-    The plan is None when the module is missing; CPU runs get `Collator` unless the plan packs.
-    `lengths`: the training examples' token counts (the plan sizes micro-batches with them).
-    """
-    try:
-        from ..model.fast import apply_fast_path, choose_plan, make_collator
-    except ImportError:
-        return model, Collator(pad_id), None
+    """(model, collator, plan): the fast-path plan for this model, installed, and its batches
+    (packed rows or right padding; on CPU the plan is all off). `lengths`: the training examples'
+    token counts (the plan sizes micro-batches with them)."""
     plan = choose_plan(cfg, model, lengths)
-    model = apply_fast_path(model, plan)
-    collator = make_collator(plan, pad_id) if plan.packing else Collator(pad_id)
-    return model, collator, plan
+    return apply_fast_path(model, plan), make_collator(plan, pad_id), plan

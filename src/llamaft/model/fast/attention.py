@@ -26,6 +26,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ..adapters import base_model
+
 _NAMES = {"varlen": "llamaft_varlen", "flex": "llamaft_flex", "reference": "llamaft_ref",
           "varlen_only": "llamaft_varlen_only"}  # varlen without the one-example SDPA shortcut
 
@@ -60,7 +62,7 @@ def _varlen_params() -> frozenset:
 def varlen_available() -> bool:
     try:
         _varlen_params()
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError):  # torch < 2.10 has no varlen_attn (pyproject allows >= 2.4)
         return False
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
@@ -140,7 +142,7 @@ def best_packed_attention() -> str | None:
         return "varlen"
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
+    except ImportError:  # torch < 2.5 has no FlexAttention (pyproject allows >= 2.4)
         return None
     return "flex" if torch.cuda.is_available() else None
 
@@ -232,10 +234,6 @@ def register_all() -> None:
         AttentionMaskInterface.register(name, _padding_only_mask)
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def install_attention(model, attention: str, single_sdpa: bool = True) -> str:
     """Switch a HF model (PEFT-wrapped or not) to `attention` ('varlen'|'flex'|'reference'|'sdpa'|'eager').
     single_sdpa=False keeps varlen's kernel for rows holding one example too."""
@@ -244,7 +242,7 @@ def install_attention(model, attention: str, single_sdpa: bool = True) -> str:
     name = _NAMES.get(attention, attention)
     if name.startswith("llamaft_"):
         register_all()
-    base = _base(model)
+    base = base_model(model)
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation(name)
     else:

@@ -1,9 +1,10 @@
-"""torch.compile of decoder blocks (fast.compile; auto = on for LoRA without checkpointing on CUDA).
+"""torch.compile of decoder blocks (fast.compile; where `auto` turns it on, and the measurements
+behind that, is plan.compile_blocks / plan.COMPILE_MEASURED_FOR).
 
-Measured on W512 LoRA: +3% fwd+bwd alone (profile_w512_lora.json, variant D), +8% in the Trainer
-(run7_w512_lora_fast_compile.json vs run6_w512_lora_fast.json) for ~90 s of compilation; `auto` uses it for
-LoRA without checkpointing (the only case measured). dynamic=True because
-packed rows change length every batch (static shapes would recompile until the cache limit).
+W512 LoRA: +3% fwd+bwd alone (profile_w512_lora.json, variant D), +8% in the Trainer
+(run7_w512_lora_fast_compile.json vs run6_w512_lora_fast.json) for ~90 s of compilation.
+dynamic=True because packed rows change length every batch (static shapes would recompile until
+the cache limit).
 """
 
 from __future__ import annotations

@@ -62,17 +62,23 @@ class ParkedWeight:
         self.acquire()
 
 
-def park_lm_head(lm, layers) -> ParkedWeight | None:
-    """Park `lm.lm_head.weight` between losses; None when not eligible (trained, tied to the input
-    embeddings, not on CUDA, or not a plain bias-free nn.Linear)."""
+def parkable(lm, layers) -> bool:
+    """`lm.lm_head` may wait in CPU memory: a plain bias-free nn.Linear, frozen, on CUDA, not tied to
+    the input embeddings, with decoder `layers` to start its copy back from."""
     head = getattr(lm, "lm_head", None)
     if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
-        return None
+        return False
     if not head.weight.is_cuda or layers is None or len(layers) == 0:
-        return None
+        return False
     emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is head.weight:
+    return emb is None or getattr(emb, "weight", None) is not head.weight
+
+
+def park_lm_head(lm, layers) -> ParkedWeight | None:
+    """Park `lm.lm_head.weight` between losses; None when not `parkable`."""
+    if not parkable(lm, layers):
         return None
+    head = lm.lm_head
     parked = ParkedWeight(head.weight)
     layers[max(0, len(layers) - _AHEAD)].register_forward_pre_hook(lambda *_: parked.prefetch())
     return parked

@@ -107,7 +107,7 @@ def _eligible(layer) -> bool:
 def _nf4_base(base) -> bool:
     try:
         from bitsandbytes.nn import Linear4bit
-    except ImportError:
+    except ImportError:  # optional (llamaft[gpu]): no 4-bit bases without it
         return False
     from .nf4 import supported
 
@@ -117,16 +117,14 @@ def _nf4_base(base) -> bool:
 def fuse_lora(model, nf4: bool = True) -> int:
     """Patch eligible PEFT LoRA linears in place; returns how many were patched. `nf4`: bitsandbytes
     NF4 bases run as `lora_4bit` (our dequant kernel) instead of their own forward + `lora_delta`."""
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:
-        return 0
+    from peft.tuners.lora import Linear as LoraLinear
+
     kinds: tuple = (LoraLinear,)
     try:  # PEFT's own LoRA class for bitsandbytes 4-bit bases (what a QLoRA model gets): not a Linear
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
         kinds += (LoraLinear4bit,)
-    except ImportError:  # no bitsandbytes
+    except ImportError:  # bitsandbytes is optional (llamaft[gpu]): PEFT then defines no such class
         pass
     count = 0
     for layer in model.modules():

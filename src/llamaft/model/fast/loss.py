@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data.chat import IGNORE_INDEX
+from ..adapters import base_model
 
 
 def _chunk_rows(vocab: int) -> int:
@@ -99,9 +100,11 @@ def reference_causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
     return loss / denom
 
 
-def _causal_lm(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base
+def fusable(lm) -> bool:
+    """A causal LM this loss can take over: a `model` decoder and a plain bias-free nn.Linear lm_head
+    (not LoRA- or 4-bit-wrapped). `lm`: the model under any PEFT wrapper."""
+    head = getattr(lm, "lm_head", None)
+    return getattr(lm, "model", None) is not None and type(head) is torch.nn.Linear and head.bias is None
 
 
 def install_fused_loss(model, chunk: int | None = None, park_head: bool = False) -> bool:
@@ -112,11 +115,10 @@ def install_fused_loss(model, chunk: int | None = None, park_head: bool = False)
     `lm._llamaft_parked_head` (None when not eligible)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    lm = _causal_lm(model)
-    head = getattr(lm, "lm_head", None)
-    decoder = getattr(lm, "model", None)
-    if decoder is None or type(head) is not torch.nn.Linear or head.bias is not None:  # not LoRA/4-bit wrapped
+    lm = base_model(model)
+    if not fusable(lm):
         return False
+    decoder = lm.model
     if getattr(lm, "_llamaft_fused_loss", False):
         return True
     original = lm.forward

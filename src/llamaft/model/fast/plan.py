@@ -1,0 +1,398 @@
+"""What the fast path does for one run, decided once: `choose_plan(cfg, model, lengths) -> FastPlan`.
+
+    plan = choose_plan(cfg, model, [len(ex.input_ids) for ex in train])
+    print("\\n".join(plan.reasons))    # what summary.json records as `fast_path`
+
+Each decision is a small function returning `(value, reason)` (reason None: nothing to log), fed
+only with the config, the facts read once by `read_facts` (device, attention kernels, launch, what
+the model allows) and earlier decisions, so each one can be tested alone. `choose_plan` runs them in
+the order their reasons are logged and freezes the result: installing it (install.py) never changes
+it. An explicit `on`/`off` in the config always wins over `auto`; numbers that came from measurements
+name the benchmark they came from (benchmarks/README.md, benchmarks/results/*.json).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import attention as _attention
+from . import memory as _memory
+
+__all__ = ["FastPlan", "Facts", "ModelFits", "choose_plan", "read_facts"]
+
+# MLP tiles for long micro-batches: a [16384, 14336] bf16 intermediate is 0.44 GiB; the 262,144-token
+# QLoRA step trained with these tiles at 47 GiB (run13_maxlen_qlora_fast_long.json, run24_maxlen_qlora_nf4.json).
+TILE_MLP_ROWS = 16384
+# QLoRA micro-batch target, in mean tokens (mean example length x micro-batch). QLoRA is launch-bound,
+# so larger micro-batches are the lever: W512 16 x 2 8,557-8,615 tok/s (run17_w512_qlora_fast.json)
+# -> 32 x 1 (~9.6k tokens) 9,944 (run18_w512_qlora32.json), and with the parked lm_head and the NF4
+# op 32 x 1 fits 6.02 GiB (run22/run23_w512_qlora_fast.json).
+QLORA_MICRO_BATCH_TOKENS = 11264
+# QLoRA's fused loss chunk: 256 rows x 128,256 vocab x 6 bytes = 188 MiB live, instead of ~0.8 GiB
+# at the default ~1,046 rows, out of a ~7 GiB budget. A memory choice, not timed on its own.
+QLORA_LOSS_CHUNK_ROWS = 256
+# torch.compile measured to win: W512 LoRA without checkpointing +8% (run7_w512_lora_fast_compile.json
+# vs run6_w512_lora_fast.json); QLoRA +28% / +33% at 8 x 4 / 16 x 2 (launch-bound; run9_w512_qlora_fast.json
+# -> run11_w512_qlora_fast_compile.json, run10_w512_qlora_fast_bs16.json -> run11_..._bs16_compile.json); full 32 x 1 with partial checkpointing +17% (7,907 vs
+# 6,763 tok/s, run19_w512_full40c.json vs run19_w512_full40.json). Checkpointed LoRA was not measured.
+COMPILE_MEASURED_FOR = ("qlora", "full")
+
+
+@dataclass(frozen=True)
+class FastPlan:
+    """The decisions for one run, each beside the reason line it was logged with."""
+
+    packing: bool                 # padding-free rows (data.pack.PackedCollator) + varlen/flex attention
+    attention: str                # "varlen" | "flex" | "reference" | "sdpa" | "eager": what install_attention sets
+    fused_loss: bool              # chunked lm_head + cross-entropy, full logits never materialised
+    gradient_checkpointing: bool  # recompute activations (only when the estimate says memory is short)
+    compile: bool                 # torch.compile of decoder blocks
+    reasons: tuple[str, ...] = ()  # one line per decision, logged by train/ and kept in summary.json
+    fused_lora: bool = False      # PEFT LoRA linears as 3-GEMM autograd functions (model/fast/lora.py)
+    # Checkpointing by model/fast/recompute.py (not HF's): layer inputs optionally parked in CPU memory
+    own_checkpointing: bool = False
+    offload_checkpoints: bool = False
+    micro_batch_size: int | None = None       # None: train.micro_batch_size as configured
+    gradient_accumulation: int | None = None  # same sequences per optimizer step as configured
+    fused_optimizer: bool = False             # adamw_torch -> torch's fused (single-kernel) AdamW
+    tile_mlp_rows: int = 0                    # > 0: MLP in chunks of this many tokens (long sequences)
+    loss_chunk_rows: int | None = None        # fused loss rows per chunk (None: ~512 MiB of logits)
+    single_sdpa: bool = True                  # varlen rows with one example -> causal SDPA (cuDNN)
+    cpu_embeddings: bool = False              # frozen input embedding table in CPU memory (model/fast/embed.py)
+    # own checkpointing of the first N decoder layers only, N chosen per micro-batch from its tokens:
+    # checkpoint_tokens[N] = most tokens that fit with N layers checkpointed (None: every layer, always)
+    checkpoint_tokens: tuple[int, ...] | None = None
+    checkpoint_layers: int | None = None      # N for the largest micro-batch the data can form (reported)
+    cpu_lm_head: bool = False                 # frozen lm_head parked in CPU memory between losses (head.py)
+    nf4_kernel: bool = False                  # QLoRA: NF4 base + LoRA as one op (lora_nf4.py, nf4.py)
+
+    def __post_init__(self):
+        # frozen all the way down: lists given by callers become tuples
+        object.__setattr__(self, "reasons", tuple(self.reasons))
+        if self.checkpoint_tokens is not None:
+            object.__setattr__(self, "checkpoint_tokens", tuple(self.checkpoint_tokens))
+
+    @property
+    def checkpointing(self) -> str:
+        """"none" | "hf" (HF's non-reentrant) | "own" (every layer) | "partial" (layers per micro-batch)."""
+        if not self.gradient_checkpointing:
+            return "none"
+        if not self.own_checkpointing:
+            return "hf"
+        return "partial" if self.checkpoint_tokens is not None else "own"
+
+
+@dataclass(frozen=True)
+class ModelFits:
+    """What the model allows, from each piece's own eligibility test (install.model_fits). None: not
+    known (no model, or a sizing stand-in with only a config and parameters): the config decides."""
+
+    layers: bool | None = None       # a decoder layer list: own checkpointing, MLP tiles, compile
+    embeddings: bool | None = None   # a frozen, untied nn.Embedding: may live in CPU memory
+    fused_loss: bool | None = None   # a plain bias-free nn.Linear lm_head over a `model` decoder
+    park_head: bool | None = None    # that head frozen, untied, on CUDA, with layers to prefetch from
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the plan reads from outside the config, read once (tests build it directly)."""
+
+    cuda: bool                         # the model trains on a CUDA device
+    packed_kernel: str | None = None   # best packed attention kernel on this torch/GPU (attention.py)
+    distributed: bool = False          # several processes (WORLD_SIZE > 1)
+    fits: ModelFits = field(default_factory=ModelFits)
+
+
+def read_facts(cfg, model) -> Facts:
+    """The device, the kernels and the launch, and what `model` allows; the attention kernels are
+    probed only where the fast path runs."""
+    from .install import model_fits
+
+    cuda = _cuda_target(model)
+    kernel = _attention.best_packed_attention() if cuda and cfg.fast.enabled else None
+    return Facts(cuda=cuda, packed_kernel=kernel, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1,
+                 fits=model_fits(model))
+
+
+def _cuda_target(model) -> bool:
+    """The model is (or, on the meta device / not given, will be) on a CUDA device."""
+    try:
+        dev = next(model.parameters()).device if model is not None else None
+    except (StopIteration, AttributeError, TypeError):  # no parameters to tell
+        dev = None
+    if dev is not None and dev.type == "meta":  # not placed yet: decide for where it will go
+        dev = None
+    return torch.cuda.is_available() and (dev is None or dev.type == "cuda")
+
+
+class _Log:
+    """Takes a decider's (value, reason), keeps the reason line, hands back the value."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, decided):
+        value, reason = decided
+        if reason:
+            self.lines.append(reason)
+        return value
+
+
+def choose_plan(cfg, model=None, lengths: list[int] | None = None, facts: Facts | None = None) -> FastPlan:
+    """The plan for `cfg` on `model` (a HF model, a sizing stand-in, or None). `lengths`: token
+    counts of the training examples; with packing they bound a micro-batch's tokens far better than
+    micro_batch_size x max_seq_length (memory estimates). `facts`: read from the model and the
+    machine when not given."""
+    facts = facts if facts is not None else read_facts(cfg, model)
+    log = _Log()
+    if not log(fast_path(cfg, facts)):
+        packing, attention = log(plain_packing(cfg))
+        gc = log(plain_checkpointing(cfg))
+        return FastPlan(packing, attention, False, gc, False, tuple(log.lines))
+    return _fast_plan(cfg, model, lengths, facts, log)
+
+
+def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
+    attention = log(attention_kernel(cfg, facts.packed_kernel))
+    packing = log(packing_mode(cfg, attention))
+    fused = log(fused_loss(cfg))
+    tokens_of = _memory.micro_batch_tokens(cfg, lengths if packing else None)
+    gc = log(checkpointing(cfg, model, tokens_of(cfg.train.micro_batch_size)))
+    own = log(own_checkpointing(gc, facts.distributed))
+    offload = log(offload_checkpoints(cfg, own))
+    mbs, ga = log(micro_batches(cfg, model, lengths, tokens_of, packing, gc, own))
+    table, layers = log(partial_checkpointing(cfg, model, own, tokens_of(mbs), ga))
+    fused_opt = log(fused_optimizer(cfg))
+    comp = log(compile_blocks(cfg, gc))
+    lora = log(fused_lora())
+    nf4 = log(nf4_kernel(cfg))
+    single = log(single_sequence_sdpa(cfg, attention))
+    cpu_emb = log(cpu_embeddings(cfg))
+    cpu_head = log(cpu_lm_head(cfg, fused))
+    tile = log(tile_mlp(cfg))
+    # what this model allows comes last (its lines close the list), so nothing changes after freezing
+    cpu_emb = log(embeddings_fit(cpu_emb, facts.fits))
+    fused = log(fused_loss_fits(fused, facts.fits))
+    cpu_head = log(lm_head_fits(cpu_head, fused, facts.fits))
+    own, offload = log(layers_fit(own, offload, facts.fits))
+    return FastPlan(packing, attention, fused, gc, comp, tuple(log.lines), fused_lora=lora, own_checkpointing=own,
+                    offload_checkpoints=offload, micro_batch_size=mbs, gradient_accumulation=ga,
+                    fused_optimizer=fused_opt, tile_mlp_rows=tile, single_sdpa=single, cpu_embeddings=cpu_emb,
+                    cpu_lm_head=cpu_head, nf4_kernel=nf4, checkpoint_layers=layers, checkpoint_tokens=table,
+                    loss_chunk_rows=loss_chunk_rows(cfg)[0])
+
+
+# ---- the path: fast on CUDA unless switched off; the plain path's own two decisions
+def fast_path(cfg, facts: Facts):
+    if cfg.fast.enabled and facts.cuda:
+        return True, None
+    why = "fast.enabled=false" if not cfg.fast.enabled else "no CUDA device"
+    return False, f"fast path off ({why}): plain HF model, SDPA attention, right padding"
+
+
+def plain_packing(cfg):
+    """(packing, attention) off the fast path: an explicit data.packing=on still works."""
+    f = cfg.fast
+    if cfg.data.packing != "on":
+        return (False, "sdpa" if f.attention == "auto" else f.attention), None
+    # HF's SDPA reads packed position_ids but does not isolate the examples: our per-example reference does
+    attention = "reference" if f.attention in ("auto", "sdpa") else f.attention
+    return (True, attention), "packing on (data.packing=on): per-example reference attention (correct, not fast)"
+
+
+def plain_checkpointing(cfg):
+    gc_cfg = cfg.train.gradient_checkpointing
+    gc = gc_cfg == "on"
+    return gc, f"gradient checkpointing {'on' if gc else 'off'} (train.gradient_checkpointing={gc_cfg})"
+
+
+# ---- attention, packing, loss
+def attention_kernel(cfg, packed_kernel: str | None):
+    """auto: the best kernel for packed rows ("varlen" on torch >= 2.10 + sm80, else "flex"), else SDPA."""
+    if cfg.fast.attention != "auto":
+        return cfg.fast.attention, f"attention {cfg.fast.attention} (fast.attention)"
+    attention = packed_kernel or "sdpa"
+    return attention, f"attention {attention} (auto: best packed kernel on this torch/GPU)"
+
+
+def packing_mode(cfg, attention: str):
+    """Packed rows need a kernel that respects example boundaries: auto packs with varlen / flex."""
+    mode = cfg.data.packing
+    if mode == "off":
+        return False, "packing off (data.packing=off)"
+    if mode == "on" or attention in ("varlen", "flex"):
+        return True, f"packing on ({'data.packing=on' if mode == 'on' else 'auto'}): no pad tokens computed"
+    return False, f"packing off (auto: attention {attention} has no varlen path here)"
+
+
+def fused_loss(cfg):
+    on = cfg.fast.fused_loss != "off"
+    return on, f"fused loss {'on' if on else 'off'} (fast.fused_loss={cfg.fast.fused_loss})"
+
+
+def loss_chunk_rows(cfg):
+    """Rows per fused-loss chunk (None: ~512 MiB of fp32 logits, loss.py); not logged."""
+    return (QLORA_LOSS_CHUNK_ROWS if cfg.model.method == "qlora" else None), None
+
+
+def single_sequence_sdpa(cfg, attention: str):
+    """A varlen row holding one example runs causal SDPA (cuDNN: 7.2 s vs 12.2 s per 32k-token QLoRA
+    step, run10_maxlen_attn_32k.json); logged only where varlen runs."""
+    on = cfg.fast.single_sequence_sdpa != "off"
+    if attention != "varlen":
+        return on, None
+    how = "causal SDPA (cuDNN where available)" if on else "varlen"
+    return on, f"rows holding one example: {how} (fast.single_sequence_sdpa={cfg.fast.single_sequence_sdpa})"
+
+
+# ---- memory: checkpointing, where checkpoints live, micro-batch shape
+def checkpointing(cfg, model, tokens: int):
+    """Recompute activations? auto: only when the estimate for the largest micro-batch (`tokens`)
+    does not fit the budget (memory.py), as checkpointing costs ~45% more FLOPs at 8B."""
+    gc_cfg = cfg.train.gradient_checkpointing
+    if gc_cfg != "auto":
+        return gc_cfg == "on", f"gradient checkpointing {gc_cfg} (train.gradient_checkpointing)"
+    gc, why = _memory.needs_checkpointing(cfg, model, tokens)
+    return gc, f"gradient checkpointing {'on' if gc else 'off'} (auto: {why})"
+
+
+def own_checkpointing(gc: bool, distributed: bool):
+    """Our checkpointing (recompute.py) or HF's. Ours is the reentrant kind, measured on one GPU
+    only; under DDP HF's non-reentrant one fires each parameter's gradient hook exactly once."""
+    if gc and distributed:
+        return False, "checkpoints: HF's non-reentrant checkpointing, not offloaded (multi-process run)"
+    return gc, None
+
+
+def offload_checkpoints(cfg, own: bool):
+    """Our checkpoints' saved layer inputs in pinned CPU memory (auto: qlora, which is memory-lean by choice)."""
+    if not own:
+        return False, None
+    setting = cfg.fast.offload_checkpoints
+    if setting == "auto":
+        on = cfg.model.method == "qlora"
+        why = f"auto: {'qlora: memory-lean' if on else 'not qlora'}"
+    else:
+        on, why = setting == "on", f"fast.offload_checkpoints={setting}"
+    return on, f"checkpoints {'offloaded to CPU' if on else 'kept on the GPU'} ({why})"
+
+
+def micro_batches(cfg, model, lengths, tokens_of, packing: bool, gc: bool, own: bool):
+    """(micro-batch, accumulation), same sequences per optimizer step: fewer, fuller kernels; only
+    with packing (padded rows grow with the batch). QLoRA: up to QLORA_MICRO_BATCH_TOKENS. LoRA /
+    full: the largest the estimate fits (W512 LoRA 8 x 4 -> 16 x 2 +7%: run6_w512_lora_fast.json ->
+    run7_w512_lora_fast_bs16_nogc.json), every layer checkpointed when checkpointing is ours (then
+    partial_checkpointing trims it); with HF's (DDP) as configured: the estimate is for ours."""
+    mbs, ga = cfg.train.micro_batch_size, cfg.train.gradient_accumulation
+    if not packing or cfg.fast.regroup_batches != "auto":
+        return (mbs, ga), None
+    if cfg.model.method == "qlora":
+        mbs, ga, why = _memory.regroup_by_tokens(mbs, ga, lengths, QLORA_MICRO_BATCH_TOKENS)
+    elif not gc or own:
+        mbs, ga, why = _memory.regroup(cfg, model, tokens_of, checkpointing=gc)
+    else:
+        return (mbs, ga), None
+    return (mbs, ga), f"micro-batches {mbs} x {ga} accumulation (fast.regroup_batches=auto: {why})"
+
+
+def partial_checkpointing(cfg, model, own: bool, worst: int, accumulation: int):
+    """(table, layers): when the estimate asked for our checkpointing (auto, not qlora), recompute
+    only as many layers as each micro-batch's tokens need (memory.checkpoint_table)."""
+    if not own or cfg.train.gradient_checkpointing != "auto" or cfg.model.method == "qlora":
+        return (None, None), None
+    table = None
+    if cfg.fast.partial_checkpointing == "auto":
+        table = _memory.checkpoint_table(cfg, model, worst, accumulation)
+    if table is None:
+        return (None, None), "checkpointing every layer (fast.partial_checkpointing=off)"
+    reason = f"checkpointing: {_memory.describe_table(table, worst)} (fast.partial_checkpointing=auto)"
+    return (tuple(table), _memory.layers_for(table, worst)), reason
+
+
+def tile_mlp(cfg):
+    """MLP in TILE_MLP_ROWS-token chunks when a configured micro-batch can be longer (long context)."""
+    if cfg.fast.tile_mlp != "auto" or cfg.data.max_seq_length * cfg.train.micro_batch_size <= TILE_MLP_ROWS:
+        return 0, None
+    return TILE_MLP_ROWS, f"MLP in chunks of {TILE_MLP_ROWS} tokens when a micro-batch is longer (fast.tile_mlp=auto)"
+
+
+# ---- kernels and where frozen weights live
+def fused_optimizer(cfg):
+    """adamw_torch as torch's fused AdamW: one kernel per step instead of one per tensor."""
+    if cfg.train.optimizer != "adamw_torch":
+        return False, None
+    on = cfg.fast.fused_optimizer != "off"
+    return on, f"torch fused AdamW {'on' if on else 'off'} (fast.fused_optimizer={cfg.fast.fused_optimizer})"
+
+
+def compile_blocks(cfg, gc: bool):
+    """torch.compile of the decoder layers (~60-90 s of compilation); auto: where it was measured to win."""
+    setting, method = cfg.fast.compile, cfg.model.method
+    if setting != "auto":
+        on = setting == "on"
+        return on, f"torch.compile {'on' if on else 'off'} (fast.compile={setting})"
+    on = (method == "lora" and not gc) or method in COMPILE_MEASURED_FOR
+    why = "measured to win here" if on else "only measured to win for qlora, full, and lora without checkpointing"
+    return on, f"torch.compile {'on' if on else 'off'} (auto: {why})"
+
+
+def fused_lora():
+    """PEFT's LoRA linears as our fused GEMMs (lora.py); ineligible layers keep PEFT's forward."""
+    return True, "fused LoRA linears on (fast path): scale and add inside the GEMMs"
+
+
+def nf4_kernel(cfg):
+    """QLoRA: NF4 base + LoRA as one opaque op (lora_nf4.py); 0.78 GiB of dequantised weights less
+    at the peak than bitsandbytes' path (run20 vs run22 memory_peak JSON)."""
+    if cfg.model.method != "qlora":
+        return False, None
+    on = cfg.fast.nf4_kernel != "off"
+    how = "one op: one-pass Triton dequant + base and LoRA GEMMs" if on else "bitsandbytes forward"
+    return on, f"NF4 base layers: {how} (fast.nf4_kernel={cfg.fast.nf4_kernel})"
+
+
+def cpu_embeddings(cfg):
+    """The frozen input embedding table in CPU memory (auto: qlora, ~1 GiB of its ~7 on 8B; no
+    measurable cost: run17_w512_qlora_fast.json vs run18_w512_qemboff.json)."""
+    setting = cfg.fast.cpu_embeddings
+    on = setting == "on" or (setting == "auto" and cfg.model.method == "qlora")
+    where = "in CPU memory when frozen and untied" if on else "on the GPU"
+    return on, f"input embeddings {where} (fast.cpu_embeddings={setting})"
+
+
+def cpu_lm_head(cfg, fused: bool):
+    """A frozen lm_head parked in CPU memory between losses (auto: qlora; QLoRA 32 x 1 8.09 -> 7.11 GiB,
+    run18_w512_qlora32.json -> run19_w512_qlora32p.json). Only with the fused loss, the one place that reads it."""
+    setting = cfg.fast.cpu_lm_head
+    on = fused and (setting == "on" or (setting == "auto" and cfg.model.method == "qlora"))
+    where = "parked in CPU memory between losses when frozen and untied" if on else "on the GPU"
+    return on, f"lm_head {where} (fast.cpu_lm_head={setting})"
+
+
+# ---- what the model allows (ModelFits); None = unknown, the decision stands
+def embeddings_fit(want: bool, fits: ModelFits):
+    if want and fits.embeddings is False:
+        return False, "input embeddings stay on the GPU: trained, tied to the lm_head, or not a plain nn.Embedding"
+    return want, None
+
+
+def fused_loss_fits(want: bool, fits: ModelFits):
+    if want and fits.fused_loss is False:
+        return False, "fused loss off: lm_head is not a plain bias-free nn.Linear"
+    return want, None
+
+
+def lm_head_fits(want: bool, fused: bool, fits: ModelFits):
+    if want and (not fused or fits.park_head is False):
+        return False, "lm_head stays on the GPU: trained, tied to the input embeddings, or not on CUDA"
+    return want, None
+
+
+def layers_fit(own: bool, offload: bool, fits: ModelFits):
+    """No decoder layer list to wrap: HF's checkpointing instead of ours (not logged: every HF Llama has one)."""
+    if own and fits.layers is False:
+        return (False, False), None
+    return (own, offload), None
