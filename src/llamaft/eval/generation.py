@@ -143,6 +143,7 @@ def gen_config_for(eval_cfg, set_name: str, default: bool = False):
 
 def load_conversations(data_cfg) -> tuple[dict[str, list], list]:
     """(validation sets, test rows) as Conversations, held out exactly as `build_datasets` holds them out."""
-    from ..data.pipeline import load_conversations as held_out
+    from ..data.pipeline import split_conversations
 
-    return held_out(data_cfg)
+    splits = split_conversations(data_cfg)
+    return splits.validation, splits.test
