@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 # Counts and settings: shown in tables, never plotted as if they were scores.
-NOT_SCORES = {"samples", "prompts_truncated", "loss_rows_truncated"}
+NOT_SCORES = {"samples", "prompts_truncated", "loss_rows_truncated", "loss_rows_dropped"}
 TIMING = {"runtime_s", "runtime", "samples_per_second", "steps_per_second"}  # the trainer's eval timings: left out
 LOWER_IS_BETTER = {"loss", "perplexity"}
 PERCENT_SCALE = {"bleu", "chrf"}  # sacrebleu's 0..100; shown /100 next to the 0..1 metrics in bar plots
