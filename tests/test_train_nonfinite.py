@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from llamaft.errors import TrainingDiverged
+from llamaft.eval.plots import nonfinite_steps, plot_losses
 from llamaft.train import train
 from llamaft.train.callbacks import read_metrics, rename_logs
-from llamaft.train.plots import nonfinite_steps, plot_losses
 from test_train_support import (InjectInfGrad, InjectNaNLoss, PoisonWeight, Snapshot, cli_project,
                                 run_child, run_config, strict_json, tiny_project)
 

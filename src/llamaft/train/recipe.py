@@ -26,7 +26,8 @@ from transformers import set_seed
 from ..config import save_config
 from ..data.pipeline import Datasets, Splits, build_datasets, split_conversations
 from ..errors import LlamaftError, TrainingDiverged
-from ..eval.callback import attach_eval_callback, check_generation_sets
+from ..eval.generation import check_generation_sets
+from ..eval.plots import plot_losses
 from ..model.adapters import apply_adapters, count_parameters, save_trained
 from ..model.fast import restore_parked
 from ..model.finite import first_nonfinite_param
@@ -34,9 +35,8 @@ from ..model.load import load_base, quantization_config, resolve_precision
 from ..model.preflight import check_model
 from ..model.tokenizer import load_tokenizer, save_tokenizer
 from ..paths import check_output_dir, write_text_atomic
-from .callbacks import MetricsJsonlCallback, json_safe, read_metrics, truncate_metrics
+from .callbacks import MetricsJsonlCallback, attach_eval_callback, json_safe, read_metrics, truncate_metrics
 from .checkpoint import AtomicCheckpointTrainer, clean_incomplete, latest_complete, resolve_resume
-from .plots import plot_losses
 from .setup import ListDataset, check_optimizer, gradient_checkpointing, pick_collator_and_plan, training_arguments
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,8 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
         on_nonfinite=cfg.train.on_nonfinite,
         max_nonfinite_skips=cfg.train.max_nonfinite_skips,
     )
-    # Perplexity + generation metrics per validation set at every evaluation.
-    eval_cb = attach_eval_callback(trainer, cfg, run.tokenizer, run.rules) if eval_sets else None
+    # Perplexity + generation metrics per validation set at every evaluation, on the rows read in setup.
+    eval_cb = attach_eval_callback(trainer, cfg, run.tokenizer, run.rules, run.splits.validation) if eval_sets else None
     return trainer, plan, eval_cb
 
 
