@@ -41,7 +41,7 @@ def _all_finite(tensors):
 
 
 # ---------------------------------------------------------------------------------------------
-# The CLI on a real divergence (learning rate 1e4): the reproduction
+# The CLI on a real divergence (learning rate 1e4)
 
 
 @pytest.fixture(scope="module")
