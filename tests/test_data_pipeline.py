@@ -99,12 +99,13 @@ def test_build_splits_by_ratio(tmp_path, fake_chat):
     assert ds.train[0].where == f"{tmp_path / 't.jsonl'}:line {train[0] + 1}"
 
 
-def test_load_conversations_matches_build(tmp_path, fake_chat):
-    from llamaft.data.pipeline import load_conversations
+def test_held_out_conversations_match_build(tmp_path, fake_chat):
+    from llamaft.data.pipeline import split_conversations
 
     cfg = DataConfig(train=[qa_file(tmp_path / "t.jsonl", 20)], val_ratio=0.2, test_ratio=0.1, split_seed=3)
     ds = build_datasets(cfg, None, None)
-    val, test = load_conversations(cfg)
+    splits = split_conversations(cfg)
+    val, test = splits.validation, splits.test
     assert {k: [c.where for c in v] for k, v in val.items()} == {k: [e.where for e in v] for k, v in ds.validation.items()}
     assert [c.where for c in test] == [e.where for e in ds.test]
 

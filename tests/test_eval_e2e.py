@@ -15,7 +15,7 @@ def test_train_eval_report_end_to_end(tmp_path):
     from inference_helpers import save_model_dir, tiny_model, tiny_rules, tiny_tokenizer
 
     from llamaft.config import config_from_dict
-    from llamaft.eval.callback import make_eval_callback
+    from llamaft.train.callbacks import make_eval_callback
     from llamaft.eval.evaluate import evaluate_run
     from llamaft.eval.report import write_report
     from llamaft.model.tokenizer import load_tokenizer

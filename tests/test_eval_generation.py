@@ -11,7 +11,8 @@ import torch
 from llamaft.config import EvalConfig, GenerationEvalConfig
 from llamaft.errors import LlamaftError
 from llamaft.eval import generation as G
-from llamaft.eval.callback import GenerationEvalCallback, check_generation_sets
+from llamaft.eval.generation import check_generation_sets
+from llamaft.train.callbacks import GenerationEvalCallback
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -61,7 +62,7 @@ def _fake_generate(replies):
 
 
 def test_generation_metrics_counts_truncation_and_stop_share(monkeypatch):
-    monkeypatch.setattr(G, "_prompt_ids", _fake_prompt_ids)
+    monkeypatch.setattr(G, "prompt_ids", _fake_prompt_ids)
     convs = [
         {"messages": [{"role": "user", "content": "short"}, {"role": "assistant", "content": "Yes"}], "where": "r1"},
         {"messages": [{"role": "user", "content": "x" * 50}, {"role": "assistant", "content": "no"}], "where": "r2"},
@@ -105,7 +106,7 @@ def _args_state(tmp_path, step=7):
 
 
 def test_callback_logs_per_set_metrics_with_fake_generation(monkeypatch, tmp_path):
-    monkeypatch.setattr(G, "_prompt_ids", _fake_prompt_ids)
+    monkeypatch.setattr(G, "prompt_ids", _fake_prompt_ids)
     sets = {
         "cls": [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "relevant"}]}] * 2,
         "free": [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a b"}]}],
@@ -137,7 +138,7 @@ def test_callback_runs_real_generation_on_a_tiny_model_inside_a_trainer(tmp_path
     from inference_helpers import tiny_model, tiny_rules, tiny_tokenizer
     from transformers import Trainer, TrainingArguments
 
-    from llamaft.eval.callback import make_eval_callback
+    from llamaft.train.callbacks import make_eval_callback
 
     tok = tiny_tokenizer()
     rules = tiny_rules(tok)
@@ -183,7 +184,7 @@ def test_batched_left_padded_generation_equals_one_by_one():
 
 def test_logged_keys_become_slash_names_in_metrics_jsonl():
     """Our keys go through trainer.log in HF spelling; the metrics.jsonl renamer maps them back."""
-    from llamaft.eval.callback import hf_key
+    from llamaft.train.callbacks import hf_key
 
     callbacks = pytest.importorskip("llamaft.train.callbacks")
     keys = {hf_key(f"eval/{s}/{m}"): 1.0 for s in ("cls_val", "cls") for m in ("accuracy", "stops_on_eos")}

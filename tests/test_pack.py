@@ -1,9 +1,9 @@
-"""data.pack: bins, packed rows, boundaries, exact tensors."""
+"""data.pack: packed rows, boundaries, exact tensors."""
 
 import pytest
 import torch
 
-from llamaft.data.pack import PackedCollator, flatten, pack_first_fit_decreasing, pack_in_order, real_tokens
+from llamaft.data.pack import PackedCollator, flatten
 
 
 def test_flatten_exact_tensors():
@@ -15,7 +15,7 @@ def test_flatten_exact_tensors():
     assert b["cu_seq_lens_q"].tolist() == [0, 3, 5, 6] and b["cu_seq_lens_q"].dtype == torch.int32
     assert b["cu_seq_lens_k"].tolist() == [0, 3, 5, 6]
     assert b["max_length_q"] == b["max_length_k"] == 3
-    assert "attention_mask" not in b and real_tokens(b) == 6
+    assert "attention_mask" not in b and b["input_ids"].numel() == 6  # every token real: no padding
 
 
 def test_flatten_keeps_masked_prompt_labels_and_skips_empty():
@@ -33,21 +33,6 @@ def test_flatten_errors():
 def test_collator_is_flatten():
     rows = [{"input_ids": [1, 2]}, {"input_ids": [3]}]
     assert PackedCollator()(rows)["position_ids"].tolist() == [[0, 1, 0]]
-
-
-def test_pack_in_order_keeps_order_and_limit():
-    assert pack_in_order([3, 4, 2, 5, 1], 6) == [[0], [1, 2], [3, 4]]
-    assert pack_in_order([7, 1], 6) == [[0], [1]]  # too long: a bin of its own, never split
-    assert pack_in_order([], 6) == []
-
-
-def test_pack_ffd_fills_bins():
-    lens = [3, 4, 2, 5, 1, 6, 3]
-    bins = pack_first_fit_decreasing(lens, 6)
-    assert sorted(i for b in bins for i in b) == list(range(len(lens)))
-    assert all(sum(lens[i] for i in b) <= 6 for b in bins)
-    assert len(bins) == 4  # 24 tokens in bins of 6: optimal here
-    assert bins[0] == [5]
 
 
 def test_flatten_accepts_example_objects():

@@ -1,6 +1,8 @@
-"""End-to-end training on a tiny random Llama (CPU, seconds): run directory, resume, atomic checkpoints."""
+"""End-to-end training on a tiny random Llama (CPU, seconds) through the real tokenizer and data layers:
+run directory, resume, atomic checkpoints."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from safetensors.torch import load_file
 
 from llamaft.train import train
 from llamaft.train.checkpoint import AtomicCheckpointTrainer
-from test_train_support import patch_data_layer, run_config, tiny_model_dir
+from test_train_support import run_config, tiny_project
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,19 +24,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
+    return tiny_project(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture(scope="module")
 def full_run(model_dir, tmp_path_factory):
-    """One uninterrupted LoRA run of 8 steps (2 epochs, grad accumulation 2, dropout on)."""
-    mp = pytest.MonkeyPatch()
-    patch_data_layer(mp)
+    """One uninterrupted LoRA run of 8 steps (2 epochs of 32 rows, grad accumulation 2, dropout on)."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    try:
-        train(run_config(model_dir, out, dropout=0.1, scheduler="linear", warmup_steps=2))
-    finally:
-        mp.undo()
+    train(run_config(model_dir, out, dropout=0.1, scheduler="linear", warmup_steps=2))
     return out
 
 
@@ -68,7 +65,9 @@ def test_run_directory_contents(full_run):
     assert summary["train_loss"] == train_rows[-1]["train/loss"]
     assert summary["steps"] == 8 and summary["method"] == "lora"
     last = {n: [r for r in rows if f"eval/{n}/loss" in r][-1][f"eval/{n}/loss"] for n in ("alpha", "b_set")}
-    assert summary["eval"] == {"alpha": {"loss": last["alpha"]}, "b_set": {"loss": last["b_set"]}}
+    # each set's final loss, and the perplexity the eval callback logged with it (exp of that loss)
+    assert summary["eval"] == {n: {"loss": last[n], "perplexity": math.exp(last[n])} for n in ("alpha", "b_set")}
+    assert [r["eval/alpha/perplexity"] for r in rows if "eval/alpha/perplexity" in r][-1] == math.exp(last["alpha"])
     assert 0 < summary["trainable_params"] < summary["total_params"]
     # training on 32 examples for 2 epochs at lr 1e-2 must reduce the loss
     assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
@@ -82,7 +81,6 @@ def test_linear_warmup_schedule_in_metrics(full_run):
 
 
 def test_interrupted_run_resumes_to_identical_weights(full_run, model_dir, tmp_path, monkeypatch):
-    patch_data_layer(monkeypatch)
     out = tmp_path / "interrupted"
     real = AtomicCheckpointTrainer._save_rng_state
 
@@ -117,26 +115,23 @@ def test_interrupted_run_resumes_to_identical_weights(full_run, model_dir, tmp_p
     assert summary["eval"] == json.loads((full_run / "summary.json").read_text())["eval"]
 
 
-def test_fresh_run_refuses_existing_run_dir(full_run, model_dir, monkeypatch):
+def test_fresh_run_refuses_existing_run_dir(full_run, model_dir):
     from llamaft.errors import LlamaftError
 
-    patch_data_layer(monkeypatch)
     with pytest.raises(LlamaftError, match="already holds a run; set train.resume=true"):
         train(run_config(model_dir, full_run))
 
 
-def test_resume_without_checkpoint_is_clear_error(model_dir, tmp_path, monkeypatch):
+def test_resume_without_checkpoint_is_clear_error(model_dir, tmp_path):
     from llamaft.errors import LlamaftError
 
-    patch_data_layer(monkeypatch)
     with pytest.raises(LlamaftError, match="no complete checkpoint"):
         train(run_config(model_dir, tmp_path / "new", resume=True))
 
 
-def test_full_finetuning_writes_loadable_weights(model_dir, tmp_path, monkeypatch):
+def test_full_finetuning_writes_loadable_weights(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    patch_data_layer(monkeypatch)
     out = train(run_config(model_dir, tmp_path / "full-ft", method="full", max_steps=2, save_every=0, eval_every=0))
     assert not (out / "adapter").exists() and not list((out / "checkpoints").glob("checkpoint-*"))
     trained = AutoModelForCausalLM.from_pretrained(out / "model")

@@ -9,18 +9,18 @@ import torch
 from safetensors.torch import load_file
 
 from llamaft.errors import TrainingDiverged
+from llamaft.eval.plots import nonfinite_steps, plot_losses
 from llamaft.train import train
 from llamaft.train.callbacks import read_metrics, rename_logs
-from llamaft.train.plots import nonfinite_steps, plot_losses
-from test_train_support import (InjectInfGrad, InjectNaNLoss, PoisonWeight, Snapshot, cli_project, patch_data_layer,
-                                run_child, run_config, strict_json, tiny_model_dir)
+from test_train_support import (InjectInfGrad, InjectNaNLoss, PoisonWeight, Snapshot, cli_project,
+                                run_child, run_config, strict_json, tiny_project)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
+    return tiny_project(tmp_path_factory.mktemp("project"))
 
 
 def _cfg(model_dir, out, **train):
@@ -41,7 +41,7 @@ def _all_finite(tensors):
 
 
 # ---------------------------------------------------------------------------------------------
-# The CLI on a real divergence (learning rate 1e4): the reproduction
+# The CLI on a real divergence (learning rate 1e4)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +119,7 @@ def test_merge_of_a_diverged_run_refuses_and_its_checkpoint_merges(diverged, tmp
 # stop (default): injected NaN loss, Inf gradient, NaN weight
 
 
-def test_nan_loss_stops_before_its_update(model_dir, tmp_path, monkeypatch):
-    patch_data_layer(monkeypatch)
+def test_nan_loss_stops_before_its_update(model_dir, tmp_path):
     out, snap = tmp_path / "run", Snapshot()
     with pytest.raises(TrainingDiverged, match=r"training stopped at step 4: the loss is nan; last finite loss [\d.]+ at step 3"):
         train(_cfg(model_dir, out), callbacks=[InjectNaNLoss({4}), snap])
@@ -142,15 +141,13 @@ def test_nan_loss_stops_before_its_update(model_dir, tmp_path, monkeypatch):
     assert not (out / "adapter").exists()
 
 
-def test_inf_gradient_with_finite_loss_stops(model_dir, tmp_path, monkeypatch):
-    patch_data_layer(monkeypatch)
+def test_inf_gradient_with_finite_loss_stops(model_dir, tmp_path):
     with pytest.raises(TrainingDiverged, match="training stopped at step 2: the gradient norm is inf"):
         train(_cfg(model_dir, tmp_path / "run"), callbacks=[InjectInfGrad(2)])
     assert [c.name for c in _checkpoints(tmp_path / "run")] == ["checkpoint-1"]
 
 
-def test_checkpoint_with_nonfinite_weights_is_never_published(model_dir, tmp_path, monkeypatch):
-    patch_data_layer(monkeypatch)
+def test_checkpoint_with_nonfinite_weights_is_never_published(model_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"training stopped at step 3: weight \S+lora_A\S+ is not finite"):
         train(_cfg(model_dir, out), callbacks=[PoisonWeight(3)])
@@ -164,8 +161,7 @@ def test_checkpoint_with_nonfinite_weights_is_never_published(model_dir, tmp_pat
 # skip
 
 
-def test_skip_policy_skips_a_few_steps_and_completes(model_dir, tmp_path, monkeypatch, capsys):
-    patch_data_layer(monkeypatch)
+def test_skip_policy_skips_a_few_steps_and_completes(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     train(_cfg(model_dir, out, on_nonfinite="skip", max_nonfinite_skips=2), callbacks=[InjectNaNLoss({2, 5})])
     assert "step 2: the loss is nan; update skipped (1 of train.max_nonfinite_skips=2)" in capsys.readouterr().out
@@ -185,8 +181,7 @@ def test_skip_policy_skips_a_few_steps_and_completes(model_dir, tmp_path, monkey
     assert nonfinite_steps(rows) == [2, 5]
 
 
-def test_skip_policy_stops_after_max_skips(model_dir, tmp_path, monkeypatch):
-    patch_data_layer(monkeypatch)
+def test_skip_policy_stops_after_max_skips(model_dir, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"step 4: the loss is nan \(after 2 skipped steps.*max_nonfinite_skips"):
         train(_cfg(model_dir, tmp_path / "run", on_nonfinite="skip", max_nonfinite_skips=2),
               callbacks=[InjectNaNLoss({2, 3, 4})])
@@ -210,8 +205,7 @@ def test_plot_draws_a_run_whose_every_loss_was_nan(tmp_path):
     assert plot_losses(rows, [], tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_fresh_run_may_reuse_the_dir_of_a_run_stopped_before_any_checkpoint(model_dir, tmp_path, monkeypatch):
-    patch_data_layer(monkeypatch)
+def test_fresh_run_may_reuse_the_dir_of_a_run_stopped_before_any_checkpoint(model_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="no checkpoint was saved before it"):
         train(_cfg(model_dir, out), callbacks=[InjectNaNLoss({1})])

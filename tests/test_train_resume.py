@@ -12,7 +12,7 @@ import pytest
 from llamaft.cli import main
 from llamaft.config import save_config
 from llamaft.train.callbacks import read_metrics
-from test_train_support import cli_project, patch_data_layer, run_child, run_config, strict_json, tiny_model_dir
+from test_train_support import cli_project, run_child, run_config, strict_json, tiny_project
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,21 +23,16 @@ SCHEDULES = {"max_steps": {"max_steps": 5}, "epochs": {"max_steps": None, "epoch
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
+    return tiny_project(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture(scope="module", params=list(SCHEDULES))
 def finished(request, model_dir, tmp_path_factory):
     """(config file, run dir) of a completed run; constant lr, so one more step would move the weights."""
-    mp = pytest.MonkeyPatch()
-    patch_data_layer(mp)
     root = tmp_path_factory.mktemp(request.param)
     cfg = run_config(model_dir, root / "run", eval_every=0, save_every=2, scheduler="constant", **SCHEDULES[request.param])
     save_config(cfg, root / "run.yaml")
-    try:
-        assert main(["train", str(root / "run.yaml")]) == 0
-    finally:
-        mp.undo()
+    assert main(["train", str(root / "run.yaml")]) == 0
     return root / "run.yaml", root / "run"
 
 
@@ -51,9 +46,8 @@ def _steps(run) -> int:
     return strict_json((run / "summary.json").read_text())["steps"]
 
 
-def test_resuming_a_finished_run_changes_nothing(finished, monkeypatch, capsys):
+def test_resuming_a_finished_run_changes_nothing(finished, capsys):
     cfg, run = finished
-    patch_data_layer(monkeypatch)
     before = _files(run)
     assert main(["train", str(cfg), "train.resume=true"]) == 0
     out = capsys.readouterr().out
@@ -63,11 +57,10 @@ def test_resuming_a_finished_run_changes_nothing(finished, monkeypatch, capsys):
     assert _files(run) == before
 
 
-def test_end_of_schedule_without_final_outputs_trains_no_extra_step(finished, monkeypatch, tmp_path):
+def test_end_of_schedule_without_final_outputs_trains_no_extra_step(finished, tmp_path):
     """Killed after the last checkpoint, before adapter/ and summary.json: resume writes them from the
     last checkpoint. HF alone would train one more step here."""
     cfg, run = finished
-    patch_data_layer(monkeypatch)
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "adapter")
@@ -79,9 +72,8 @@ def test_end_of_schedule_without_final_outputs_trains_no_extra_step(finished, mo
     assert strict_json((copy / "summary.json").read_text())["status"] == "completed"
 
 
-def test_raising_max_steps_continues_a_finished_run(finished, monkeypatch, tmp_path):
+def test_raising_max_steps_continues_a_finished_run(finished, tmp_path):
     cfg, run = finished
-    patch_data_layer(monkeypatch)
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     more = _steps(run) + 2

@@ -9,7 +9,7 @@ from llamaft.errors import LlamaftError
 from llamaft.train import recipe
 from llamaft.train.checkpoint import clean_incomplete, latest_complete, resolve_resume
 from llamaft.train.setup import training_arguments
-from test_train_support import patch_data_layer, run_config
+from test_train_support import run_config
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
 
@@ -57,11 +57,13 @@ def test_epochs_when_no_max_steps(tmp_path):
     ({"optimizer": "paged_adamw_8bit"}, "train.optimizer=paged_adamw_8bit needs a CUDA GPU"),
     ({"precision": "fp16"}, "fp16 needs a CUDA GPU"),
 ])
-def test_hardware_errors_come_before_data(tmp_path, monkeypatch, override, message):
-    _, _, calls = patch_data_layer(monkeypatch)
+def test_hardware_errors_come_before_data(tmp_path, override, message):
+    cfg = run_config(tmp_path / "no-model", tmp_path / "run", **override)
+    # Neither the data files nor the model exist: reading either first would fail with another error.
+    assert not any(Path(p).exists() for p in [cfg.model.name, *cfg.data.train, *cfg.data.validation.values()])
     with pytest.raises(LlamaftError, match=message):
-        recipe.train(run_config(Path("unused"), tmp_path / "run", **override))
-    assert calls == [] and not (tmp_path / "run").exists()
+        recipe.train(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_picks_latest_complete(tmp_path):

@@ -1,7 +1,13 @@
-"""Tiny random Llama + WordLevel tokenizer + hand-built Examples for CPU training tests (seconds)."""
+"""Tiny random Llama + WordLevel tokenizer + small q/a files for CPU training tests (seconds).
+
+`tiny_project(root)` saves the model with its tokenizer (a chat template whose assistant turns end in
+<eot>) and writes the data files beside it; `run_config` trains on them through the real tokenizer
+and data layers: rows read, split, templated and masked exactly as for a user's run.
+"""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,10 +15,13 @@ from pathlib import Path
 from llamaft.config import config_from_dict
 
 VOCAB = 64
+# Prompt words, then the answer and <eot> (id 3, the turn end the tokenizer rules find in the template).
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }} <eot> "
+            "{% else %}{{ m['content'] }} {% endif %}{% endfor %}")
 
 
 @dataclass
-class Rules:  # same fields as llamaft.model.tokenizer.TokenRules (the parts training reads)
+class Rules:  # same fields as llamaft.model.tokenizer.TokenRules (the parts model loading reads)
     pad_id: int = 0
     eos_id: int = 1
     stop_ids: list = field(default_factory=lambda: [1, 3])
@@ -22,21 +31,6 @@ class Rules:  # same fields as llamaft.model.tokenizer.TokenRules (the parts tra
     chat_template: str | None = None
     template_kwargs: dict = field(default_factory=dict)
     added_tokens: list = field(default_factory=list)  # tokens the tokenizer layer added (e.g. <|pad|>)
-
-
-@dataclass
-class Ex:
-    input_ids: list
-    labels: list
-    where: str = "test"
-
-
-@dataclass
-class Data:
-    train: list
-    validation: dict
-    test: list = field(default_factory=list)
-    stats: dict = field(default_factory=lambda: {"rows": 0})
 
 
 def tokenizer(extra_pad: bool = False):
@@ -55,7 +49,16 @@ def tokenizer(extra_pad: bool = False):
     return t
 
 
+def chat_tokenizer():
+    """tokenizer() with TEMPLATE as its chat template and <eot> a special token (still 64 ids)."""
+    t = tokenizer()
+    t.add_special_tokens({"additional_special_tokens": ["<eot>"]})
+    t.chat_template = TEMPLATE
+    return t
+
+
 def tiny_model_dir(root: Path) -> Path:
+    """root/tiny-llama: a random 2-layer Llama over 64 ids, saved with chat_tokenizer()."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,59 +69,42 @@ def tiny_model_dir(root: Path) -> Path:
     model = LlamaForCausalLM(cfg)
     out = root / "tiny-llama"
     model.save_pretrained(out)
-    tokenizer().save_pretrained(out)
+    chat_tokenizer().save_pretrained(out)
     return out
 
 
-def examples(n: int, seed: int) -> list:
+def qa_rows(n: int, seed: int) -> list[dict]:
+    """Questions of 3-9 words, answers of 1-3 words from a small set (so a few steps learn them)."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        ids = [rng.randrange(4, VOCAB) for _ in range(rng.randint(4, 11))] + [1]
-        out.append(Ex(ids, [-100, -100] + ids[2:]))
-    return out
+    word = lambda lo, hi: f"w{rng.randrange(lo, hi)}"
+    return [{"question": " ".join(word(10, VOCAB) for _ in range(rng.randint(3, 9))),
+             "answer": " ".join(word(4, 10) for _ in range(rng.randint(1, 3)))} for _ in range(n)]
 
 
-def dataset() -> Data:
-    return Data(train=examples(32, 1), validation={"alpha": examples(8, 2), "b_set": examples(6, 3)})
+def tiny_project(root: Path) -> Path:
+    """tiny_model_dir(root) plus root/data: train.jsonl (32 rows) and the validation sets alpha.jsonl
+    (8 rows) and b_set.jsonl (6 rows). Returns the model directory (run_config finds the data)."""
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, n, seed in (("train", 32, 1), ("alpha", 8, 2), ("b_set", 6, 3)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa_rows(n, seed)), encoding="utf-8")
+    return tiny_model_dir(root)
 
 
 def run_config(model_dir: Path, out_dir: Path, **train) -> object:
+    """A LoRA run on tiny_project's model and data (the data files sit beside the model directory)."""
+    data = Path(model_dir).parent / "data"
     raw = {
         "model": {"name": str(model_dir), "method": train.pop("method", "lora")},
         "lora": {"r": 4, "alpha": 8, "dropout": train.pop("dropout", 0.0)},
-        "data": {"train": ["unused.jsonl"]},
+        "data": {"train": [str(data / "train.jsonl")],
+                 "validation": {"alpha": str(data / "alpha.jsonl"), "b_set": str(data / "b_set.jsonl")}},
         "train": {"output_dir": str(out_dir), "max_steps": 8, "micro_batch_size": 4, "gradient_accumulation": 2,
                   "learning_rate": 1e-2, "save_every": 3, "eval_every": 0.25, "logging_every": 1,
                   "save_total_limit": 2, **train},
         "fast": {"enabled": False},
     }
     return config_from_dict(raw)
-
-
-def patch_data_layer(monkeypatch, data: Data | None = None, extra_pad: bool = False):
-    """Stand-ins for the tokenizer/data modules (owned elsewhere) so these tests pin training only."""
-    from llamaft.train import recipe
-
-    tok = tokenizer(extra_pad)
-    rules = Rules(pad_id=tok.pad_token_id, added_tokens=["<|pad|>"] if extra_pad else [])
-    calls = []
-
-    def save_tok(t, r, out):
-        from transformers import GenerationConfig
-
-        t.save_pretrained(out)
-        GenerationConfig(eos_token_id=list(r.stop_ids), pad_token_id=r.pad_id).save_pretrained(out)
-
-    def build(data_cfg, t, r, splits=None):
-        calls.append("build_datasets")
-        return data or dataset()
-
-    monkeypatch.setattr(recipe, "load_tokenizer", lambda m, d: (tok, rules))
-    monkeypatch.setattr(recipe, "build_datasets", build)
-    monkeypatch.setattr(recipe, "split_conversations", lambda data_cfg: None)
-    monkeypatch.setattr(recipe, "save_tokenizer", save_tok)
-    return tok, rules, calls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,8 +115,6 @@ def patch_data_layer(monkeypatch, data: Data | None = None, extra_pad: bool = Fa
 def cli_project(root: Path, **train) -> Path:
     """A base model dir, 24 q/a rows and a run config under root; returns the config path.
     `train` entries override the config's train section (run dir: root/run)."""
-    import json
-
     import yaml
 
     from inference_helpers import save_model_dir, tiny_model, tiny_rules, tiny_tokenizer
@@ -234,8 +218,6 @@ class Snapshot(_callback_base()):
 
 def strict_json(text: str):
     """json.loads that refuses NaN / Infinity (which Python's json would accept)."""
-    import json
-
     def refuse(name):
         raise ValueError(f"not valid JSON: {name}")
 

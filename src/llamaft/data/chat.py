@@ -192,7 +192,7 @@ def prompt_ids(messages: list[dict], tokenizer, rules, tools: dict | None = None
 
 def render_trained(example: Example, tokenizer):
     """The decoded example with special tokens visible; trained (loss) spans in bold green."""
-    from rich.text import Text
+    from rich.text import Text  # display only (`llamaft data`): encoding never needs rich
 
     out = Text()
     start = 0

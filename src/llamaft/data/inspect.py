@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import json
 
+from rich import box
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
 from ..paths import check_output_file, clean_stale, publish_file, remove, tmp_file, write_errors
+from . import chat  # chat.render_trained looked up at call time, like pipeline's chat.encode (tests swap both)
 from .chat import IGNORE_INDEX
 from .pipeline import NO_TRAINED, TOO_LONG, Datasets, build_datasets, split_conversations
 
@@ -26,8 +32,6 @@ def inspect_data(cfg, load_tokenizer, show: int = 3, dump: str | None = None, co
     `load_tokenizer(model_cfg, data_cfg) -> (tokenizer, rules)` comes from the caller (the model layer's
     loader for the CLI): data never imports the layer above it, and it is called only after the rows
     were read and checked."""
-    from rich.console import Console
-
     console = console or Console()
     if dump:
         dump = str(check_output_file(dump, "--dump", example="train.jsonl"))
@@ -45,10 +49,6 @@ def inspect_data(cfg, load_tokenizer, show: int = 3, dump: str | None = None, co
 
 
 def _print_examples(ds: Datasets, tokenizer, show: int, console) -> None:
-    from rich.panel import Panel
-
-    from .chat import render_trained
-
     files = ", ".join(f"{path} ({fmt})" for path, fmt in ds.stats["formats"].items())
     console.print(f"[bold]data:[/bold] {files}")
     if show <= 0:
@@ -59,7 +59,7 @@ def _print_examples(ds: Datasets, tokenizer, show: int, console) -> None:
     for ex in ds.train[:show]:
         trained = sum(1 for label in ex.labels if label != IGNORE_INDEX)
         title = f"{ex.where} — {len(ex.input_ids)} tokens, {trained} trained"
-        console.print(Panel(render_trained(ex, tokenizer), title=title, title_align="left"))
+        console.print(Panel(chat.render_trained(ex, tokenizer), title=title, title_align="left"))
 
 
 def _splits(stats: dict, with_empty_test: bool) -> list[tuple[str, dict]]:
@@ -70,9 +70,6 @@ def _splits(stats: dict, with_empty_test: bool) -> list[tuple[str, dict]]:
 
 def stats_table(stats: dict):
     """A rich Table: one line per split with rows, kept examples, drops and token lengths."""
-    from rich import box
-    from rich.table import Table
-
     table = Table(title=f"tokens per example (max_seq_length={stats['max_seq_length']}, truncation={stats['truncation']})",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     rows = _splits(stats, with_empty_test=False)

@@ -1,8 +1,8 @@
-"""Padding-free packing: pure functions over token lists.
+"""Padding-free packing: a micro-batch's examples -> ONE row `[1, T]` with no pad token at all.
 
-Two jobs:
-  * bins: which examples share a packed row (`pack_in_order`, `pack_first_fit_decreasing`);
-  * `flatten` / `PackedCollator`: several examples -> ONE row `[1, T]` with no pad token at all.
+`flatten` is a pure function over token lists; `PackedCollator` is the Trainer's data_collator the
+fast path picks (model/fast: `make_collator`). The examples sharing a row are the micro-batch the
+Trainer's sampler draws (its size set by the fast-path plan): no bin packing.
 
 A packed row carries, besides `input_ids` / `labels`:
   * `position_ids` restarting at 0 for every example (RoPE sees each example as if alone);
@@ -24,39 +24,6 @@ from typing import Sequence
 import torch
 
 from .chat import IGNORE_INDEX
-
-
-def pack_in_order(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Greedy in order: start a new bin when the next example does not fit. Keeps data order
-    (so a run's example order, and its loss curve, is the same as without packing)."""
-    bins: list[list[int]] = []
-    used = max_tokens + 1
-    for i, n in enumerate(lengths):
-        if used + n > max_tokens:
-            bins.append([])
-            used = 0
-        bins[-1].append(i)
-        used += n  # an example longer than max_tokens gets a bin of its own (never split)
-    return bins
-
-
-def pack_first_fit_decreasing(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """First-fit decreasing: longest first, each into the first bin with room. Fewer, fuller bins
-    (typically > 95% full) at the cost of reordering; ties keep the original order (stable)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = lengths[i]
-        for b, r in enumerate(room):
-            if n <= r:
-                bins[b].append(i)
-                room[b] -= n
-                break
-        else:
-            bins.append([i])
-            room.append(max_tokens - n)
-    return bins
 
 
 def flatten(examples: Sequence[dict]) -> dict:
@@ -99,10 +66,3 @@ class PackedCollator:
 
     def __call__(self, batch: list[dict]) -> dict:
         return flatten(batch)
-
-
-def real_tokens(batch: dict) -> int:
-    """Tokens that are not padding, for throughput accounting (packed rows have no padding)."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())

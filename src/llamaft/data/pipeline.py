@@ -1,11 +1,12 @@
 """Config -> token examples for every split: read, convert, split, encode, apply the length policy.
 
-    from llamaft.data.pipeline import build_datasets
-    ds = build_datasets(cfg.data, tokenizer, rules)
+    from llamaft.data.pipeline import build_datasets, split_conversations
+    splits = split_conversations(cfg.data)       # read + split once, before any tokenizer loads
+    ds = build_datasets(cfg.data, tokenizer, rules, splits=splits)
     ds.train                      # [Example(input_ids, labels, where)], in file order (the trainer's sampler shuffles)
     ds.validation["validation"]   # named sets, in config order
     ds.stats["train"]             # {"rows", "examples", "truncated", "dropped": {...}, "tokens": {...}, "trained_tokens"}
-    val, test = load_conversations(cfg.data)   # held-out rows as Conversations (generation eval)
+    splits.validation             # the held-out rows as Conversations (generation metrics reuse them)
 
 Order of work and why:
 1. Rows are read and converted (format detected once per file) before any tokenizer runs, so bad
@@ -17,6 +18,10 @@ Order of work and why:
 4. Length policy: `drop` removes examples longer than max_seq_length (a cut-off answer without its
    end-of-turn token would teach the model to never stop); `truncate` cuts them. An example left with
    no trained token (all labels -100) is dropped too, never trained silently. Every drop is counted.
+
+Files are read and split once per process: training keeps the `Splits` it read before loading the
+tokenizer and hands its validation conversations to generation metrics; `llamaft eval` reads a
+`--data` file with `read_file` and scores its loss on `encode_examples` (the same policy as training).
 """
 
 from __future__ import annotations
@@ -26,12 +31,23 @@ import random
 from dataclasses import dataclass, field
 
 from ..errors import DataError
+from . import chat  # chat.encode is looked up at call time: tests swap it for a 1-id-per-character stand-in
 from .chat import IGNORE_INDEX
 from .formats import Conversation, detect_format, to_conversation
 from .sources import read_records, validation_sets
 
 TOO_LONG = "too_long"
 NO_TRAINED = "no_trained_tokens"
+
+
+@dataclass
+class Splits:
+    """Every split's rows as Conversations, read and split once, before any tokenizer runs."""
+
+    train: list[Conversation]
+    validation: dict[str, list[Conversation]]  # named sets, in config order
+    test: list[Conversation]
+    formats: dict[str, str]  # file -> the format its rows were read as
 
 
 @dataclass
@@ -42,63 +58,66 @@ class Datasets:
     stats: dict = field(default_factory=dict)
 
 
-def build_datasets(data_cfg, tokenizer, rules, *, splits=None) -> Datasets:
+def build_datasets(data_cfg, tokenizer, rules, *, splits: Splits | None = None) -> Datasets:
     """Every split as token examples, plus statistics (see the module docstring for the rules).
 
     `splits`: the result of `split_conversations(data_cfg)` when the caller already has it — read
     the data before loading a tokenizer or model, so bad rows fail in a second, not after a load.
     """
-    train_rows, val_sets, test_rows, formats = splits or split_conversations(data_cfg)
+    splits = splits or split_conversations(data_cfg)
     named = validation_sets(data_cfg.validation)
-    stats: dict = {"formats": formats, "max_seq_length": data_cfg.max_seq_length, "truncation": data_cfg.truncation}
-    train, stats["train"] = _encode_split(train_rows, tokenizer, rules, data_cfg)
+    stats: dict = {"formats": splits.formats, "max_seq_length": data_cfg.max_seq_length, "truncation": data_cfg.truncation}
+    train, stats["train"] = encode_examples(splits.train, tokenizer, rules, data_cfg)
     _require_some(train, stats["train"], data_cfg, "data.train", ", ".join(data_cfg.train))
     validation, stats["validation"] = {}, {}
-    for name, rows in val_sets.items():
-        validation[name], stats["validation"][name] = _encode_split(rows, tokenizer, rules, data_cfg)
+    for name, rows in splits.validation.items():
+        validation[name], stats["validation"][name] = encode_examples(rows, tokenizer, rules, data_cfg)
         where = named.get(name, "validation split of data.train")
         _require_some(validation[name], stats["validation"][name], data_cfg, f"validation set '{name}'", where)
-    test, stats["test"] = _encode_split(test_rows, tokenizer, rules, data_cfg)
+    test, stats["test"] = encode_examples(splits.test, tokenizer, rules, data_cfg)
     if data_cfg.test:
         _require_some(test, stats["test"], data_cfg, "data.test", data_cfg.test)
     return Datasets(train, validation, test, stats)
 
 
-def split_conversations(data_cfg) -> tuple[list[Conversation], dict[str, list[Conversation]], list[Conversation], dict[str, str]]:
-    """(train, named validation sets, test, {file: format}) as Conversations, before any tokenizer runs.
+def split_conversations(data_cfg) -> Splits:
+    """Read every file and split the rows, before any tokenizer runs.
 
-    Generation-based eval uses this too, so it evaluates exactly the rows `build_datasets` holds out.
+    Generation-based eval reuses the result, so it evaluates exactly the rows `build_datasets` holds out.
     """
     formats: dict[str, str] = {}
-    train_rows = _load_files(data_cfg.train, data_cfg, formats)
+    train_rows = _read_files(data_cfg.train, data_cfg, formats)
     named = validation_sets(data_cfg.validation)
     val_ratio = 0.0 if named else data_cfg.val_ratio
     test_ratio = 0.0 if data_cfg.test else data_cfg.test_ratio
     train_rows, val_rows, test_rows = split_rows(train_rows, val_ratio, test_ratio, data_cfg.split_seed,
                                                  where=f"data.train ({', '.join(map(str, data_cfg.train))})")
-    val_sets = {name: _load_files([path], data_cfg, formats) for name, path in named.items()}
+    val_sets = {name: _read_files([path], data_cfg, formats) for name, path in named.items()}
     if val_rows:
         val_sets["validation"] = val_rows
     if data_cfg.test:
-        test_rows = _load_files([data_cfg.test], data_cfg, formats)
-    return train_rows, val_sets, test_rows, formats
+        test_rows = _read_files([data_cfg.test], data_cfg, formats)
+    return Splits(train_rows, val_sets, test_rows, formats)
 
 
-def load_conversations(data_cfg) -> tuple[dict[str, list[Conversation]], list[Conversation]]:
-    """(validation sets, test rows) as Conversations: the held-out part of `split_conversations`."""
-    _, val_sets, test_rows, _ = split_conversations(data_cfg)
-    return val_sets, test_rows
+def read_file(path: str, data_cfg, *, require_assistant: bool | None = None) -> tuple[list[Conversation], str]:
+    """One file's rows as Conversations, read with the run's columns, format and system prompt;
+    returns (conversations, format). The format is detected per file (files may differ).
+    require_assistant: default, only when the loss is on completions (data.train_on)."""
+    records = read_records(path)
+    fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(records, data_cfg.columns)
+    if require_assistant is None:
+        require_assistant = data_cfg.train_on == "completion"
+    convs = [to_conversation(r, fmt, data_cfg.columns, data_cfg.system_prompt, require_assistant=require_assistant)
+             for r in records]
+    return convs, fmt
 
 
-def _load_files(paths: list[str], data_cfg, formats: dict[str, str]) -> list[Conversation]:
-    """Read and convert files; the format is detected once per file (files may differ)."""
+def _read_files(paths: list[str], data_cfg, formats: dict[str, str]) -> list[Conversation]:
     convs = []
-    require_assistant = data_cfg.train_on == "completion"
     for path in paths:
-        records = read_records(path)
-        fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(records, data_cfg.columns)
-        formats[str(path)] = fmt
-        convs += [to_conversation(r, fmt, data_cfg.columns, data_cfg.system_prompt, require_assistant=require_assistant) for r in records]
+        rows, formats[str(path)] = read_file(path, data_cfg)
+        convs += rows
     return convs
 
 
@@ -125,9 +144,8 @@ def _share(n: int, ratio: float) -> int:
     return 0 if ratio <= 0 or n == 0 else max(1, round(n * ratio))
 
 
-def _encode_split(convs: list[Conversation], tokenizer, rules, data_cfg) -> tuple[list, dict]:
-    from . import chat  # lazy: chat.py loads the template machinery; looked up at call time so tests can patch it
-
+def encode_examples(convs: list[Conversation], tokenizer, rules, data_cfg) -> tuple[list, dict]:
+    """Encode conversations and apply the length policy: (kept examples, stats of what was cut or dropped)."""
     max_len = data_cfg.max_seq_length
     kept, truncated = [], 0
     dropped = {TOO_LONG: 0, NO_TRAINED: 0}

@@ -180,7 +180,7 @@ def _unclosed_quote(text: str, delimiter: str) -> int | None:
 
 
 def _read_parquet(p: Path) -> list[Record]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy; only for .parquet files
 
     try:
         rows = pq.read_table(p).to_pylist()
@@ -192,7 +192,7 @@ def _read_parquet(p: Path) -> list[Record]:
 def _read_saved_dataset(p: Path) -> list[Record]:
     if not any((p / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
         raise DataError(str(p), f"a directory, but not one written by datasets.save_to_disk (expected {SUPPORTED})")
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict, load_from_disk  # heavy (seconds); only for save_to_disk directories
 
     try:
         ds = load_from_disk(str(p))

@@ -1,4 +1,7 @@
-"""Generation-based evaluation of one set of conversations: prompt -> generate -> score.
+"""Generation scoring (eval's library side, below train): prompt -> generate -> score one set.
+
+Training's evaluation callback (train/callbacks.py) and `llamaft eval` (eval/evaluate.py) both call
+`generation_metrics`; nothing here knows about the Trainer or the command line.
 
     metrics, rows = generation_metrics(model, tokenizer, rules, conversations, cfg.eval.generation["qa"], cfg.eval)
     metrics["exact_match"], metrics["stops_on_eos"], metrics["prompts_truncated"]
@@ -20,8 +23,11 @@ from __future__ import annotations
 import random
 from typing import Callable
 
+from ..config import GenerationEvalConfig
+from ..data.chat import prompt_ids, tool_kwargs
 from ..errors import LlamaftError
-from .metrics import compute_metrics, generation_stats
+from ..model.generate import GenParams, generate_batch
+from .metrics import check_metrics, compute_metrics, generation_stats
 
 SAMPLE_SEED = 0
 
@@ -54,16 +60,7 @@ def truncate_left(ids: list[int], max_tokens: int, bos_id: int | None) -> tuple[
     return list(ids[len(ids) - max_tokens:]), True
 
 
-def _prompt_ids(messages: list[dict], tokenizer, rules, tools: dict | None = None) -> list[int]:
-    """The generation prompt from the one module that knows templates (looked up at call time)."""
-    from ..model.generate import chat_prompt_ids  # uses llamaft.data.chat.prompt_ids once it exists
-
-    return chat_prompt_ids(messages, tokenizer, rules, tools)
-
-
 def _generate(model, tokenizer, rules, prompts: list[list[int]], gen_cfg) -> list:
-    from ..model.generate import GenParams, generate_batch
-
     params = GenParams(temperature=gen_cfg.temperature, max_new_tokens=gen_cfg.max_new_tokens)
     return generate_batch(model, tokenizer, rules, prompts, params, batch_size=gen_cfg.batch_size)
 
@@ -81,13 +78,11 @@ def build_prompts(conversations: list, tokenizer, rules, max_prompt_tokens: int)
     """One dict per conversation: where, prompt (messages), reference, ids, prompt_tokens, prompt_truncated."""
     out = []
     bos = getattr(tokenizer, "bos_token_id", None)
-    from ..data.chat import tool_kwargs
-
     for i, conv in enumerate(conversations):
         messages, where = _messages_of(conv, i)
         prompt, reference = split_conversation(messages, where)
-        # tool definitions render into the prompt exactly as they did for training
-        ids = list(_prompt_ids(prompt, tokenizer, rules, tool_kwargs(conv)))
+        # rendered by the one module that knows templates; tool definitions exactly as in training
+        ids = list(prompt_ids(prompt, tokenizer, rules, tool_kwargs(conv)))
         cut, truncated = truncate_left(ids, max_prompt_tokens, bos)
         out.append({"where": where, "prompt": prompt, "reference": reference, "ids": cut,
                     "prompt_tokens": len(ids), "prompt_truncated": truncated})
@@ -126,13 +121,11 @@ def generation_metrics(model, tokenizer, rules, conversations: list, gen_cfg, ev
 
 
 # ---------------------------------------------------------------------------------------------
-# Which generation settings apply to a set, and the conversations of every split
+# Which generation settings apply to a set
 
 
 def gen_config_for(eval_cfg, set_name: str, default: bool = False):
     """The set's GenerationEvalConfig: its own entry, else '*', else None (or defaults when `default`)."""
-    from ..config import GenerationEvalConfig
-
     gen = eval_cfg.generation
     if set_name in gen:
         return gen[set_name]
@@ -141,8 +134,20 @@ def gen_config_for(eval_cfg, set_name: str, default: bool = False):
     return GenerationEvalConfig() if default else None
 
 
-def load_conversations(data_cfg) -> tuple[dict[str, list], list]:
-    """(validation sets, test rows) as Conversations, held out exactly as `build_datasets` holds them out."""
-    from ..data.pipeline import load_conversations as held_out
-
-    return held_out(data_cfg)
+def check_generation_sets(eval_cfg, set_names: list[str]) -> dict:
+    """{set: GenerationEvalConfig} for the sets that get generation metrics; bad names are user errors."""
+    for name in eval_cfg.generation:
+        if name != "*" and name not in set_names:
+            raise LlamaftError(f"eval.generation.{name}: no validation set named '{name}' "
+                               f"(sets: {', '.join(set_names) or 'none'}; use '*' for all)")
+    plan = {}
+    for name in set_names:
+        gen = gen_config_for(eval_cfg, name)
+        if gen is not None:
+            try:
+                check_metrics(gen.metrics, gen.labels)
+            except LlamaftError as err:
+                key = name if name in eval_cfg.generation else "*"
+                raise LlamaftError(f"eval.generation.{key}.metrics: {err}") from None
+            plan[name] = gen
+    return plan

@@ -29,6 +29,7 @@ Definitions (so anyone can recompute them from predictions.jsonl):
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import os
@@ -121,8 +122,6 @@ def classify(predictions: list[str], references: list[str], labels: list[str] | 
 def _require(module: str, package: str, metric: str):
     """Import a metric's library, or one clear line naming the package (it is a llamaft dependency,
     but an environment can lack it, e.g. a GPU image with --no-deps installs)."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -160,8 +159,6 @@ def load_user_metric(spec: str) -> Callable:
     """Import `module:function`; the current directory is searched too (the `llamaft` script omits it)."""
     module_name, _, func_name = spec.partition(":")
     if not module_name or not func_name:
-        import difflib
-
         close = difflib.get_close_matches(spec, BUILTIN, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise LlamaftError(f"eval metric '{spec}': {hint}expected one of {', '.join(BUILTIN)} or module:function")

@@ -1,5 +1,7 @@
 """RUN/report.md + RUN/plots/*.png: one page that says what training did, instead of logs.
 
+eval's command side (with evaluate.py): it reads files a run left behind and calls nothing of train.
+
     write_report("runs/demo")      # -> runs/demo/report.md
 
 Reads what the run directory already holds (any of it may be missing; the page says so):
@@ -8,8 +10,7 @@ Reads what the run directory already holds (any of it may be missing; the page s
 - eval/eval.json  `llamaft eval` results: base vs fine-tuned on the same rows -> bars + table
 - eval/predictions*.jsonl   a few rows where the two models answer differently
 
-Plots use matplotlib's object API (no pyplot global state, no GUI backend), so report writing is
-safe inside a training process or a server.
+Plots come from eval/plots.py (matplotlib's object API: safe inside a training process or a server).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import json
 import math
 from pathlib import Path
 
-# Counts and settings: shown in tables, never plotted as if they were scores.
-NOT_SCORES = {"samples", "prompts_truncated", "loss_rows_truncated"}
+from ..paths import write_text_atomic
+from .evaluate import differing_rows
+from .plots import LOWER_IS_BETTER, NOT_SCORES, before_after_bars, line_panels, plot_losses
+
 TIMING = {"runtime_s", "runtime", "samples_per_second", "steps_per_second"}  # the trainer's eval timings: left out
-LOWER_IS_BETTER = {"loss", "perplexity"}
-PERCENT_SCALE = {"bleu", "chrf"}  # sacrebleu's 0..100; shown /100 next to the 0..1 metrics in bar plots
 EXAMPLES = 5
 
 
@@ -40,13 +41,11 @@ def write_report(run_dir) -> Path:
     md += _overview(summary, ev)
     if ev and ev.get("base"):
         md += _before_after(ev, plots)
-    md += _training(series, plots)
+    md += _training(rows, series, plots)
     md += _eval_sets(series, plots)
     md += _examples(run / "eval")
     md += _notes(ev, series)
-    path = run / "report.md"
-    path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    return path
+    return write_text_atomic(run / "report.md", "\n".join(md) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +153,7 @@ def _headlines(ev: dict | None) -> list[str]:
 
 def _before_after(ev: dict, plots: Path) -> list[str]:
     md = ["## Before vs after (same rows, base model vs fine-tuned)", ""]
-    if _bars(ev, plots / "before_after.png"):
+    if before_after_bars(ev, plots / "before_after.png"):
         md += ["![before vs after](plots/before_after.png)", ""]
     md += ["| set | metric | base | fine-tuned | change |", "|---|---|---:|---:|---:|"]
     for name, tuned in ev["tuned"].items():
@@ -164,12 +163,13 @@ def _before_after(ev: dict, plots: Path) -> list[str]:
     return md + [""]
 
 
-def _training(series: dict, plots: Path) -> list[str]:
+def _training(rows: list[dict], series: dict, plots: Path) -> list[str]:
     md = ["## Training", ""]
     losses = {k: v for k, v in series.items() if k == "train/loss" or (k.startswith("eval/") and k.endswith("/loss"))}
     if not losses:
         return md + ["No losses in metrics.jsonl (training did not log any).", ""]
-    _lines(plots / "loss.png", [("loss", losses)], title="loss over steps")
+    set_names = [k.split("/")[1] for k in losses if k.startswith("eval/")]
+    plot_losses(rows, set_names, plots / "loss.png", title="loss over steps")  # the same plot as RUN/loss.png
     md += ["![loss](plots/loss.png)", "", "| series | first | last | change |", "|---|---:|---:|---:|"]
     for key, pts in losses.items():
         md.append(f"| {key} (steps {pts[0][0]}→{pts[-1][0]}) | {_fmt(pts[0][1])} | {_fmt(pts[-1][1])} | {_change('loss', pts[0][1], pts[-1][1])} |")
@@ -185,7 +185,7 @@ def _eval_sets(series: dict, plots: Path) -> list[str]:
         shown = [m for m in metrics if m not in NOT_SCORES]
         panels = [(m, {f"eval/{name}/{m}": series[f"eval/{name}/{m}"]}) for m in shown]
         fname = f"eval_{_safe(name)}.png"
-        _lines(plots / fname, panels, title=f"validation set '{name}'")
+        line_panels(plots / fname, panels, title=f"validation set '{name}'")
         md += [f"### {name}", "", f"![{name}](plots/{fname})", "", "| metric | first eval | last eval | change |", "|---|---:|---:|---:|"]
         for m in metrics:
             pts = series[f"eval/{name}/{m}"]
@@ -201,8 +201,6 @@ def _examples(eval_dir: Path) -> list[str]:
     base = _read_jsonl(eval_dir / "predictions_base.jsonl")
     md = ["## Examples", ""]
     if base and len(base) == len(tuned):
-        from .evaluate import differing_rows
-
         pairs = differing_rows(tuned, base)[:EXAMPLES]
         md += [f"Rows where the base and the fine-tuned model answer differently ({len(pairs)} shown, "
                f"of {sum(t['prediction'] != b['prediction'] for t, b in zip(tuned, base))} of {len(tuned)}).", "",
@@ -247,67 +245,3 @@ def _cell(text, limit: int = 160) -> str:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots
-
-
-def _figure(n_panels: int, width_per: float = 4.2, height: float = 3.2):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cols = min(n_panels, 3)
-    rows = math.ceil(n_panels / cols)
-    fig = Figure(figsize=(width_per * cols, height * rows), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
-    return fig, axes
-
-
-def _lines(path: Path, panels: list[tuple[str, dict]], title: str) -> None:
-    """One panel per (ylabel, {series name: [(step, value)]}); a lone point is drawn as a marker."""
-    fig, axes = _figure(len(panels), width_per=6.0 if len(panels) == 1 else 4.2)
-    for ax, (label, curves) in zip(axes, panels):
-        for name, pts in curves.items():
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=name)
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if len(curves) > 1:
-            ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def _bars(ev: dict, path: Path) -> bool:
-    """Grouped bars base vs fine-tuned per set, for the 0..1 scores (bleu/chrf shown /100)."""
-    sets = []
-    for name, tuned in ev["tuned"].items():
-        base = ev["base"].get(name, {})
-        keys = [k for k, v in tuned.items() if k not in NOT_SCORES | LOWER_IS_BETTER | {"mean_new_tokens"}
-                and isinstance(v, (int, float)) and isinstance(base.get(k), (int, float))]
-        if keys:
-            sets.append((name, keys, base, tuned))
-    if not sets:
-        return False
-    fig, axes = _figure(len(sets), width_per=max(4.5, 1.2 * max(len(k) for _, k, _, _ in sets)), height=3.6)
-    for ax, (name, keys, base, tuned) in zip(axes, sets):
-        scale = [100.0 if k in PERCENT_SCALE else 1.0 for k in keys]
-        xs = list(range(len(keys)))
-        b = [base[k] / s for k, s in zip(keys, scale)]
-        t = [tuned[k] / s for k, s in zip(keys, scale)]
-        ax.bar([x - 0.2 for x in xs], b, width=0.4, label="base", color="#bbbbbb")
-        ax.bar([x + 0.2 for x in xs], t, width=0.4, label="fine-tuned", color="#2a9d8f")
-        for x, v in zip(xs, t):
-            ax.annotate(f"{v:.2f}", (x + 0.2, v), ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(xs, [k + ("/100" if s != 1 else "") for k, s in zip(keys, scale)], rotation=20, fontsize=8)
-        ax.set_ylim(0, max(1.0, max(b + t) * 1.1))
-        ax.set_title(name)
-        ax.legend(fontsize=7)
-    fig.suptitle("before vs after")
-    fig.tight_layout()
-    fig.savefig(path)
-    return True

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 ADVICE = (
@@ -73,8 +74,6 @@ def _grad_norm(model) -> torch.Tensor | None:
 def _any_process(bad: bool, device) -> bool:
     """True when any process saw a non-finite value: all take the same decision (one process that
     stopped alone would leave the others waiting in the next all-reduce)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return bad
     flag = torch.tensor(float(bad), device=device)

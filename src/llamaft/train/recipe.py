@@ -1,11 +1,14 @@
-"""The one training path (LoRA, QLoRA, full) on the HF Trainer, top to bottom.
+"""The one training path (LoRA, QLoRA, full) on the HF Trainer, top to bottom: setup → train → save.
 
     llamaft train configs/demo.yaml train.max_steps=20        # CLI
     run_dir = train(load_config("configs/demo.yaml"))          # Python
 
-setup (hardware, run-dir checks) → tokenizer + data → eval names + model checks on the meta device →
-run dir created (nothing is written before every check passed) → base model
-→ adapters → fast path / collator → Trainer → train (or resume) → final eval → save → summary + plot.
+setup          hardware and run-dir checks → rows read and split → tokenizer → token examples → eval
+               names and model checks on the meta device → run dir created (nothing is written
+               before every check passed)
+build_trainer  base model → adapters → fast path / collator → Trainer with its callbacks
+fit            train (or resume); a NaN/Inf stop or an interrupt writes summary.json, then raises
+save           final evaluation → adapter/ or model/ with the tokenizer → summary.json + loss.png
 """
 
 from __future__ import annotations
@@ -13,78 +16,107 @@ from __future__ import annotations
 import json
 import logging
 import time
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import set_seed
+from transformers.trainer_callback import ProgressCallback
 
 from ..config import save_config
+from ..data.pipeline import Datasets, Splits, build_datasets, split_conversations
 from ..errors import LlamaftError, TrainingDiverged
+from ..eval.generation import check_generation_sets
+from ..eval.plots import plot_losses
 from ..model.adapters import apply_adapters, count_parameters, save_trained
+from ..model.fast import restore_parked
 from ..model.finite import first_nonfinite_param
 from ..model.load import load_base, quantization_config, resolve_precision
-from ..paths import check_output_dir
-from .callbacks import MetricsJsonlCallback, json_safe, read_metrics, truncate_metrics
+from ..model.preflight import check_model
+from ..model.tokenizer import load_tokenizer, save_tokenizer
+from ..paths import check_output_dir, write_text_atomic
+from .callbacks import MetricsJsonlCallback, attach_eval_callback, json_safe, read_metrics, truncate_metrics
 from .checkpoint import AtomicCheckpointTrainer, clean_incomplete, latest_complete, resolve_resume
-from .plots import plot_losses
 from .setup import ListDataset, check_optimizer, gradient_checkpointing, pick_collator_and_plan, training_arguments
 
 log = logging.getLogger(__name__)
 
 
-# The data/tokenizer layers are imported late: they are separate modules with their own owners, and
-# tests swap them for tiny stand-ins.
-def load_tokenizer(model_cfg, data_cfg):
-    from ..model.tokenizer import load_tokenizer as _load
+@dataclass
+class Run:
+    """What setup() established; every later step reads it."""
 
-    return _load(model_cfg, data_cfg)
+    cfg: Any  # RunConfig
+    dir: Path
+    resume_from: Path | None  # the checkpoint to continue from (None: a fresh run)
+    splits: Splits  # the rows, read and split once (generation metrics reuse the validation ones)
+    data: Datasets  # the same rows as token examples
+    tokenizer: Any
+    rules: Any  # model.tokenizer.TokenRules
+    started: float  # time.time() when setup began
 
+    @property
+    def out(self) -> Path:
+        """adapter/ (PEFT) or model/ (full weights), each with tokenizer + generation_config."""
+        return self.dir / ("model" if self.cfg.model.method == "full" else "adapter")
 
-def save_tokenizer(tokenizer, rules, out_dir) -> None:
-    from ..model.tokenizer import save_tokenizer as _save
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
 
-    _save(tokenizer, rules, out_dir)
-
-
-def split_conversations(data_cfg):
-    from ..data.pipeline import split_conversations as _split
-
-    return _split(data_cfg)
-
-
-def build_datasets(data_cfg, tokenizer, rules, splits=None):
-    from ..data.pipeline import build_datasets as _build
-
-    return _build(data_cfg, tokenizer, rules, splits=splits)
-
-
-def prepare_run_dir(cfg) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint to resume from); refuses to mix a fresh run into an old one.
-    Creates nothing: train() makes the directory only once every check has passed."""
-    run_dir = check_output_dir(cfg.train.output_dir, "train.output_dir")  # a file, under a file, read-only: one line
-    ckpt_dir = run_dir / "checkpoints"
-    clean_incomplete(ckpt_dir)
-    resume_from = resolve_resume(cfg.train.resume, ckpt_dir)
-    # A run stopped or interrupted before its first checkpoint left only a summary: start it afresh.
-    summary = read_summary(run_dir)
-    ended = summary is not None and summary.get("status", "completed") == "completed"
-    if resume_from is None and (ended or any(ckpt_dir.glob("checkpoint-*"))):
-        raise LlamaftError(
-            f"train.output_dir={run_dir} already holds a run; set train.resume=true to continue it "
-            "or choose another train.output_dir"
-        )
-    return run_dir, resume_from
+    @property
+    def set_names(self) -> list[str]:
+        """The validation sets evaluated, in config order."""
+        return [n for n, exs in self.data.validation.items() if exs]
 
 
-def check_before_model(cfg, tokenizer, rules, data) -> None:
-    """The checks left that need no weights: eval.generation set and metric names against the
-    validation sets; the model's source, vocabulary and lora.target_modules on the meta device."""
-    from ..eval.callback import check_generation_sets
-    from ..model.preflight import check_model
+@dataclass
+class Outcome:
+    """How a run ended: what summary.json reports beyond the trainer's own state."""
 
-    check_generation_sets(cfg.eval, list(data.validation))
-    check_model(cfg.model, cfg.lora, tokenizer, rules)
+    status: str  # "completed" | "stopped_nonfinite" | "interrupted" | "failed" (the machine: e.g. a full disk)
+    result: Any = None  # HF TrainOutput (None when interrupted)
+    final_eval: dict = field(default_factory=dict)  # set -> {"loss", "perplexity", generation metrics}
+    stopped: dict | None = None  # stopped_nonfinite / failed: step, reason (+ last finite loss, last good checkpoint)
+
+
+def train(cfg, *, callbacks: list | None = None, training_args: dict | None = None) -> Path:
+    """Fine-tune as `cfg` says; returns the run directory (see docs/ARCHITECTURE.md for its layout).
+
+    callbacks / training_args: extra HF callbacks and TrainingArguments fields (tests, advanced use).
+    Raises TrainingDiverged (after writing summary.json) when a loss or gradient was not finite.
+    """
+    run = setup(cfg)
+    trainer, plan, eval_cb = build_trainer(run, callbacks, training_args)
+    if _already_finished(run, trainer):
+        return run.dir
+    _start_outputs(run)
+    result = fit(run, trainer, plan)
+    save(run, trainer, plan, result, eval_cb)
+    print(f"run saved to {run.dir}")
+    return run.dir
+
+
+# ---------------------------------------------------------------------------------------------
+# setup: cheap checks first, so config / hardware / data errors never wait for a model load
+
+
+def setup(cfg) -> Run:
+    """Every check that needs no weights, then the run directory (only now: a bad input never
+    leaves an empty run directory behind)."""
+    started = time.time()
+    check_hardware(cfg)
+    run_dir, resume_from = prepare_run_dir(cfg)
+    splits = split_conversations(cfg.data)  # bad rows fail here, in seconds, before any tokenizer/model load
+    tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
+    data = build_datasets(cfg.data, tokenizer, rules, splits=splits)
+    if not data.train:
+        raise LlamaftError("data.train: no training examples left after filtering; check data.max_seq_length")
+    check_generation_sets(cfg.eval, list(data.validation))  # eval.generation names and metrics
+    check_model(cfg.model, cfg.lora, tokenizer, rules)  # source, vocabulary, lora.target_modules on the meta device
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Run(cfg, run_dir, resume_from, splits, data, tokenizer, rules, started)
 
 
 def check_hardware(cfg) -> None:
@@ -93,6 +125,70 @@ def check_hardware(cfg) -> None:
         quantization_config(cfg.quantization, cfg.model.method)
     check_optimizer(cfg.train)
     resolve_precision(cfg.train, cfg.model)
+
+
+def prepare_run_dir(cfg) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint to resume from); refuses to mix a fresh run into an old one.
+    Creates nothing: setup() makes the directory only once every check has passed."""
+    run_dir = check_output_dir(cfg.train.output_dir, "train.output_dir")  # a file, under a file, read-only: one line
+    ckpt_dir = run_dir / "checkpoints"
+    clean_incomplete(ckpt_dir)
+    resume_from = resolve_resume(cfg.train.resume, ckpt_dir)
+    # A run stopped or interrupted before its first checkpoint left only a summary: start it afresh.
+    if resume_from is None and (_completed(run_dir) or any(ckpt_dir.glob("checkpoint-*"))):
+        raise LlamaftError(
+            f"train.output_dir={run_dir} already holds a run; set train.resume=true to continue it "
+            "or choose another train.output_dir"
+        )
+    return run_dir, resume_from
+
+
+def _completed(run_dir: Path) -> bool:
+    """Did a run here end with status completed? (Summaries from before `status` existed were only
+    written by completed runs.)"""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return summary.get("status", "completed") == "completed"
+
+
+# ---------------------------------------------------------------------------------------------
+# the model and the Trainer
+
+
+def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
+    """(trainer, fast-path plan, eval callback or None): the model with adapters and fast path, the
+    Trainer over the examples, metrics.jsonl / TensorBoard / per-set eval metrics attached."""
+    cfg = run.cfg
+    dtype, bf16, fp16 = resolve_precision(cfg.train, cfg.model)
+    # Seed before the adapters are initialised (the Trainer seeds only later): same config, same
+    # LoRA init, so reruns and resumed runs start from identical weights.
+    set_seed(cfg.train.seed)
+    model = build_model(cfg, run.tokenizer, run.rules, dtype)
+    train_set = ListDataset(run.data.train)
+    model, collator, plan = pick_collator_and_plan(cfg, model, run.rules.pad_id, train_set.lengths())
+    for reason in getattr(plan, "reasons", []):
+        print(f"fast path: {reason}")
+    eval_sets = {n: ListDataset(run.data.validation[n]) for n in run.set_names}
+    args = training_arguments(
+        cfg, run.dir / "checkpoints", bf16=bf16, fp16=fp16, has_eval=bool(eval_sets),
+        grad_ckpt=gradient_checkpointing(cfg.train, plan), extra=training_args, plan=plan,
+    )
+    trainer = AtomicCheckpointTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_sets or None,
+        data_collator=collator,
+        callbacks=[MetricsJsonlCallback(run.metrics_path, run.set_names), *_tensorboard(run.dir, cfg.train.report_to),
+                   *(callbacks or [])],
+        on_nonfinite=cfg.train.on_nonfinite,
+        max_nonfinite_skips=cfg.train.max_nonfinite_skips,
+    )
+    # Perplexity + generation metrics per validation set at every evaluation, on the rows read in setup.
+    eval_cb = attach_eval_callback(trainer, cfg, run.tokenizer, run.rules, run.splits.validation) if eval_sets else None
+    return trainer, plan, eval_cb
 
 
 def build_model(cfg, tokenizer, rules, dtype):
@@ -108,6 +204,8 @@ def build_model(cfg, tokenizer, rules, dtype):
 def _tensorboard(run_dir: Path, report_to: list[str]) -> list:
     if "tensorboard" not in report_to:
         return []
+    # Late: transformers.integrations probes every logging integration on import (seconds), and
+    # tensorboard itself is optional.
     from transformers.integrations import TensorBoardCallback
 
     cb = TensorBoardCallback()
@@ -117,92 +215,52 @@ def _tensorboard(run_dir: Path, report_to: list[str]) -> list:
     return [cb]
 
 
-def train(cfg, *, callbacks: list | None = None, training_args: dict | None = None) -> Path:
-    """Fine-tune as `cfg` says; returns the run directory (see docs/ARCHITECTURE.md for its layout).
+# ---------------------------------------------------------------------------------------------
+# train
 
-    callbacks / training_args: extra HF callbacks and TrainingArguments fields (tests, advanced use).
-    Raises TrainingDiverged (after writing summary.json) when a loss or gradient was not finite.
-    """
-    started = time.time()
-    # -- setup: cheap checks first, so config/hardware/data errors never wait for a model load
-    check_hardware(cfg)
-    run_dir, resume_from = prepare_run_dir(cfg)
-    splits = split_conversations(cfg.data)  # bad rows fail here, in seconds, before any tokenizer/model load
-    tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
-    data = build_datasets(cfg.data, tokenizer, rules, splits=splits)
-    if not data.train:
-        raise LlamaftError("data.train: no training examples left after filtering; check data.max_seq_length")
-    check_before_model(cfg, tokenizer, rules, data)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad input never leaves an empty run directory
 
-    # -- model
-    dtype, bf16, fp16 = resolve_precision(cfg.train, cfg.model)
-    # Seed before the adapters are initialised (the Trainer seeds only later): same config, same
-    # LoRA init, so reruns and resumed runs start from identical weights.
-    set_seed(cfg.train.seed)
-    model = build_model(cfg, tokenizer, rules, dtype)
-    train_set = ListDataset(data.train)
-    model, collator, plan = pick_collator_and_plan(cfg, model, rules.pad_id, train_set.lengths())
-    for reason in getattr(plan, "reasons", []):
-        print(f"fast path: {reason}")
+def _already_finished(run: Run, trainer) -> bool:
+    """A resumed run at the end of its schedule: True when its outputs exist (change nothing)."""
+    if run.resume_from is None or trainer.steps_left(run.resume_from) > 0:
+        return False
+    if _completed(run.dir) and run.out.is_dir() and any(run.out.glob("*.safetensors")):
+        # HF would train one more step and every output would be rewritten: change nothing.
+        print(f"nothing to do: {run.dir} already finished its schedule at {run.resume_from.name}; "
+              "raise train.max_steps or train.epochs to train further")
+        return True
+    print(f"{run.resume_from.name} is the end of the schedule: writing the run's final outputs from it")
+    return False
 
-    # -- Trainer
-    set_names = [n for n, exs in data.validation.items() if exs]
-    eval_sets = {n: ListDataset(data.validation[n]) for n in set_names}
-    args = training_arguments(
-        cfg, run_dir / "checkpoints", bf16=bf16, fp16=fp16, has_eval=bool(eval_sets),
-        grad_ckpt=gradient_checkpointing(cfg.train, plan), extra=training_args, plan=plan,
-    )
-    metrics_path = run_dir / "metrics.jsonl"
-    trainer = AtomicCheckpointTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_sets or None,
-        data_collator=collator,
-        callbacks=[MetricsJsonlCallback(metrics_path, set_names), *_tensorboard(run_dir, cfg.train.report_to), *(callbacks or [])],
-        on_nonfinite=cfg.train.on_nonfinite,
-        max_nonfinite_skips=cfg.train.max_nonfinite_skips,
-    )
-    if resume_from is not None and trainer.steps_left(resume_from) <= 0:
-        out = run_dir / ("model" if cfg.model.method == "full" else "adapter")
-        if run_finished(run_dir, out):
-            # HF would train one more step and every output would be rewritten: change nothing.
-            print(f"nothing to do: {run_dir} already finished its schedule at {resume_from.name}; "
-                  "raise train.max_steps or train.epochs to train further")
-            return run_dir
-        print(f"{resume_from.name} is the end of the schedule: writing the run's final outputs from it")
 
-    # Only now is the run directory written to: a run that is already complete stays untouched.
-    save_config(cfg, run_dir / "config.yaml")
-    if resume_from is not None:
-        truncate_metrics(metrics_path, _step_of(resume_from))
-        print(f"resuming from {resume_from}")
+def _start_outputs(run: Run) -> None:
+    """Only now is the run directory written to: a run that is already complete stays untouched."""
+    save_config(run.cfg, run.dir / "config.yaml")
+    if run.resume_from is not None:
+        truncate_metrics(run.metrics_path, _step_of(run.resume_from))
+        print(f"resuming from {run.resume_from}")
     else:
-        metrics_path.unlink(missing_ok=True)
+        run.metrics_path.unlink(missing_ok=True)
 
-    # Generation metrics per validation set (eval.generation) at every evaluation, logged with the loss.
-    from ..eval.callback import attach_eval_callback
 
-    eval_cb = attach_eval_callback(trainer, cfg, tokenizer, rules) if eval_sets else None
-    finish = partial(_finish, run_dir, cfg, trainer, data, plan, set_names, started=started, resume_from=resume_from)
-
-    # -- train (HF restores optimizer, scheduler, RNG and data position from the checkpoint)
+def fit(run: Run, trainer, plan):
+    """trainer.train (a resume restores optimizer, scheduler, RNG and data position from the
+    checkpoint); returns HF's TrainOutput. An interrupt or a non-finite stop writes summary.json,
+    then raises (KeyboardInterrupt / TrainingDiverged)."""
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     except KeyboardInterrupt:
         # Checkpoints are atomic, so whatever is in checkpoints/ is safe to continue from.
         _close_progress_bar(trainer)
         try:
-            finish(status="interrupted")
+            finish(run, trainer, plan, Outcome("interrupted"))
         except Exception as err:  # never let bookkeeping hide the interrupt
             log.warning("could not write summary.json for the interrupted run: %s", err)
-        print(f"\ninterrupted; continue with: llamaft train {run_dir / 'config.yaml'} train.resume=true")
+        print(f"\ninterrupted; continue with: llamaft train {run.dir / 'config.yaml'} train.resume=true")
         raise
     except LlamaftError as err:  # the machine failed the run (e.g. a checkpoint on a full disk)
         _close_progress_bar(trainer)
         try:
-            finish(status="failed", stopped={"step": trainer.state.global_step, "reason": str(err)})
+            finish(run, trainer, plan, Outcome("failed", stopped={"step": trainer.state.global_step, "reason": str(err)}))
         except Exception as summary_err:  # the same full disk may refuse the summary too
             log.warning("could not write summary.json for the failed run: %s", summary_err)
         raise
@@ -210,74 +268,43 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     if guard.stopped is None and (bad := first_nonfinite_param(trainer.model, trainable_only=True)):
         guard.stop(trainer.state.global_step, f"weight {bad} is not finite")  # no final adapter/model from NaN
     if guard.stopped is not None:
-        last_good = latest_complete(run_dir / "checkpoints")
-        finish(status="stopped_nonfinite", result=result, stopped=guard.stopped.as_dict(last_good))
+        last_good = latest_complete(run.dir / "checkpoints")
+        finish(run, trainer, plan, Outcome("stopped_nonfinite", result, stopped=guard.stopped.as_dict(last_good)))
         raise TrainingDiverged(guard.stopped.message(last_good))
-    from ..model.fast import restore_parked
-
-    restore_parked(model)  # fast.cpu_lm_head: the head back on the GPU for the final eval and saving
-
-    # -- final evaluation of every named set, logged at the last step like the periodic ones
-    final_eval = {}
-    if eval_sets:
-        metrics = _last_step_eval(trainer, set_names) or trainer.evaluate()
-        final_eval = {n: {"loss": metrics.get(f"eval_{n}_loss")} for n in set_names}
-        for n in set_names:  # + perplexity and generation metrics of that final evaluation
-            final_eval[n].update({k.rsplit("/", 1)[-1]: v for k, v in eval_cb.last.get(n, {}).items()})
-
-    # -- save: adapter/ (PEFT) or model/ (full weights), each with tokenizer + generation_config
-    out = run_dir / ("model" if cfg.model.method == "full" else "adapter")
-    save_trained(trainer.model, out)
-    save_tokenizer(tokenizer, rules, out)
-
-    finish(status="completed", result=result, final_eval=final_eval)
-    print(f"run saved to {run_dir}")
-    return run_dir
+    return result
 
 
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[-1])
+# ---------------------------------------------------------------------------------------------
+# save
 
 
-def read_summary(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def run_finished(run_dir: Path, out: Path) -> bool:
-    """Did this run write its final outputs? (Summaries from before `status` existed were only
-    written by completed runs.)"""
-    summary = read_summary(run_dir)
-    done = summary is not None and summary.get("status", "completed") == "completed"
-    return done and out.is_dir() and any(out.glob("*.safetensors"))
+def save(run: Run, trainer, plan, result, eval_cb) -> None:
+    """Final evaluation, the trained weights with the tokenizer, then summary.json + loss.png."""
+    restore_parked(trainer.model)  # fast.cpu_lm_head: the head back on the GPU for the final eval and saving
+    final_eval = final_evaluation(run, trainer, eval_cb)
+    save_trained(trainer.model, run.out)
+    save_tokenizer(run.tokenizer, run.rules, run.out)
+    finish(run, trainer, plan, Outcome("completed", result, final_eval))
 
 
 def _close_progress_bar(trainer) -> None:
     """End HF's progress bar line (it closes only on a normal end), so that the one-line error or the
     interrupt note starts on a line of its own instead of after the bar's last carriage return."""
-    from transformers.trainer_callback import ProgressCallback
-
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, ProgressCallback) and getattr(cb, "training_bar", None) is not None:
             cb.training_bar.close()
             cb.training_bar = None
 
 
-def _finish(run_dir, cfg, trainer, data, plan, set_names, *, started, resume_from, status,
-            result=None, final_eval=None, stopped=None) -> None:
-    """summary.json + loss.png for every way a run ends (completed, stopped, interrupted)."""
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    plot_losses(rows, set_names, run_dir / "loss.png", title=f"{cfg.model.name} ({cfg.model.method})")
-    summary = _summary(cfg, trainer, result, rows, final_eval or {}, data, resume_from, time.time() - started, plan)
-    summary = {"status": status, **({"stopped": stopped} if stopped else {}), **summary}
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False), encoding="utf-8")
-    tmp.replace(run_dir / "summary.json")
-    for cb in trainer.callback_handler.callbacks:
-        if getattr(cb, "tb_writer", None) is not None:
-            cb.tb_writer.close()  # flush the final evaluation's events
+def final_evaluation(run: Run, trainer, eval_cb) -> dict:
+    """{set: {"loss", + perplexity and generation metrics}} of every named set at the last step."""
+    if eval_cb is None:
+        return {}
+    metrics = _last_step_eval(trainer, run.set_names) or trainer.evaluate()
+    final = {n: {"loss": metrics.get(f"eval_{n}_loss")} for n in run.set_names}
+    for n in run.set_names:
+        final[n].update({k.rsplit("/", 1)[-1]: v for k, v in eval_cb.last.get(n, {}).items()})
+    return final
 
 
 def _last_step_eval(trainer, set_names) -> dict | None:
@@ -291,25 +318,44 @@ def _last_step_eval(trainer, set_names) -> dict | None:
     return found if all(f"eval_{n}_loss" in found for n in set_names) else None
 
 
-def _summary(cfg, trainer, result, rows, final_eval, data, resume_from, runtime, plan) -> dict:
+def finish(run: Run, trainer, plan, outcome: Outcome) -> None:
+    """summary.json + loss.png for every way a run ends (completed, stopped, interrupted)."""
+    rows = read_metrics(run.metrics_path)
+    plot_losses(rows, run.set_names, run.dir / "loss.png", title=f"{run.cfg.model.name} ({run.cfg.model.method})")
+    summary = run_summary(run, trainer, plan, outcome, rows)
+    write_text_atomic(run.dir / "summary.json", json.dumps(json_safe(summary), indent=2, allow_nan=False))
+    for cb in trainer.callback_handler.callbacks:
+        if getattr(cb, "tb_writer", None) is not None:
+            cb.tb_writer.close()  # flush the final evaluation's events
+
+
+def run_summary(run: Run, trainer, plan, outcome: Outcome, rows: list[dict]) -> dict:
+    """summary.json's content: how the run ended, then its facts (see docs/ARCHITECTURE.md)."""
+    cfg, state = run.cfg, trainer.state
     train_losses = [r["train/loss"] for r in rows if "train/loss" in r]
     trainable, total = count_parameters(trainer.model)
-    steps_run = trainer.state.global_step - (_step_of(resume_from) if resume_from else 0)
+    steps_run = state.global_step - (_step_of(run.resume_from) if run.resume_from else 0)
     return {
+        "status": outcome.status,
+        **({"stopped": outcome.stopped} if outcome.stopped else {}),
         "model": cfg.model.name,
         "method": cfg.model.method,
         "train_loss": train_losses[-1] if train_losses else None,  # the last logged value (null: not finite)
         # mean over this process's steps (HF's train_loss); null when none ran or one was not finite
-        "train_loss_mean": result.training_loss if result is not None and steps_run > 0 else None,
+        "train_loss_mean": outcome.result.training_loss if outcome.result is not None and steps_run > 0 else None,
         "nonfinite_skipped_steps": list(trainer.nonfinite_guard.skipped),
-        "eval": final_eval,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "runtime_s": round(runtime, 2),
+        "eval": outcome.final_eval,
+        "steps": state.global_step,
+        "epochs": state.epoch,
+        "runtime_s": round(time.time() - run.started, 2),
         "trainable_params": trainable,
         "total_params": total,
         "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
-        "resumed_from": str(resume_from) if resume_from else None,
+        "resumed_from": str(run.resume_from) if run.resume_from else None,
         "fast_path": list(getattr(plan, "reasons", [])),
-        "data": data.stats,
+        "data": run.data.stats,
     }
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
