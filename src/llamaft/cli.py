@@ -98,7 +98,7 @@ def _cmd_chat(a: argparse.Namespace) -> None:
     elif a.path.endswith(".gguf"):
         from .chat.gguf_backend import chat_loop_gguf
 
-        chat_loop_gguf(a.path, system=a.system, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens)
+        chat_loop_gguf(a.path, system=a.system, **sampling)
     else:
         from .chat.terminal import chat_loop
 
