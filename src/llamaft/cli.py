@@ -90,7 +90,8 @@ def _cmd_chat(a: argparse.Namespace) -> None:
     sampling = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens,
                     repetition_penalty=a.repetition_penalty)
     if a.ui:
-        from .chat.ui import launch_ui, resolve_auth
+        from .chat.ui import launch_ui
+        from .chat.ui_auth import resolve_auth
         from .model.generate import GenParams
 
         auth = resolve_auth(a.auth, a.auth_file)  # --auth, else --auth-file, else $LLAMAFT_UI_AUTH
