@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LlamaftError
-from ..paths import check_output_file, clean_stale, publish_file, remove, tmp_file, write_errors
+from ..paths import check_output_file, clean_stale, publish_file, remove, tmp_file, write_errors, write_text_atomic
 from .gguf_check import check_gguf  # noqa: F401 - `export` calls export_gguf then check_gguf
 from .gguf_vocab import add_vocab, read_vocab
 
@@ -322,7 +322,7 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", ollama: bool = False,
 
     outtype: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 (pure Python), or
     q4_k_m, q5_k_m, q6_k, ... (needs `llama-quantize` on PATH or llama-cpp-python).
-    ollama: also write `Modelfile` beside the GGUF (template + stop tokens).
+    ollama: also write `Modelfile` beside the GGUF (template + stop tokens; modelfile_text).
     name: general.name in the file (default: the model directory's name).
     The GGUF (and Modelfile) appear only when complete; a failed write (full disk, read-only, ...)
     leaves no partial file and an existing output untouched.
@@ -344,8 +344,8 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", ollama: bool = False,
             else:
                 _write(model_dir, cfg, tmp16, "f16", name, vocab)
                 quantize(tmp16, tmp)
-            if ollama:
-                write_modelfile(out, vocab, dest=tmp_mf)
+            if ollama:  # staged like the GGUF, and published right after it
+                tmp_mf.write_text(modelfile_text(out.name, vocab), encoding="utf-8")
         publish_file(tmp, out)
         if ollama:
             publish_file(tmp_mf, modelfile)
@@ -372,11 +372,11 @@ _OLLAMA_CHATML = (
 )
 
 
-def write_modelfile(gguf_path: Path, vocab, dest: Path | None = None) -> Path:
-    """Ollama Modelfile beside the GGUF: FROM, TEMPLATE (Llama 3 / ChatML) and every stop token.
-    dest: where to write it (default: `Modelfile` beside the GGUF)."""
+def modelfile_text(gguf_name: str, vocab) -> str:
+    """An Ollama Modelfile for the GGUF `gguf_name` beside it: FROM, TEMPLATE (Llama 3 / ChatML) and
+    every stop token."""
     tpl = vocab.chat_template or ""
-    lines = [f"FROM ./{gguf_path.name}", ""]
+    lines = [f"FROM ./{gguf_name}", ""]
     if "<|start_header_id|>" in tpl:
         body = _OLLAMA_LLAMA31 if "Cutting Knowledge Date" in tpl else _OLLAMA_LLAMA3
         lines.append(f'TEMPLATE """{body}"""')
@@ -386,6 +386,9 @@ def write_modelfile(gguf_path: Path, vocab, dest: Path | None = None) -> Path:
         lines.append("# no TEMPLATE: Ollama derives one from the GGUF's chat template")
     for i in sorted(set(vocab.stop_ids) | {v for k, v in vocab.special.items() if k in ("eos", "eot", "eom")}):
         lines.append(f'PARAMETER stop "{vocab.tokens[i]}"')
-    path = dest or gguf_path.with_name("Modelfile")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(gguf_path: Path, vocab) -> Path:
+    """`Modelfile` beside the GGUF (modelfile_text), written atomically; returns its path."""
+    return write_text_atomic(gguf_path.with_name("Modelfile"), modelfile_text(gguf_path.name, vocab))
