@@ -1,7 +1,7 @@
 """The one training path (LoRA, QLoRA, full) on the HF Trainer, top to bottom.
 
-    llamaft train configs/demo.yaml train.max_steps=20        # CLI
-    run_dir = train(load_config("configs/demo.yaml"))          # Python
+    llamaft train configs/llama-3.1-8b-lora.yaml train.max_steps=20        # CLI
+    run_dir = train(load_config("configs/llama-3.1-8b-lora.yaml"))          # Python
 
 setup (hardware, run-dir checks) → tokenizer + data → eval names + model checks on the meta device →
 run dir created (nothing is written before every check passed) → base model
