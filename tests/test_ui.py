@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from browser.ui_assets import letters_only_run
-from llamaft.chat import ui
+from llamaft.chat import ui, ui_auth, ui_state
 from llamaft.model.generate import GenParams, stream_chat
 from llamaft.chat.ui_backends import Backend, Models, resolve_models
 from llamaft.chat.ui_summary import run_summary_markdown
@@ -45,36 +45,36 @@ def _fake_models(seen: list) -> Models:
 
 def test_submit_streams_with_system_prompt_and_history():
     seen = []
-    m, state = _fake_models(seen), ui.new_state()
+    m, state = _fake_models(seen), ui_state.new_state()
     # Streaming: the UI sees the reply grow piece by piece (the state is updated in place), then a status.
-    steps = [(s["tuned"][-1]["content"], status) for s, status in ui.submit(m, state, "hi", "Be terse.", False, GREEDY)]
+    steps = [(s["tuned"][-1]["content"], status) for s, status in ui_state.submit(m, state, "hi", "Be terse.", False, GREEDY)]
     assert [text for text, _ in steps] == ["", "tuned-1", "tuned-1 ", "tuned-1 tuned-2", "tuned-1 tuned-2"]
     assert steps[-1][1].startswith("done in") and steps[0][1] == "generating (tuned) …"
     assert state["tuned"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "tuned-1 tuned-2"}]
     assert seen[0][1] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
     assert seen[0][2] is GREEDY
-    list(ui.submit(m, state, "again", "", False, GREEDY))  # blank system prompt: no system message
+    list(ui_state.submit(m, state, "again", "", False, GREEDY))  # blank system prompt: no system message
     assert [x["role"] for x in seen[1][1]] == ["user", "assistant", "user"]
     assert state["base"] == []  # side-by-side off: the base is not asked
 
 
 def test_side_by_side_joins_mid_conversation_and_regenerates_both():
     seen = []
-    m, state = _fake_models(seen), ui.new_state()
-    list(ui.submit(m, state, "one", "", False, GREEDY))
-    list(ui.submit(m, state, "two", "", True, GREEDY))
+    m, state = _fake_models(seen), ui_state.new_state()
+    list(ui_state.submit(m, state, "one", "", False, GREEDY))
+    list(ui_state.submit(m, state, "two", "", True, GREEDY))
     assert [n for n, _, _ in seen] == ["tuned", "tuned", "base"]  # sequential: tuned, then base
     # The base got the conversation so far (with the tuned model's first reply) plus the new prompt.
     assert seen[2][1] == [{"role": "user", "content": "one"}, {"role": "assistant", "content": "tuned-1 tuned-2"},
                           {"role": "user", "content": "two"}]
     assert state["base"][-1] == {"role": "assistant", "content": "base-1 base-2"}
-    assert state["base"][1]["context"] and "kept as context" in ui.view(state["base"])[1]["content"]
-    list(ui.regenerate(m, state, "", True, GREEDY))
+    assert state["base"][1]["context"] and "kept as context" in ui_state.view(state["base"])[1]["content"]
+    list(ui_state.regenerate(m, state, "", True, GREEDY))
     assert len(state["tuned"]) == len(state["base"]) == 4  # last replies replaced, not appended
     assert seen[-1][1][-1] == {"role": "user", "content": "two"} and seen[-2][1][-1] == {"role": "user", "content": "two"}
-    state = ui.new_state()
-    assert list(ui.regenerate(m, state, "", True, GREEDY))[-1][1] == "nothing to regenerate yet"
-    assert list(ui.submit(m, state, "   ", "", True, GREEDY))[-1][1] == "type a message first"
+    state = ui_state.new_state()
+    assert list(ui_state.regenerate(m, state, "", True, GREEDY))[-1][1] == "nothing to regenerate yet"
+    assert list(ui_state.submit(m, state, "   ", "", True, GREEDY))[-1][1] == "type a message first"
 
 
 def test_stop_ends_the_reply_closes_the_generation_and_skips_the_base():
@@ -93,12 +93,12 @@ def test_stop_ends_the_reply_closes_the_generation_and_skips_the_base():
 
     base_asked = []
     m = Models(Backend("tuned", stream), "base", "note", lambda: base_asked.append(1) or Backend("base", stream))
-    state = ui.new_state()
-    steps = list(ui.submit(m, state, "hi", "", True, GREEDY, stop))
+    state = ui_state.new_state()
+    steps = list(ui_state.submit(m, state, "hi", "", True, GREEDY, stop))
     assert state["tuned"][-1]["content"] == "p0 p1 " and closed == [True]
     assert steps[-1][1].startswith("stopped after") and not base_asked
     assert state["base"] == []  # the unanswered prompt is dropped; the next side-by-side turn re-syncs it
-    stops = ui.Stops()
+    stops = ui_state.Stops()
     assert not stops.stop("s1")  # nothing running in that session
     seen = []
     for _ in stops.running("s1", lambda flag: (seen.append(flag), (yield 1))):
@@ -109,8 +109,8 @@ def test_stop_ends_the_reply_closes_the_generation_and_skips_the_base():
 
 def test_view_marks_streaming_and_empty_replies():
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]
-    assert ui.view(msgs, pending=True)[-1]["content"] == ui.CURSOR
-    assert ui.view(msgs)[-1]["content"] == ui.EMPTY
+    assert ui_state.view(msgs, pending=True)[-1]["content"] == ui_state.CURSOR
+    assert ui_state.view(msgs)[-1]["content"] == ui_state.EMPTY
     assert msgs[-1]["content"] == ""  # the history itself is never decorated
 
 
@@ -121,8 +121,8 @@ def test_run_dir_models_real_replies_and_adapter_off_base(run, models):
 
     assert models.default_system == "Answer briefly."  # the run's data.system_prompt
     assert models.run_dir == run and models.base_available
-    state = ui.new_state()
-    list(ui.submit(models, state, "Hello", "Answer briefly.", True, GREEDY))
+    state = ui_state.new_state()
+    list(ui_state.submit(models, state, "Hello", "Answer briefly.", True, GREEDY))
     msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello"}]
     tuned = "".join(stream_chat(*load_for_inference(run), msgs, GREEDY))
     base = "".join(stream_chat(*load_for_inference(run, adapter=False), msgs, GREEDY))
@@ -162,8 +162,8 @@ def test_gguf_goes_through_the_gguf_backend(tmp_path, monkeypatch):
     f.write_bytes(b"GGUF")
     m = resolve_models(f)
     assert calls == [str(f)] and not m.base_available and "--base PATH" in m.base_note
-    state = ui.new_state()
-    list(ui.submit(m, state, "hey", "", False, GREEDY))
+    state = ui_state.new_state()
+    list(ui_state.submit(m, state, "hey", "", False, GREEDY))
     assert state["tuned"][-1]["content"] == "HANDLE:hey"
     with pytest.raises(LlamaftError, match="no such file"):
         resolve_models(tmp_path / "missing.gguf")
@@ -181,14 +181,14 @@ def test_run_summary_markdown(run, tmp_path):
 
 
 def test_auth_and_exposure_rules():
-    assert ui.parse_auth("me:p:w") == ("me", "p:w")
+    assert ui_auth.parse_auth("me:p:w") == ("me", "p:w")
     for bad in ("nopass", ":x", "x:"):
         with pytest.raises(LlamaftError) as e:
-            ui.parse_auth(bad)
+            ui_auth.parse_auth(bad)
         assert bad not in str(e.value)  # the message never echoes the value (it holds the password)
-    assert ui.exposure_warning("127.0.0.1", None) is None
-    assert ui.exposure_warning("0.0.0.0", ("u", "p")) is None
-    assert "without --auth" in ui.exposure_warning("0.0.0.0", None)
+    assert ui_auth.exposure_warning("127.0.0.1", None) is None
+    assert ui_auth.exposure_warning("0.0.0.0", ("u", "p")) is None
+    assert "without --auth" in ui_auth.exposure_warning("0.0.0.0", None)
 
 
 PASSWORD = "Sup3r-S3cret:pw"  # with a ':' (allowed in the password)
@@ -197,23 +197,23 @@ PASSWORD = "Sup3r-S3cret:pw"  # with a ':' (allowed in the password)
 def test_auth_sources_and_warnings(tmp_path):
     """--auth (warned: visible in `ps`) > --auth-file (warned when others can read it) > LLAMAFT_UI_AUTH."""
     warned = []
-    assert ui.resolve_auth(env={}, warn=warned.append) is None
-    assert ui.resolve_auth(env={"LLAMAFT_UI_AUTH": f"alice:{PASSWORD}"}, warn=warned.append) == ("alice", PASSWORD)
+    assert ui_auth.resolve_auth(env={}, warn=warned.append) is None
+    assert ui_auth.resolve_auth(env={"LLAMAFT_UI_AUTH": f"alice:{PASSWORD}"}, warn=warned.append) == ("alice", PASSWORD)
     f = tmp_path / "auth"
     f.write_text(f"\nalice:{PASSWORD}\n")
     f.chmod(0o600)
-    assert ui.resolve_auth(auth_file=str(f), env={"LLAMAFT_UI_AUTH": "env:x"}, warn=warned.append) == ("alice", PASSWORD)
+    assert ui_auth.resolve_auth(auth_file=str(f), env={"LLAMAFT_UI_AUTH": "env:x"}, warn=warned.append) == ("alice", PASSWORD)
     assert warned == []  # env and an owner-only file: nothing to warn about
-    assert ui.resolve_auth(f"bob:{PASSWORD}", env={"LLAMAFT_UI_AUTH": "env:x"}, warn=warned.append) == ("bob", PASSWORD)
+    assert ui_auth.resolve_auth(f"bob:{PASSWORD}", env={"LLAMAFT_UI_AUTH": "env:x"}, warn=warned.append) == ("bob", PASSWORD)
     assert len(warned) == 1 and "process list" in warned[0] and "LLAMAFT_UI_AUTH" in warned[0] and "--auth-file" in warned[0]
     f.chmod(0o644)
-    assert ui.resolve_auth(auth_file=f, env={}, warn=warned.append) == ("alice", PASSWORD)
+    assert ui_auth.resolve_auth(auth_file=f, env={}, warn=warned.append) == ("alice", PASSWORD)
     assert warned[1] == f"warning: --auth-file {f} can be read by other users (mode 644); chmod 600 {f}"
     assert not any(PASSWORD in w or "Sup3r" in w for w in warned)
     with pytest.raises(LlamaftError, match="is a directory"):
-        ui.resolve_auth(auth_file=tmp_path, env={})
+        ui_auth.resolve_auth(auth_file=tmp_path, env={})
     with pytest.raises(LlamaftError, match="^LLAMAFT_UI_AUTH must look like user:password") as e:
-        ui.resolve_auth(env={"LLAMAFT_UI_AUTH": "Sup3r"})
+        ui_auth.resolve_auth(env={"LLAMAFT_UI_AUTH": "Sup3r"})
     assert "Sup3r" not in str(e.value)
 
 
@@ -226,7 +226,7 @@ def test_auth_file_errors_never_echo_the_password(tmp_path, content, expected):
     if content is not None:
         f.write_text(content)
     with pytest.raises(LlamaftError) as e:
-        ui.resolve_auth(auth="x:y" if expected == "not both" else None, auth_file=f, env={}, warn=lambda m: None)
+        ui_auth.resolve_auth(auth="x:y" if expected == "not both" else None, auth_file=f, env={}, warn=lambda m: None)
     assert expected in str(e.value) and "Sup3r" not in str(e.value)
 
 

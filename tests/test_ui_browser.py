@@ -33,7 +33,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from browser.ui_assets import letters_only_run  # noqa: E402
-from llamaft.chat import ui  # noqa: E402
+from llamaft.chat import ui, ui_state  # noqa: E402
 from llamaft.model.generate import GenParams, stream_chat  # noqa: E402
 
 PARAMS = GenParams(temperature=0, max_new_tokens=24)
@@ -92,7 +92,7 @@ def _act_and_wait(driver, action, tuned: int, base: int = 0, timeout: float = 90
         replies = _replies(d, "chat-tuned") + _replies(d, "chat-base")
         return (any(s.startswith("generating") for s in statuses) and _status(d).startswith("done")
                 and len(_replies(d, "chat-tuned")) == tuned and len(_replies(d, "chat-base")) == base
-                and not any(ui.CURSOR.strip() in r for r in replies))
+                and not any(ui_state.CURSOR.strip() in r for r in replies))
 
     action()
     WebDriverWait(driver, timeout, poll_frequency=0.2).until(ready)
@@ -147,7 +147,7 @@ def test_chat_in_headless_chromium(served, browser):
     history = [{"role": "user", "content": "Hello there"}]
     assert reply1 and reply1 == _expected(run, history, adapter=True)
     states = d.execute_script("return window.__states")
-    assert any(ui.CURSOR.strip() in s for s in states), "no partial (streaming) state was rendered"
+    assert any(ui_state.CURSOR.strip() in s for s in states), "no partial (streaming) state was rendered"
 
     # 2. regenerate replaces the reply (greedy: the same text), it does not add one
     _act_and_wait(d, d.find_element(By.ID, "regenerate").click, tuned=1)

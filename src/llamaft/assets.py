@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 from .errors import LlamaftError
+from .paths import clean_stale, publish_dir, tmp_dir, write_errors
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2"
 DEMO_MODEL_DIRNAME = "SmolLM2-135M-Instruct-hf"
@@ -57,8 +58,6 @@ def prepare_smollm2(console=None) -> Path:
     target = cache_dir() / DEMO_MODEL_DIRNAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,13 +75,14 @@ def prepare_smollm2(console=None) -> Path:
         del model.config.quantization_config
     model.config.pad_token_id = None  # llamaft picks a pad that is not EOS
     model.generation_config.pad_token_id = None
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # atomic: a crash never leaves a half-written cache
-    return target
+    # Staged beside the target and renamed into place: a crash never leaves a half-written cache,
+    # and the staging copy a killed conversion left behind is removed by the next one.
+    clean_stale(target)
+    tmp = tmp_dir(target)
+    with write_errors(target, cleanup=(tmp,)):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return publish_dir(tmp, target)
 
 
 def resolve_model_name(name: str, console=None) -> str:

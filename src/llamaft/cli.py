@@ -1,8 +1,8 @@
-"""The `llamaft` command: a table of command -> function.
+"""The `llamaft` command: a table of command -> (function, help, options).
 
     llamaft demo
     llamaft train configs/llama-3.1-8b-lora.yaml lora.r=32 train.learning_rate=2e-4
-    llamaft data configs/demo.yaml --dump examples.jsonl
+    llamaft data configs/llama-3.1-8b-lora.yaml --dump examples.jsonl
     llamaft eval runs/demo --compare-base
     llamaft merge runs/demo --out runs/demo/merged
     llamaft export runs/demo --format gguf --quant q8_0
@@ -13,6 +13,9 @@ validates its inputs before loading a model. Problems the user can fix are `Llam
 argparse usage errors): printed as one line, no traceback. Exit codes: 0 done, 2 bad input (config,
 data, paths, non-finite weights to merge/export), 3 training stopped because the loss or gradients
 were not finite (diverged), 130 interrupted.
+
+To add a command: a `_cmd_NAME(args)` function, a `_NAME_args(parser)` that declares its options,
+and one row in `commands()`.
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 from .errors import LlamaftError
 
 # Heavy imports (torch, transformers) happen inside the command functions, so `--help` is instant.
+
+# ---------------------------------------------------------------------------------------------
+# The commands: one function each, called with the parsed arguments
 
 
 def _load(a: argparse.Namespace):
@@ -79,31 +86,28 @@ def _cmd_export(a: argparse.Namespace) -> None:
 
 
 def _cmd_chat(a: argparse.Namespace) -> None:
+    """Web UI (--ui), llama.cpp for a .gguf file, else the terminal chat over transformers."""
+    sampling = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens,
+                    repetition_penalty=a.repetition_penalty)
     if a.ui:
-        from .chat.ui import launch_ui, resolve_auth
-
+        from .chat.ui import launch_ui
+        from .chat.ui_auth import resolve_auth
         from .model.generate import GenParams
 
-        params = GenParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                           max_new_tokens=a.max_new_tokens, repetition_penalty=a.repetition_penalty)
         auth = resolve_auth(a.auth, a.auth_file)  # --auth, else --auth-file, else $LLAMAFT_UI_AUTH
-        launch_ui(a.path, host=a.host, port=a.port, auth=auth, base=a.base, system=a.system, params=params)
-        return
-    if a.path.endswith(".gguf"):
+        launch_ui(a.path, host=a.host, port=a.port, auth=auth, base=a.base, system=a.system, params=GenParams(**sampling))
+    elif a.path.endswith(".gguf"):
         from .chat.gguf_backend import chat_loop_gguf
 
-        chat_loop_gguf(a.path, system=a.system, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens)
-        return
-    from .chat.terminal import chat_loop
+        chat_loop_gguf(a.path, system=a.system, **sampling)
+    else:
+        from .chat.terminal import chat_loop
 
-    chat_loop(a.path, system=a.system, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-              top_k=a.top_k, repetition_penalty=a.repetition_penalty)
+        chat_loop(a.path, system=a.system, **sampling)
 
 
-def _overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="run config YAML (see configs/)")
-    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
-                   help="dotted overrides, anywhere on the line, e.g. lora.r=32 train.learning_rate=2e-4 data.packing=on")
+# ---------------------------------------------------------------------------------------------
+# Each command's options
 
 
 def _count(text: str) -> int:
@@ -117,11 +121,133 @@ def _count(text: str) -> int:
     return n
 
 
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="dotted overrides, anywhere on the line, e.g. lora.r=32 train.learning_rate=2e-4 data.packing=on")
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    p.add_argument("--no-chat", action="store_true", help="skip the closing chat sample")
+    p.add_argument("--no-export", action="store_true", help="skip the GGUF export")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--show", type=_count, default=3, help="examples to render (default 3; 0 = none)")
+    p.add_argument("--dump", metavar="FILE.jsonl", help='write {"input_ids": [...], "labels": [...]} per training example, in trainer order')
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="run directory or merged model directory")
+    p.add_argument("--data", help="test file (default: the run's test split, else its validation sets)")
+    p.add_argument("--compare-base", action="store_true", help="also run the base model on the same rows, side by side")
+    p.add_argument("--out", help="where to write predictions (default: RUN/eval)")
+    p.add_argument("--max-samples", type=int, default=None, help="rows to generate for (default: all)")
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory written by `llamaft train`")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="run directory or model directory")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf")
+    p.add_argument("--out", help="output directory (hf) or .gguf file (gguf)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="hf: weights dtype")
+    p.add_argument("--max-shard-size", default="5GB", help="hf: shard size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--quant", default="f16", help="gguf: f16, bf16, q8_0, q4_0 (q4_k_m etc. need llama-quantize on PATH)")
+    p.add_argument("--ollama", action="store_true", help="gguf: write an Ollama Modelfile beside it")
+    p.add_argument("--no-check", action="store_true", help="gguf: skip the llama.cpp self-check")
+    p.add_argument("--push-to-hub", metavar="OWNER/NAME", help="upload the result to the Hugging Face Hub")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: private repository")
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="run directory, model directory or .gguf file")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--ui", action="store_true", help="web UI (Gradio) instead of the terminal")
+    p.add_argument("--host", default="127.0.0.1", help="--ui: bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="--ui: port")
+    p.add_argument("--auth-file", metavar="FILE", help="--ui: file with one user:pass line (chmod 600) required to open "
+                   "the page; or set LLAMAFT_UI_AUTH=user:pass")
+    p.add_argument("--auth", metavar="USER:PASS", help="--ui: like --auth-file, but the password shows in the process "
+                   "list (ps) to every user; prints a warning")
+    p.add_argument("--base", nargs="?", const=True, default=False, metavar="PATH",
+                   help="--ui: side-by-side with the base model (a run's own base by default; PATH for a merged or other model)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[argparse.Namespace], None]     # called with the parsed arguments
+    help: str                                     # one line in `llamaft --help`, the description in `llamaft CMD --help`
+    options: Callable[[argparse.ArgumentParser], None]  # declares the command's arguments
+    epilog: str | None = None
+
+
+TRAIN_EXIT_CODES = (
+    "exit codes: 0 trained (or the run was already complete: nothing to do); 2 bad config, data or "
+    "paths; 3 stopped because the loss or gradients were not finite (train.on_nonfinite), nothing "
+    "after the last good checkpoint saved; 130 interrupted (resume with train.resume=true)."
+)
+
+
+def commands() -> dict[str, Command]:
+    """Every command, in `--help` order. Built when called (not at import), so it always holds this
+    module's current functions (a test may replace one)."""
+    return {
+        "demo": Command(_cmd_demo, "Offline demo: LoRA-tune the embedded SmolLM2-135M-Instruct on a bundled task, "
+                        "evaluate before/after, merge, export and chat (a few minutes on CPU).", _demo_args),
+        "train": Command(_cmd_train, "Fine-tune from a YAML config (+ dotted key=value overrides).", _config_args,
+                         epilog=TRAIN_EXIT_CODES),
+        "data": Command(_cmd_data, "Show what will be trained: rendered examples with trained spans marked, "
+                        "token-length statistics, truncated/dropped rows; --dump writes the exact token ids and labels.",
+                        _data_args),
+        "eval": Command(_cmd_eval, "Evaluate a run (adapter or merged model): loss + generation metrics, predictions.jsonl.",
+                        _eval_args),
+        "merge": Command(_cmd_merge, "Merge a run's adapter into its base: one 16-bit safetensors model directory.",
+                         _merge_args),
+        "export": Command(_cmd_export, "Export a run or model: merged HF safetensors or GGUF (self-checked in llama.cpp).",
+                          _export_args),
+        "chat": Command(_cmd_chat, "Chat with a run, a model directory or a .gguf file (terminal, or --ui for a web app).",
+                        _chat_args),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and running
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's errors as one line (`llamaft CMD: error: ...`, exit 2), like every other llamaft error."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser(table: dict[str, Command] | None = None) -> argparse.ArgumentParser:
+    """The `llamaft` parser: one subcommand per row of the table (default: `commands()`)."""
+    parser = _Parser(prog="llamaft", description="Fine-tune Llama 3 / 3.1 models: LoRA, QLoRA, full.")
+    parser.add_argument("--version", action="version", version=f"llamaft {__import__('llamaft').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    for name, cmd in (table or commands()).items():
+        cmd.options(sub.add_parser(name, help=cmd.help, description=cmd.help, epilog=cmd.epilog))
+    return parser
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -147,95 +273,15 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
-TRAIN_EXIT_CODES = (
-    "exit codes: 0 trained (or the run was already complete: nothing to do); 2 bad config, data or "
-    "paths; 3 stopped because the loss or gradients were not finite (train.on_nonfinite), nothing "
-    "after the last good checkpoint saved; 130 interrupted (resume with train.resume=true)."
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="llamaft", description="Fine-tune Llama 3 / 3.1 models: LoRA, QLoRA, full.")
-    parser.add_argument("--version", action="version", version=f"llamaft {__import__('llamaft').__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
-    table: dict[str, Callable] = {}
-
-    def command(name: str, fn: Callable, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
-        table[name] = fn
-        p = sub.add_parser(name, help=help, description=help, epilog=epilog)
-        p.set_defaults(func=fn)
-        return p
-
-    p = command("demo", _cmd_demo, "Offline demo: LoRA-tune the embedded SmolLM2-135M-Instruct on a bundled task, "
-                "evaluate before/after, merge, export and chat (a few minutes on CPU).")
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
-    p.add_argument("--no-chat", action="store_true", help="skip the closing chat sample")
-    p.add_argument("--no-export", action="store_true", help="skip the GGUF export")
-
-    p = command("train", _cmd_train, "Fine-tune from a YAML config (+ dotted key=value overrides).", epilog=TRAIN_EXIT_CODES)
-    _overrides(p)
-
-    p = command("data", _cmd_data, "Show what will be trained: rendered examples with trained spans marked, "
-                "token-length statistics, truncated/dropped rows; --dump writes the exact token ids and labels.")
-    _overrides(p)
-    p.add_argument("--show", type=_count, default=3, help="examples to render (default 3; 0 = none)")
-    p.add_argument("--dump", metavar="FILE.jsonl", help='write {"input_ids": [...], "labels": [...]} per training example, in trainer order')
-
-    p = command("eval", _cmd_eval, "Evaluate a run (adapter or merged model): loss + generation metrics, predictions.jsonl.")
-    p.add_argument("path", help="run directory or merged model directory")
-    p.add_argument("--data", help="test file (default: the run's test split, else its validation sets)")
-    p.add_argument("--compare-base", action="store_true", help="also run the base model on the same rows, side by side")
-    p.add_argument("--out", help="where to write predictions (default: RUN/eval)")
-    p.add_argument("--max-samples", type=int, default=None, help="rows to generate for (default: all)")
-
-    p = command("merge", _cmd_merge, "Merge a run's adapter into its base: one 16-bit safetensors model directory.")
-    p.add_argument("run_dir", help="run directory written by `llamaft train`")
-    p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-
-    p = command("export", _cmd_export, "Export a run or model: merged HF safetensors or GGUF (self-checked in llama.cpp).")
-    p.add_argument("path", help="run directory or model directory")
-    p.add_argument("--format", choices=["hf", "gguf"], default="hf")
-    p.add_argument("--out", help="output directory (hf) or .gguf file (gguf)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="hf: weights dtype")
-    p.add_argument("--max-shard-size", default="5GB", help="hf: shard size")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--quant", default="f16", help="gguf: f16, bf16, q8_0, q4_0 (q4_k_m etc. need llama-quantize on PATH)")
-    p.add_argument("--ollama", action="store_true", help="gguf: write an Ollama Modelfile beside it")
-    p.add_argument("--no-check", action="store_true", help="gguf: skip the llama.cpp self-check")
-    p.add_argument("--push-to-hub", metavar="OWNER/NAME", help="upload the result to the Hugging Face Hub")
-    p.add_argument("--private", action="store_true", help="with --push-to-hub: private repository")
-
-    p = command("chat", _cmd_chat, "Chat with a run, a model directory or a .gguf file (terminal, or --ui for a web app).")
-    p.add_argument("path", help="run directory, model directory or .gguf file")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--ui", action="store_true", help="web UI (Gradio) instead of the terminal")
-    p.add_argument("--host", default="127.0.0.1", help="--ui: bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860, help="--ui: port")
-    p.add_argument("--auth-file", metavar="FILE", help="--ui: file with one user:pass line (chmod 600) required to open "
-                   "the page; or set LLAMAFT_UI_AUTH=user:pass")
-    p.add_argument("--auth", metavar="USER:PASS", help="--ui: like --auth-file, but the password shows in the process "
-                   "list (ps) to every user; prints a warning")
-    p.add_argument("--base", nargs="?", const=True, default=False, metavar="PATH",
-                   help="--ui: side-by-side with the base model (a run's own base by default; PATH for a merged or other model)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
+    table = commands()
     try:
-        args = _parse(build_parser(), argv)
+        args = _parse(build_parser(table), argv)
     except SystemExit as exit_:  # --help, --version (0) or a usage error (2, one line already printed)
         return exit_.code if isinstance(exit_.code, int) else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        args.func(args)
+        table[args.command].run(args)
     except LlamaftError as err:
         print(f"llamaft {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code

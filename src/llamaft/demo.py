@@ -18,6 +18,7 @@ from rich.console import Console
 
 from .assets import prepare_smollm2
 from .demo_data import QUESTION, write_demo_data
+from .paths import write_text_atomic
 
 DEMO_PROMPTS = ["Iceland", "Kenya", "Peru"]
 
@@ -118,16 +119,12 @@ def _write_before_after(run_dir: Path, results: dict) -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["before"] = results["base"]
     summary["after"] = results["tuned"]
-    tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))  # strict JSON, like train's
-    tmp.replace(summary_path)
+    write_text_atomic(summary_path, json.dumps(json_safe(summary), indent=2, allow_nan=False))  # strict JSON, like train's
 
 
-def _export_gguf(merged: Path, run_dir: Path, console: Console) -> Path | None:
-    try:
-        from .export.gguf import export_gguf
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return None
+def _export_gguf(merged: Path, run_dir: Path, console: Console) -> Path:
+    from .export.gguf import export_gguf
+
     path = export_gguf(merged, run_dir / "model-f16.gguf", outtype="f16")
     console.print(f"GGUF (f16): {path}")
     return path

@@ -76,15 +76,9 @@ def adapter_off_backend(label: str, loaded) -> Backend:
 def gguf_backend(path: Path) -> Backend:
     """llama.cpp through llamaft.chat.gguf_backend: load_gguf(path) -> handle and
     stream_chat_gguf(handle, messages, params) -> Iterator[str]."""
-    try:
-        from . import gguf_backend as gb
-    except ImportError as exc:
-        raise LlamaftError(f"{path}: chatting with a .gguf file needs llamaft.chat.gguf_backend ({exc})") from None
-    load, stream = getattr(gb, "load_gguf", None), getattr(gb, "stream_chat_gguf", None)
-    if load is None or stream is None:
-        raise LlamaftError(f"{path}: this llamaft's GGUF backend has no streaming chat (load_gguf / stream_chat_gguf); "
-                           "use the terminal chat, or the merged model directory with --ui")
-    handle = load(str(path))
+    from . import gguf_backend as gb
+
+    handle, stream = gb.load_gguf(str(path)), gb.stream_chat_gguf
     return Backend(f"{path.name} (llama.cpp)", lambda messages, params: stream(handle, messages, params))
 
 

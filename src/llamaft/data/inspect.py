@@ -3,7 +3,7 @@
     from llamaft.config import load_config
     from llamaft.data.inspect import inspect_data
     from llamaft.model.tokenizer import load_tokenizer
-    inspect_data(load_config("configs/demo.yaml"), load_tokenizer, show=2, dump="/tmp/train.jsonl")
+    inspect_data(load_config("configs/llama-3.1-8b-lora.yaml"), load_tokenizer, show=2, dump="/tmp/train.jsonl")
 
 Prints a few rendered training examples with the loss-bearing spans highlighted, a table of token
 lengths per split, and what was truncated or dropped (and where). `dump` writes one line per

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LlamaftError
-from ..paths import check_output_file, clean_stale, publish_file, remove, tmp_file, write_errors
+from ..paths import check_output_file, clean_stale, publish_file, remove, tmp_file, write_errors, write_text_atomic
 from .gguf_check import check_gguf  # noqa: F401 - `export` calls export_gguf then check_gguf
 from .gguf_vocab import add_vocab, read_vocab
 
@@ -156,31 +156,43 @@ def _nbytes(gguf, shape, qtype) -> int:
     return int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
 
 
-def _write(model_dir: Path, cfg: dict, dest: Path, outtype: str, name: str, vocab) -> None:
-    import gguf
-    import torch
-    from safetensors import safe_open
+class _Tensors:
+    """The model's safetensors, opened lazily: header shapes, and tensors as numpy (q/k rows permuted)."""
 
-    qname, ftype = PY_TYPES[outtype]
-    files = _weights(model_dir)
-    plan, tied, low_bit = _plan(cfg, list(files), qname)
-    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    handles: dict[Path, object] = {}
+    def __init__(self, files: dict[str, Path], cfg: dict):
+        self.files, self.handles = files, {}
+        self.n_head = cfg["num_attention_heads"]
+        self.n_kv = cfg.get("num_key_value_heads") or self.n_head
 
-    def load(hf_name: str) -> np.ndarray:
-        f = files[hf_name]
-        if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt")  # torch: numpy has no bfloat16
-        t = handles[f].get_tensor(hf_name)
+    def _handle(self, hf_name: str):
+        from safetensors import safe_open
+
+        f = self.files[hf_name]
+        if f not in self.handles:
+            self.handles[f] = safe_open(str(f), framework="pt")  # torch: numpy has no bfloat16
+        return self.handles[f]
+
+    def shape(self, hf_name: str) -> tuple:
+        return tuple(self._handle(hf_name).get_slice(hf_name).get_shape())
+
+    def load(self, hf_name: str) -> np.ndarray:
+        import torch
+
+        t = self._handle(hf_name).get_tensor(hf_name)
         t = t if t.dtype in (torch.float16, torch.float32) else t.to(torch.float32)
         w = t.numpy()
         if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = permute_qk(w, n_head)
+            w = permute_qk(w, self.n_head)
         elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = permute_qk(w, n_kv)
+            w = permute_qk(w, self.n_kv)
         return w
 
-    w = gguf.GGUFWriter(str(dest), "llama")
+
+def _add_metadata(w, cfg: dict, ftype: str, name: str, vocab) -> None:
+    """The llama.* keys (sizes, heads, rope, norm eps), the file type and the tokenizer."""
+    import gguf
+
+    n_head = cfg["num_attention_heads"]
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     w.add_vocab_size(cfg["vocab_size"])
@@ -189,11 +201,22 @@ def _write(model_dir: Path, cfg: dict, dest: Path, outtype: str, name: str, voca
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
+    w.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
     w.add_rope_dimension_count(_head_dim(cfg))
     if cfg.get("head_dim") and cfg["head_dim"] != cfg["hidden_size"] // n_head:
         w.add_key_length(cfg["head_dim"])
         w.add_value_length(cfg["head_dim"])
+    _add_rope(w, cfg)
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
+    w.add_file_type(gguf.LlamaFileType[ftype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_vocab(w, vocab)
+
+
+def _add_rope(w, cfg: dict) -> None:
+    """Rope base and scaling; Llama 3.1's scaling is the `rope_freqs` tensor instead (see _plan)."""
+    import gguf
+
     rope = _rope(cfg)
     w.add_rope_freq_base(float(rope["rope_theta"]))
     if rope["rope_type"] == "linear":
@@ -201,31 +224,41 @@ def _write(model_dir: Path, cfg: dict, dest: Path, outtype: str, name: str, voca
         w.add_rope_scaling_factor(float(rope["factor"]))
     elif rope["rope_type"] not in ("default", "llama3"):
         raise LlamaftError(f"GGUF export: rope type '{rope['rope_type']}' is not supported (default, linear, llama3)")
-    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
-    w.add_file_type(gguf.LlamaFileType[ftype])
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_vocab(w, vocab)
 
-    # Pass 1: shapes and types only (from the safetensors headers) so the header can be written first.
+
+def _tensor_infos(w, planned: tuple, tensors: _Tensors) -> list[tuple]:
+    """Pass 1: every tensor's shape (from the safetensors headers) and GGUF type, added to the
+    writer so the header can go out before any data; returns [(hf_name or None, shape, type)]."""
+    import gguf
+
+    plan, tied, low_bit = planned
     final = []
     for hf_name, new, shape, base in plan:
         if hf_name is not None:
-            f = files[hf_name]
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt")
-            shape = tuple(handles[f].get_slice(hf_name).get_shape())
+            shape = tensors.shape(hf_name)
         output_role = new == "output.weight" or (tied and new == "token_embd.weight")
         qtype = _tensor_type(gguf, new, shape, base, low_bit, output_role)
-        final.append((hf_name, new, shape, qtype))
+        final.append((hf_name, shape, qtype))
         w.add_tensor_info(new, shape, np.dtype(np.float32), _nbytes(gguf, shape, qtype), raw_dtype=qtype)
+    return final
+
+
+def _write(model_dir: Path, cfg: dict, dest: Path, outtype: str, name: str, vocab) -> None:
+    """One GGUF at `dest`: metadata, tensor infos, then the tensors one at a time (pass 2)."""
+    import gguf
+
+    qname, ftype = PY_TYPES[outtype]
+    tensors = _Tensors(_weights(model_dir), cfg)
+    planned = _plan(cfg, list(tensors.files), qname)
+    w = gguf.GGUFWriter(str(dest), "llama")
+    _add_metadata(w, cfg, ftype, name, vocab)
+    final = _tensor_infos(w, planned, tensors)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    # Pass 2: one tensor in memory at a time.
-    for hf_name, new, shape, qtype in final:
-        data = llama3_rope_factors(cfg) if hf_name is None else load(hf_name)
-        data = gguf.quants.quantize(np.ascontiguousarray(data), qtype)
-        w.write_tensor_data(data)
+    for hf_name, _shape, qtype in final:  # one tensor in memory at a time
+        data = llama3_rope_factors(cfg) if hf_name is None else tensors.load(hf_name)
+        w.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(data), qtype))
     w.close()
 
 
@@ -289,7 +322,7 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", ollama: bool = False,
 
     outtype: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 (pure Python), or
     q4_k_m, q5_k_m, q6_k, ... (needs `llama-quantize` on PATH or llama-cpp-python).
-    ollama: also write `Modelfile` beside the GGUF (template + stop tokens).
+    ollama: also write `Modelfile` beside the GGUF (template + stop tokens; modelfile_text).
     name: general.name in the file (default: the model directory's name).
     The GGUF (and Modelfile) appear only when complete; a failed write (full disk, read-only, ...)
     leaves no partial file and an existing output untouched.
@@ -311,8 +344,8 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", ollama: bool = False,
             else:
                 _write(model_dir, cfg, tmp16, "f16", name, vocab)
                 quantize(tmp16, tmp)
-            if ollama:
-                write_modelfile(out, vocab, dest=tmp_mf)
+            if ollama:  # staged like the GGUF, and published right after it
+                tmp_mf.write_text(modelfile_text(out.name, vocab), encoding="utf-8")
         publish_file(tmp, out)
         if ollama:
             publish_file(tmp_mf, modelfile)
@@ -339,11 +372,11 @@ _OLLAMA_CHATML = (
 )
 
 
-def write_modelfile(gguf_path: Path, vocab, dest: Path | None = None) -> Path:
-    """Ollama Modelfile beside the GGUF: FROM, TEMPLATE (Llama 3 / ChatML) and every stop token.
-    dest: where to write it (default: `Modelfile` beside the GGUF)."""
+def modelfile_text(gguf_name: str, vocab) -> str:
+    """An Ollama Modelfile for the GGUF `gguf_name` beside it: FROM, TEMPLATE (Llama 3 / ChatML) and
+    every stop token."""
     tpl = vocab.chat_template or ""
-    lines = [f"FROM ./{gguf_path.name}", ""]
+    lines = [f"FROM ./{gguf_name}", ""]
     if "<|start_header_id|>" in tpl:
         body = _OLLAMA_LLAMA31 if "Cutting Knowledge Date" in tpl else _OLLAMA_LLAMA3
         lines.append(f'TEMPLATE """{body}"""')
@@ -353,6 +386,9 @@ def write_modelfile(gguf_path: Path, vocab, dest: Path | None = None) -> Path:
         lines.append("# no TEMPLATE: Ollama derives one from the GGUF's chat template")
     for i in sorted(set(vocab.stop_ids) | {v for k, v in vocab.special.items() if k in ("eos", "eot", "eom")}):
         lines.append(f'PARAMETER stop "{vocab.tokens[i]}"')
-    path = dest or gguf_path.with_name("Modelfile")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(gguf_path: Path, vocab) -> Path:
+    """`Modelfile` beside the GGUF (modelfile_text), written atomically; returns its path."""
+    return write_text_atomic(gguf_path.with_name("Modelfile"), modelfile_text(gguf_path.name, vocab))

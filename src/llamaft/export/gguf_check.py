@@ -174,29 +174,10 @@ def check_gguf(gguf_path, hf_model_dir, prompts=None, n_tokens: int = 32, *, hf_
     default: three chat questions (chat models) plus one plain-text prompt.
     """
     import llama_cpp
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    import gguf
-
-    hf_model_dir = Path(hf_model_dir)
-    tok = tokenizer or AutoTokenizer.from_pretrained(str(hf_model_dir))
-    model = hf_model or AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype=torch.float32).eval()
-    try:
-        stops = GenerationConfig.from_pretrained(str(hf_model_dir)).eos_token_id
-    except OSError:
-        stops = tok.eos_token_id
-    stops = [int(s) for s in (stops if isinstance(stops, (list, tuple)) else [stops]) if s is not None]
-
-    reader = gguf.GGUFReader(str(gguf_path))
-    ftype = gguf.LlamaFileType(int(reader.fields["general.file_type"].contents())).name.removeprefix("MOSTLY_")
-    ftype = "F32" if ftype == "ALL_F32" else ftype
-    del reader
-    report = GGUFReport(str(gguf_path), ftype, stop_ids=stops)
-
-    if prompts is None:
-        chat = isinstance(getattr(tok, "chat_template", None), str)
-        prompts = ([[{"role": "user", "content": q}] for q in DEFAULT_QUESTIONS] if chat else []) + ["The llama is an animal that"]
+    tok, model, stops = _hf_side(Path(hf_model_dir), hf_model, tokenizer)
+    report = GGUFReport(str(gguf_path), _file_type(gguf_path), stop_ids=stops)
+    prompts = _default_prompts(tok) if prompts is None else prompts
     ids_list = [_prompt_ids(tok, p) for p in prompts]
     llm = open_gguf(gguf_path, n_ctx=max(512, max((len(i) for i in ids_list), default=0) + n_tokens + 8), logits_all=True)
     try:
@@ -205,26 +186,66 @@ def check_gguf(gguf_path, hf_model_dir, prompts=None, n_tokens: int = 32, *, hf_
         chat_texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts if not isinstance(p, str)]
         _tokenization(llm, tok, report, chat_texts)
         for ids in ids_list:
-            llm.reset()
-            llm.eval(ids)
-            gen = []
-            for _ in range(n_tokens):
-                t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                gen.append(t)
-                if llama_cpp.llama_vocab_is_eog(vocab, t):
-                    break
-                llm.eval([t])
-            start = len(ids) - 1
-            cpp_logits = np.array(llm.scores[start:start + len(gen)], dtype=np.float32)
-            with torch.no_grad():
-                hf_logits = model(torch.tensor([ids + gen[:-1]])).logits[0, start:].float().numpy()
-            top1 = [int(i) for i in hf_logits.argmax(-1)]
-            diff = float(np.abs(hf_logits - cpp_logits).max()) if len(gen) else 0.0
-            margins = [float(row[a] - row[b]) for row, a, b in zip(hf_logits, top1, gen)]
-            report.prompts.append(PromptCheck(len(ids), gen, top1, diff, margins))
+            check = _greedy_check(llm, model, ids, n_tokens, lambda t: llama_cpp.llama_vocab_is_eog(vocab, t))
+            report.prompts.append(check)
+            gen, top1 = check.gguf_tokens, check.hf_top1
             if gen and gen[-1] in stops:
                 report.stopped += 1
                 report.stop_disagree += int(top1[-1] != gen[-1])
     finally:
         llm.close()
     return report
+
+
+def _hf_side(hf_model_dir: Path, hf_model=None, tokenizer=None):
+    """(tokenizer, fp32 model, stop ids) of the HF model directory; the stop ids from its
+    generation_config.json, else the tokenizer's EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok = tokenizer or AutoTokenizer.from_pretrained(str(hf_model_dir))
+    model = hf_model or AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype=torch.float32).eval()
+    try:
+        stops = GenerationConfig.from_pretrained(str(hf_model_dir)).eos_token_id
+    except OSError:
+        stops = tok.eos_token_id
+    stops = [int(s) for s in (stops if isinstance(stops, (list, tuple)) else [stops]) if s is not None]
+    return tok, model, stops
+
+
+def _file_type(gguf_path) -> str:
+    """general.file_type as llamaft names it: F32, F16, BF16, Q8_0, Q4_K_M, ..."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    ftype = gguf.LlamaFileType(int(reader.fields["general.file_type"].contents())).name.removeprefix("MOSTLY_")
+    return "F32" if ftype == "ALL_F32" else ftype
+
+
+def _default_prompts(tok) -> list:
+    chat = isinstance(getattr(tok, "chat_template", None), str)
+    return ([[{"role": "user", "content": q}] for q in DEFAULT_QUESTIONS] if chat else []) + ["The llama is an animal that"]
+
+
+def _greedy_check(llm, model, ids: list[int], n_tokens: int, is_eog) -> PromptCheck:
+    """llama.cpp generates greedily from `ids` (until an end-of-generation id or n_tokens); HF scores
+    that very sequence in one forward pass; their top-1 tokens and logits are compared."""
+    import torch
+
+    llm.reset()
+    llm.eval(ids)
+    gen = []
+    for _ in range(n_tokens):
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        gen.append(t)
+        if is_eog(t):
+            break
+        llm.eval([t])
+    start = len(ids) - 1
+    cpp_logits = np.array(llm.scores[start:start + len(gen)], dtype=np.float32)
+    with torch.no_grad():
+        hf_logits = model(torch.tensor([ids + gen[:-1]])).logits[0, start:].float().numpy()
+    top1 = [int(i) for i in hf_logits.argmax(-1)]
+    diff = float(np.abs(hf_logits - cpp_logits).max()) if len(gen) else 0.0
+    margins = [float(row[a] - row[b]) for row, a, b in zip(hf_logits, top1, gen)]
+    return PromptCheck(len(ids), gen, top1, diff, margins)

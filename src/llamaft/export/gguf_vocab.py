@@ -100,6 +100,31 @@ def read_vocab(model_dir: str | Path, vocab_size: int, tokenizer=None) -> GGUFVo
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
+    _check_bpe(model_dir)
+    tok = tokenizer or AutoTokenizer.from_pretrained(str(model_dir))
+    pre = pre_tokenizer(tok)
+    vocab = tok.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise LlamaftError(f"GGUF export: the tokenizer has ids up to {max(vocab.values())} but the model only {vocab_size} rows")
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, types = _token_table(tok, by_id, vocab_size)
+    stops = _stop_ids(model_dir)
+    special = _special_ids(tok, vocab, by_id, stops, model_dir)
+    probe = tok("a").input_ids  # what transformers adds around text decides what llama.cpp adds
+    add_bos = bool(probe) and "bos" in special and probe[0] == special["bos"]
+    add_eos = bool(probe) and probe[-1] == special["eos"] and len(probe) > 1
+    added = tok.added_tokens_decoder
+    for i, t in enumerate(types):  # a special id must be CONTROL or llama.cpp tokenizes its text
+        if i in special.values() and t == NORMAL and i in added:
+            types[i] = CONTROL
+    stop_ids = stops or [special["eos"]]
+    template = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
+    return GGUFVocab(tokens, types, _merges(model_dir), pre, special, add_bos, add_eos, template, stop_ids,
+                     _unstoppable(stop_ids, special, by_id))
+
+
+def _check_bpe(model_dir: Path) -> None:
+    """The directory has a fast byte-level BPE tokenizer (tokenizer.json), the only kind supported."""
     if not (model_dir / "tokenizer.json").is_file():
         raise LlamaftError(
             f"GGUF export: {model_dir} has no tokenizer.json (a fast byte-level BPE tokenizer is needed; "
@@ -108,13 +133,10 @@ def read_vocab(model_dir: str | Path, vocab_size: int, tokenizer=None) -> GGUFVo
     model = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
     if model.get("type") != "BPE":
         raise LlamaftError(f"GGUF export: {model_dir}/tokenizer.json is a {model.get('type')} tokenizer; only byte-level BPE is supported")
-    tok = tokenizer or AutoTokenizer.from_pretrained(str(model_dir))
-    pre = pre_tokenizer(tok)
 
-    vocab = tok.get_vocab()
-    if max(vocab.values()) >= vocab_size:
-        raise LlamaftError(f"GGUF export: the tokenizer has ids up to {max(vocab.values())} but the model only {vocab_size} rows")
-    by_id = {i: t for t, i in vocab.items()}
+
+def _token_table(tok, by_id: dict[int, str], vocab_size: int) -> tuple[list[str], list[int]]:
+    """Every id's token text and type, in id order (ids without a token are UNUSED placeholders)."""
     added = tok.added_tokens_decoder
     tokens, types = [], []
     for i in range(vocab_size):
@@ -129,12 +151,17 @@ def read_vocab(model_dir: str | Path, vocab_size: int, tokenizer=None) -> GGUFVo
         else:
             tokens.append(by_id[i])
             types.append(NORMAL)
+    return tokens, types
+
+
+def _special_ids(tok, vocab: dict[str, int], by_id: dict[int, str], stops: list[int], model_dir: Path) -> dict[str, int]:
+    """bos / eos / eot / eom / pad / unk ids as llama.cpp should see them."""
+    added = tok.added_tokens_decoder
 
     def tid(text: str) -> int | None:
         i = vocab.get(text)
         return i if i is not None and i in added else None
 
-    stops = _stop_ids(model_dir)
     special: dict[str, int] = {}
     if tok.bos_token_id is not None:
         special["bos"] = tok.bos_token_id
@@ -155,20 +182,16 @@ def read_vocab(model_dir: str | Path, vocab_size: int, tokenizer=None) -> GGUFVo
         special["pad"] = tok.pad_token_id
     if tok.unk_token_id is not None:
         special["unk"] = tok.unk_token_id
+    return special
 
-    probe = tok("a").input_ids  # what transformers adds around text decides what llama.cpp adds
-    add_bos = bool(probe) and "bos" in special and probe[0] == special["bos"]
-    add_eos = bool(probe) and probe[-1] == eos and len(probe) > 1
-    for i, t in enumerate(types):  # a special id must be CONTROL or llama.cpp tokenizes its text
-        if i in special.values() and t == NORMAL and i in added:
-            types[i] = CONTROL
-    stop_ids = stops or [eos]
+
+def _unstoppable(stop_ids: list[int], special: dict[str, int], by_id: dict[int, str]) -> list[int]:
+    """Stop ids llama.cpp would generate past: not its EOS/EOT/EOM id and not a known end-token text."""
     honoured = {special.get("eos"), special.get("eot"), special.get("eom")}
     unstoppable = [i for i in stop_ids if i not in honoured and by_id.get(i) not in _EOG_TEXTS]
     if unstoppable:
         log.warning("llama.cpp will not stop on token ids %s (not EOS/EOT/EOM and not a known end token)", unstoppable)
-    template = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
-    return GGUFVocab(tokens, types, _merges(model_dir), pre, special, add_bos, add_eos, template, stop_ids, unstoppable)
+    return unstoppable
 
 
 def add_vocab(writer, vocab: GGUFVocab) -> None:

@@ -1,7 +1,7 @@
 """The one training path (LoRA, QLoRA, full) on the HF Trainer, top to bottom: setup → train → save.
 
-    llamaft train configs/demo.yaml train.max_steps=20        # CLI
-    run_dir = train(load_config("configs/demo.yaml"))          # Python
+    llamaft train configs/llama-3.1-8b-lora.yaml train.max_steps=20        # CLI
+    run_dir = train(load_config("configs/llama-3.1-8b-lora.yaml"))          # Python
 
 setup          hardware and run-dir checks → rows read and split → tokenizer → token examples → eval
                names and model checks on the meta device → run dir created (nothing is written

@@ -1,22 +1,14 @@
-"""Typed run configuration: YAML file + dotted `key=value` overrides, validated before any model loads.
+"""The run config's sections: typed groups with one line of help per field.
 
-    cfg = load_config("configs/llama-3.1-8b-lora.yaml", ["lora.r=32", "train.learning_rate=2e-4"])
-
-Unknown keys and wrong types raise `ConfigError` naming the dotted key (and the closest valid key).
-Our config names what users choose; `train/` maps it onto HF `TrainingArguments`.
+Every section forbids unknown keys (a typo is an error naming the key, see load.py) and validates
+on assignment. Our config names what users choose; `train/` maps it onto HF `TrainingArguments`.
 """
 
 from __future__ import annotations
 
-import difflib
-import re
-from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-
-from .errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -172,7 +164,7 @@ class TrainConfig(_Section):
 
 
 class FastConfig(_Section):
-    """GPU fast path (issue 5): every part is chosen automatically on CUDA and can be turned off here."""
+    """GPU fast path: every part is chosen automatically on CUDA and can be turned off here."""
 
     enabled: bool = Field(True, description="Use the fast path where it applies (CUDA); off = plain HF path everywhere.")
     attention: Literal["auto", "sdpa", "varlen", "flex", "eager"] = Field("auto", description="Attention kernel; packed batches need varlen or flex.")
@@ -207,7 +199,7 @@ class FastConfig(_Section):
 
 
 class GenerationEvalConfig(_Section):
-    """Generation-based metrics for one validation set (issue 6)."""
+    """Generation-based metrics for one validation set."""
 
     metrics: list[str] = Field(
         default_factory=lambda: ["exact_match", "contains", "rouge_l"],
@@ -239,191 +231,3 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     fast: FastConfig = Field(default_factory=FastConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading, overrides, and error messages that name the key
-
-
-def _fields_at(path: list[str]) -> list[str]:
-    """Valid field names at a dotted path inside RunConfig (for 'did you mean')."""
-    model: Any = RunConfig
-    for part in path:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if model is None:
-            return []
-    return list(getattr(model, "model_fields", {}))
-
-
-def _suggest(path: list[str], key: str) -> str:
-    close = difflib.get_close_matches(key, _fields_at(path), n=1, cutoff=0.5)
-    if close:
-        return f" (did you mean '{'.'.join(path + [close[0]])}'?)"
-    valid = _fields_at(path)
-    return f" (valid keys: {', '.join(valid)})" if valid else ""
-
-
-def _parse_value(text: str) -> Any:
-    """Override values use YAML syntax: 32, 2e-4, true, [q_proj, v_proj], null."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    # YAML 1.1 reads '2e-4' as a string; users mean a number.
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            return value
-    return value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not key=value (e.g. lora.r=32)")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            if part not in _fields_at(parts[:i]) and not isinstance(node.get(part), dict):
-                raise ConfigError(f"override '{key}': unknown key '{'.'.join(parts[: i + 1])}'{_suggest(parts[:i], part)}")
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
-        node[parts[-1]] = _parse_value(value)
-    return raw
-
-
-# Union members show up in pydantic's error locations as type tags ('str', 'list[str]'): not keys.
-_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\])$")
-_KINDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true/false", "none": "null",
-          "list": "a list", "dict": "a mapping", "literal": "one of the listed words"}
-
-
-def _union_head(loc) -> tuple[list[str], str | None]:
-    """(key parts before the first union tag, that tag's kind) of an error location."""
-    for i, part in enumerate(loc):
-        if isinstance(part, str) and _TAG.match(part):
-            return [str(p) for p in loc[:i]], part.split("[")[0]
-    return [str(p) for p in loc], None
-
-
-def _format_error(err: ValidationError, source: str) -> str:
-    errors = err.errors()
-    first = errors[0]
-    loc, tag = _union_head(first["loc"])
-    key = ".".join(loc)
-    if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{key}'{_suggest(loc[:-1], loc[-1])}"
-    if first["type"] == "missing":
-        return f"{source}: missing required key '{key}'"
-    got = first.get("input")
-    msg = first["msg"].removeprefix("Value error, ")
-    same = [e for e in errors if _union_head(e["loc"])[0] == loc]
-    if tag is not None and len(same) > 1:  # a value that fits none of a union's types: say what would fit
-        kinds = list(dict.fromkeys(_KINDS.get(_union_head(e["loc"])[1] or "", "another type") for e in same))
-        msg = "expected " + (", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else kinds[0])
-    got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-    rest = len({tuple(_union_head(e["loc"])[0]) for e in errors}) - 1
-    more = f" [+{rest} more]" if rest > 0 else ""
-    where = f"key '{key}'" if key else "config"
-    return f"{source}: {where}: {msg}{got_s}{more}"
-
-
-def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
-
-
-def _scalar(node) -> str:
-    return f": {node.value}" if isinstance(node, yaml.ScalarNode) and node.value else ""
-
-
-def _check_duplicate_keys(node, path: list[str], source: str) -> None:
-    """yaml.safe_load keeps the last of two equal keys without a word (a second `a:` under
-    data.validation would silently replace the first set): here that is an error naming both."""
-    if isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_duplicate_keys(item, path + [str(i)], source)
-    if not isinstance(node, yaml.MappingNode):
-        return
-    seen: dict = {}
-    for key_node, value_node in node.value:
-        key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
-        if key in seen:
-            first_line, first_value = seen[key]
-            raise ConfigError(
-                f"{source}:line {key_node.start_mark.line + 1}: key '{'.'.join(path + [key])}' appears twice "
-                f"(line {first_line}{_scalar(first_value)}; line {key_node.start_mark.line + 1}{_scalar(value_node)}); "
-                "keep one (YAML would silently use the last)"
-            )
-        seen[key] = (key_node.start_mark.line + 1, value_node)
-        _check_duplicate_keys(value_node, path + [key], source)
-
-
-def _read_yaml(path: Path) -> Any:
-    loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_duplicate_keys(node, [], str(path))
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None, *, snapshot: bool = False) -> RunConfig:
-    """`snapshot`: a run directory's config.yaml, possibly written by an older llamaft (kept loadable)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = _read_yaml(path) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with model:, data:, ...")
-    if snapshot and isinstance(raw.get("train"), dict) and isinstance(raw["train"].get("max_steps"), int) \
-            and raw["train"]["max_steps"] <= 0:
-        raw["train"]["max_steps"] = None  # older snapshots stored HF's "-1 = use epochs"
-    raw = apply_overrides(raw, overrides or [])
-    cfg = config_from_dict(raw, str(path))
-    return resolve_paths(cfg, path.parent)
-
-
-def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    """Relative data/template paths in a YAML file are relative to that file (if they exist there)."""
-
-    def fix(p: str) -> str:
-        cand = base / p
-        return str(cand) if not Path(p).is_absolute() and not Path(p).exists() and cand.exists() else p
-
-    d = cfg.data
-    d.train = [fix(p) for p in d.train]
-    if isinstance(d.validation, str):
-        d.validation = fix(d.validation)
-    elif isinstance(d.validation, list):
-        d.validation = [fix(v) for v in d.validation]
-    elif isinstance(d.validation, dict):
-        d.validation = {k: fix(v) for k, v in d.validation.items()}
-    if d.test:
-        d.test = fix(d.test)
-    if d.chat_template:
-        d.chat_template = fix(d.chat_template)
-    if not Path(cfg.model.name).is_absolute() and (base / cfg.model.name).exists() and not Path(cfg.model.name).exists():
-        cfg.model.name = str(base / cfg.model.name)
-    return cfg
-
-
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,20 @@
+"""Typed run configuration: YAML file + dotted `key=value` overrides, validated before any model loads.
+
+    cfg = load_config("configs/llama-3.1-8b-lora.yaml", ["lora.r=32", "train.learning_rate=2e-4"])
+
+Unknown keys and wrong types raise `ConfigError` naming the dotted key (and the closest valid key).
+Our config names what users choose; `train/` maps it onto HF `TrainingArguments`.
+
+    sections.py   the sections (model, lora, quantization, data, train, fast, eval) and RunConfig
+    load.py       YAML reading, overrides, error messages, relative paths, save_config
+"""
+
+from .load import apply_overrides, config_from_dict, load_config, resolve_paths, save_config
+from .sections import (ColumnsConfig, DataConfig, EvalConfig, Every, FastConfig, GenerationEvalConfig, LoraConfig,
+                       ModelConfig, QuantizationConfig, RunConfig, TrainConfig)
+
+__all__ = [
+    "load_config", "config_from_dict", "save_config", "apply_overrides", "resolve_paths",
+    "RunConfig", "ModelConfig", "LoraConfig", "QuantizationConfig", "ColumnsConfig", "DataConfig", "TrainConfig",
+    "FastConfig", "GenerationEvalConfig", "EvalConfig", "Every",
+]
