@@ -39,7 +39,7 @@ Y
 cp $W/lora/summary.json $OUT/e2e_lora_summary.json; cp $W/lora/metrics.jsonl $OUT/e2e_lora_metrics.jsonl; }
 python3 -m llamaft train $W/run.yaml model.method=qlora train.output_dir=$W/qlora train.optimizer=paged_adamw_8bit train.gradient_accumulation=2 2>&1 | grep -v "it/s]" | tail -12
 cp $W/qlora/summary.json $OUT/e2e_qlora_summary.json; cp $W/qlora/metrics.jsonl $OUT/e2e_qlora_metrics.jsonl
-python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py -m gpu 2>&1 | tail -3 | tee $OUT/gpu_tests.txt
+python3 -m pytest -q -p no:cacheprovider tests/model/fast/test_gpu.py -m gpu 2>&1 | tail -3 | tee $OUT/gpu_tests.txt
 [ "${SKIP_LORA:-0}" = 1 ] && exit 0
 python3 -m llamaft eval $W/lora --compare-base --max-samples 16 2>&1 | tail -20
 python3 -m llamaft merge $W/lora --out $W/merged 2>&1 | tail -3

@@ -21,7 +21,7 @@ B="python3 benchmarks/bench.py $M"
 for w in $WHAT; do
   echo "=== $w $(date +%T)" | tee -a "$OUT/log.txt"
   case $w in
-    tests)  python3 -m pytest -q -m gpu tests/test_fast_gpu.py 2>&1 | tail -25 > "$OUT/gpu_tests.txt"; tail -3 "$OUT/gpu_tests.txt" ;;
+    tests)  python3 -m pytest -q -m gpu tests/model/fast/test_gpu.py 2>&1 | tail -25 > "$OUT/gpu_tests.txt"; tail -3 "$OUT/gpu_tests.txt" ;;
     lora)   $B lora 512 8 4 $STEPS "$OUT/w512_lora_fast.json" ;;
     lora16) $B lora 512 16 2 $STEPS "$OUT/w512_lora_fast_bs16.json" ;;
     lora16ng) $B lora 512 16 2 $STEPS "$OUT/w512_lora_fast_bs16_nogc.json" --gc off ;;

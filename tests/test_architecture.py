@@ -81,3 +81,13 @@ def test_the_walker_sees_relative_and_late_imports(tmp_path):
         assert _layer("llamaft.model.tokenizer") > _layer(_module_name(bad))
     finally:
         PACKAGE = saved
+
+
+def test_tests_mirror_the_source_tree():
+    """tests/data/ tests data/, tests/model/fast/ tests model/fast/, ...: every folder of tests has
+    its package in src/llamaft (shared helpers live in tests/ itself)."""
+    tests = Path(__file__).resolve().parent
+    folders = [d for d in tests.rglob("*") if d.is_dir() and not d.name.startswith((".", "__")) and d.name != "artifacts"]
+    assert folders, "no mirrored test folders"
+    orphans = [str(d.relative_to(tests)) for d in folders if not (PACKAGE / d.relative_to(tests)).is_dir()]
+    assert not orphans, f"test folders without a package in src/llamaft: {orphans}"

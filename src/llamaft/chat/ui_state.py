@@ -4,7 +4,7 @@
     for state, status in submit(models, state, "Hi", system="Be terse.", side=True, params=GenParams()):
         ...   # state["tuned"] / state["base"] grow piece by piece while the replies stream
 
-Pure Python over `ui_backends.Models` (no gradio import): tests/test_ui.py drives it directly, and
+Pure Python over `ui_backends.Models` (no gradio import): tests/chat/test_ui.py drives it directly, and
 ui.py only turns these generators into widget updates.
 """
 

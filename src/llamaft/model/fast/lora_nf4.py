@@ -6,7 +6,7 @@ Why opaque custom ops (torch.library) rather than an autograd.Function traced by
     layer recomputed that kept ~0.4-0.8 GiB of dequantised weights alive at the backward's peak
     (benchmarks/memory_peak.py). Here the weight never leaves the op: rebuilt in the backward;
   * correctness: the traced autograd.Function version returned zero input gradients under
-    torch.compile on CUDA (torch 2.11; tests/test_fast_gpu.py caught it);
+    torch.compile on CUDA (torch 2.11; tests/model/fast/test_gpu.py caught it);
   * fewer launches than bitsandbytes' Linear4bit + PEFT: one dequant kernel (model/fast/nf4.py,
     absmax double-quant included), the base GEMM, and the LoRA GEMMs accumulating into its output.
 

@@ -28,7 +28,7 @@ def test_export_hf_from_a_run_dir(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def smol_model(tmp_path_factory):
-    from test_gguf_export import make_model_dir
+    from gguf_helpers import make_model_dir
 
     return make_model_dir(tmp_path_factory.mktemp("smol") / "m", "smollm2")
 

@@ -1,7 +1,7 @@
 """The fast path's own pieces around the kernels, on CPU: layer checkpointing (model/fast/recompute.py)
 and MLP tiling against the plain model, the plan's micro-batch regrouping / offload / fused-optimizer
 choices, and the lean QLoRA preparation. The CUDA-only part (offloaded copies on a side stream) has
-its parity test in tests/test_fast_gpu.py."""
+its parity test in tests/model/fast/test_gpu.py."""
 
 import copy
 from types import SimpleNamespace

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from browser.ui_assets import letters_only_run
+from ui_helpers import letters_only_run
 from llamaft.chat import ui, ui_auth, ui_state
 from llamaft.model.generate import GenParams, stream_chat
 from llamaft.chat.ui_backends import Backend, Models, resolve_models

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: run scripts/build_llama_cpp_wheel.sh")
 
-from test_gguf_export import make_model_dir  # noqa: E402
+from gguf_helpers import make_model_dir  # noqa: E402
 
 from llamaft.model.generate import GenParams  # noqa: E402
 from llamaft.chat.gguf_backend import load_gguf, prompt_tokens, stream_chat_gguf  # noqa: E402
@@ -73,7 +73,7 @@ def test_real_smollm2_f16_matches_and_stops(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from llamaft.assets import smollm2_gguf
-    from test_gguf_export import smollm2_tokenizer_dir
+    from gguf_helpers import smollm2_tokenizer_dir
     from llamaft.model.tokenizer import make_rules, save_tokenizer
     from transformers import AutoTokenizer
 

@@ -1,6 +1,6 @@
 """NF4 dequantisation (model/fast/nf4.py) and the NF4 + LoRA ops (model/fast/lora_nf4.py) on CPU.
 
-The Triton kernel itself is compared with bitsandbytes on the GPU (tests/test_fast_gpu.py); here the
+The Triton kernel itself is compared with bitsandbytes on the GPU (tests/model/fast/test_gpu.py); here the
 plain-PyTorch reference is checked against a per-element reading of bitsandbytes' layout, and
 `lora_4bit` (with that reference as its dequant) against dense PyTorch on the same weight.
 """

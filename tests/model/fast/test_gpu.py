@@ -1,5 +1,5 @@
 """GPU parity tests of the fast kernels against their plain references (fresh random inputs,
-forward and backward). Run on the device: pytest -m gpu tests/test_fast_gpu.py"""
+forward and backward). Run on the device: pytest -m gpu tests/model/fast/test_gpu.py"""
 
 import pytest
 import torch

@@ -7,7 +7,7 @@ from llamaft.config import LoraConfig, ModelConfig, TrainConfig
 from llamaft.errors import LlamaftError
 from llamaft.model.adapters import apply_adapters, save_trained
 from llamaft.model.load import load_base, resolve_precision
-from test_train_support import Rules, tiny_model_dir, tokenizer
+from train_helpers import Rules, tiny_model_dir, tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from llamaft.train import train
 from llamaft.train.checkpoint import AtomicCheckpointTrainer
-from test_train_support import run_config, tiny_project
+from train_helpers import run_config, tiny_project
 
 
 @pytest.fixture(scope="module", autouse=True)

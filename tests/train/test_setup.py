@@ -9,7 +9,7 @@ from llamaft.errors import LlamaftError
 from llamaft.train import recipe
 from llamaft.train.checkpoint import clean_incomplete, latest_complete, resolve_resume
 from llamaft.train.setup import training_arguments
-from test_train_support import run_config
+from train_helpers import run_config
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
 

@@ -8,7 +8,7 @@ import pytest
 from llamaft.cli import main
 from llamaft.train.checkpoint import latest_complete, write_failure
 from path_helpers import one_error_line
-from test_train_support import cli_project
+from train_helpers import cli_project
 
 
 def test_write_failure_recognises_machine_errors_only():

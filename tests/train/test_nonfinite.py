@@ -12,7 +12,7 @@ from llamaft.errors import TrainingDiverged
 from llamaft.eval.plots import nonfinite_steps, plot_losses
 from llamaft.train import train
 from llamaft.train.callbacks import read_metrics, rename_logs
-from test_train_support import (InjectInfGrad, InjectNaNLoss, PoisonWeight, Snapshot, cli_project,
+from train_helpers import (InjectInfGrad, InjectNaNLoss, PoisonWeight, Snapshot, cli_project,
                                 run_child, run_config, strict_json, tiny_project)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

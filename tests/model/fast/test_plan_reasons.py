@@ -140,7 +140,7 @@ def reasons_for(name, monkeypatch) -> list[str]:
 
 # Recorded from the plan as it was before the split (one run of `reasons_for` per case); never
 # regenerate this file to make the test pass: a changed reason is a changed summary.json.
-REASONS = json.loads((Path(__file__).parent / "fast_plan_reasons.json").read_text(encoding="utf-8"))
+REASONS = json.loads((Path(__file__).parent / "plan_reasons.json").read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("name", list(CASES))

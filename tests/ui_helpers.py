@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (inference_helpers)
-from inference_helpers import make_run_dir, tiny_tokenizer  # noqa: E402
+from inference_helpers import make_run_dir, tiny_tokenizer
 
 SUMMARY = {
     "model": "tiny-base", "method": "lora", "train_loss": 1.2345, "steps": 7, "epochs": 1.0, "precision": "fp32",

@@ -208,7 +208,7 @@ def test_gguf_failing_after_the_merge_keeps_the_previous_merged_dir(tmp_path, ca
 
 @pytest.fixture(scope="module")
 def smol_model(tmp_path_factory):
-    from test_gguf_export import make_model_dir
+    from gguf_helpers import make_model_dir
 
     return make_model_dir(tmp_path_factory.mktemp("smol") / "merged", "smollm2")
 

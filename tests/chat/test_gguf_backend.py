@@ -1,5 +1,5 @@
 """`llamaft chat FILE.gguf`: every sampling flag reaches llama.cpp's generate (llama.cpp itself is
-replaced by a recording stand-in; tests/test_gguf_llamacpp.py runs the real binding)."""
+replaced by a recording stand-in; tests/export/test_gguf_llamacpp.py runs the real binding)."""
 
 import io
 import sys

@@ -12,7 +12,7 @@ import pytest
 from llamaft.cli import main
 from llamaft.config import save_config
 from llamaft.train.callbacks import read_metrics
-from test_train_support import cli_project, run_child, run_config, strict_json, tiny_project
+from train_helpers import cli_project, run_child, run_config, strict_json, tiny_project
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -32,7 +32,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from browser.ui_assets import letters_only_run  # noqa: E402
+from ui_helpers import letters_only_run  # noqa: E402
 from llamaft.chat import ui, ui_state  # noqa: E402
 from llamaft.model.generate import GenParams, stream_chat  # noqa: E402
 
@@ -165,7 +165,7 @@ def test_chat_in_headless_chromium(served, browser):
     assert tuned2 == _expected(run, history, adapter=True)
     assert base2 == _expected(run, history, adapter=False)
 
-    shot = Path(os.environ.get("LLAMAFT_TEST_ARTIFACTS", Path(__file__).parent / "artifacts")) / "ui_chat.png"
+    shot = Path(os.environ.get("LLAMAFT_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts")) / "ui_chat.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     d.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
@@ -174,7 +174,7 @@ def test_chat_in_headless_chromium(served, browser):
     d.find_element(By.ID, "clear").click()
     WebDriverWait(d, 30).until(lambda d: not _replies(d, "chat-tuned") and not _replies(d, "chat-base"))
 
-    # 5. Stop with no reply running says so (stopping a running reply: tests/test_ui.py, without a browser)
+    # 5. Stop with no reply running says so (stopping a running reply: tests/chat/test_ui.py, without a browser)
     d.find_element(By.ID, "stop").click()
     WebDriverWait(d, 30).until(lambda d: _status(d) == "nothing to stop")
 

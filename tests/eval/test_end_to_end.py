@@ -4,7 +4,6 @@
 import json
 
 import pytest
-import yaml
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
