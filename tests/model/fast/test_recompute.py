@@ -184,11 +184,12 @@ def test_training_arguments_follow_the_plan(monkeypatch, tmp_path):
     plan = FastPlan(True, "varlen", True, True, False, [], own_checkpointing=True, micro_batch_size=16,
                     gradient_accumulation=2, fused_optimizer=True)
     c = w512()
+    monkeypatch.setattr(setup, "cuda_available", lambda: False)  # also when the suite runs on a GPU machine
     args = setup.training_arguments(c, tmp_path, bf16=False, fp16=False, has_eval=False,
                                     grad_ckpt=setup.gradient_checkpointing(c.train, plan), plan=plan)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 2)
     assert not args.gradient_checkpointing  # our checkpointing, not HF's
-    assert args.optim == "adamw_torch"  # no CUDA here: torch's fused AdamW only on the GPU
+    assert args.optim == "adamw_torch"  # no CUDA: torch's fused AdamW only on the GPU
     monkeypatch.setattr(setup, "cuda_available", lambda: True)
     args = setup.training_arguments(c, tmp_path, bf16=False, fp16=False, has_eval=False, grad_ckpt=False, plan=plan)
     assert args.optim == "adamw_torch_fused"
