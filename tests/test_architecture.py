@@ -91,3 +91,23 @@ def test_tests_mirror_the_source_tree():
     assert folders, "no mirrored test folders"
     orphans = [str(d.relative_to(tests)) for d in folders if not (PACKAGE / d.relative_to(tests)).is_dir()]
     assert not orphans, f"test folders without a package in src/llamaft: {orphans}"
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def test_files_and_functions_stay_small():
+    """A file past ~400 lines usually holds two modules, a function past ~60 lines does two jobs
+    (DESIGN.md). A longer function is allowed where its `def` line says why in a `# long: ...` comment."""
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        if len(lines) > MAX_FILE_LINES:
+            too_long.append(f"{path.relative_to(PACKAGE)}: {len(lines)} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES and "# long:" not in lines[node.lineno - 1]:
+                    too_long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}(): {n} lines")
+    assert not too_long, "split these (or say why on the def line with `# long: ...`):\n" + "\n".join(too_long)
