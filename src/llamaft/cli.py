@@ -12,7 +12,7 @@ Overrides (`section.key=value`) may come anywhere on the line, also after option
 validates its inputs before loading a model. Problems the user can fix are `LlamaftError`s (and
 argparse usage errors): printed as one line, no traceback. Exit codes: 0 done, 2 bad input (config,
 data, paths, non-finite weights to merge/export), 3 training stopped because the loss or gradients
-were not finite (diverged), 130 interrupted.
+were not finite (diverged), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 
 To add a command: a `_cmd_NAME(args)` function, a `_NAME_args(parser)` that declares its options,
 and one row in `commands()`.
@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -203,7 +206,7 @@ class Command:
 TRAIN_EXIT_CODES = (
     "exit codes: 0 trained (or the run was already complete: nothing to do); 2 bad config, data or "
     "paths; 3 stopped because the loss or gradients were not finite (train.on_nonfinite), nothing "
-    "after the last good checkpoint saved; 130 interrupted (resume with train.resume=true)."
+    "after the last good checkpoint saved; 130 interrupted / 143 terminated by SIGTERM (resume with train.resume=true)."
 )
 
 
@@ -281,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        table[args.command].run(args)
+        with _stop_on_sigterm():
+            table[args.command].run(args)
     except LlamaftError as err:
         print(f"llamaft {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -292,10 +296,33 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llamaft {args.command}: error: {err.filename or 'write'}: {reason(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print("terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, `kill`, `docker stop`): stopped like Ctrl-C, so a training
+    run writes its summary ("interrupted") and keeps its complete checkpoints, and merge/export remove
+    what they staged, instead of the process dying mid-write."""
+
+
+@contextmanager
+def _stop_on_sigterm():
+    """SIGTERM raises Terminated while a command runs; the previous handler is back afterwards (main()
+    is also called in-process, by tests and by Python users)."""
+    def handler(_signum, _frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -128,11 +128,11 @@ class AtomicCheckpointTrainer(Trainer):
         self._staging_root = str(staging)
         try:
             super()._save_checkpoint(model, trial)
-        except Exception as err:
-            why = write_failure(err)
+        except BaseException as err:  # also an interrupt (Ctrl-C, SIGTERM) in the middle of the save
+            shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
+            why = write_failure(err) if isinstance(err, Exception) else None
             if why is None:
                 raise
-            shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
             last = latest_complete(root)
             then = (f"the last good checkpoint is {last} (free space, then continue with train.resume=true)" if last
                     else "no checkpoint was completed yet (free space, then start the run again)")
