@@ -20,20 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import LlamaftError
-from .source import check_source
+from .source import check_source, model_source
 
 # An explicit model.tokenizer this many ids short of the embedding rows is another model's tokenizer.
 # (Padding the matrix for kernel-friendly shapes adds at most a few hundred rows: Qwen2.5 399, Phi-3 53.)
 FOREIGN_GAP = 1024
-
-
-def model_source(model_cfg) -> tuple[str, str | None]:
-    """(directory or hub id, GGUF file name or None), as the loaders take them."""
-    name, gguf = model_cfg.name, model_cfg.gguf_file
-    if gguf is None and name.endswith(".gguf"):
-        p = Path(name)
-        name, gguf = str(p.parent), p.name
-    return name, gguf
 
 
 def meta_model(model_cfg):

@@ -111,3 +111,12 @@ def _check_hub_id(name: str, key: str, revision: str | None, filename: str) -> N
                                "set HF_HUB_OFFLINE=1 to use it") from None
         raise LlamaftError(f"{key} '{name}' is not a local directory or file{_near(name)} and the hub is unreachable "
                            f"({type(err).__name__}: {first}); give a local model directory or .gguf file") from None
+
+
+def model_source(model_cfg) -> tuple[str, str | None]:
+    """(directory or hub id, GGUF file name or None), as the loaders take them."""
+    name, gguf = model_cfg.name, model_cfg.gguf_file
+    if gguf is None and name.endswith(".gguf"):
+        p = Path(name)
+        name, gguf = str(p.parent), p.name
+    return name, gguf

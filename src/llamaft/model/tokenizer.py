@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..assets import cache_dir, llama3_tokenizer_file
 from ..errors import ConfigError, LlamaftError
+from .source import check_source, model_source
 
 BOS, EOT, EOM, END = "<|begin_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"
 LLAMA_VOCAB = 128256
@@ -249,20 +250,12 @@ def _hf_config(model_cfg):
     """The model's HF config (eos ids, rope type) if it can be read offline; None otherwise."""
     from transformers import AutoConfig
 
-    name, gguf = _model_source(model_cfg)
+    name, gguf = model_source(model_cfg)
     try:
         return AutoConfig.from_pretrained(name, gguf_file=gguf, revision=model_cfg.revision,
                                           trust_remote_code=model_cfg.trust_remote_code)
     except Exception:
         return None
-
-
-def _model_source(model_cfg) -> tuple[str, str | None]:
-    name, gguf = model_cfg.name, model_cfg.gguf_file
-    if gguf is None and name.endswith(".gguf"):
-        p = Path(name)
-        name, gguf = str(p.parent), p.name
-    return name, gguf
 
 
 def _from_source(model_cfg):
@@ -271,9 +264,7 @@ def _from_source(model_cfg):
         return llama3_tokenizer("3.1" if src == "llama3.1" else "3"), True
     from transformers import AutoTokenizer
 
-    from .source import check_source
-
-    name, gguf = (src, None) if src else _model_source(model_cfg)
+    name, gguf = (src, None) if src else model_source(model_cfg)
     # A missing directory or an unreachable hub: one line now, not transformers' retries and repo-id errors.
     if src:
         check_source(src, "model.tokenizer", model_cfg.revision)
