@@ -174,7 +174,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="run directory, model directory or .gguf file")
-    p.add_argument("--system", help="system prompt")
+    p.add_argument("--system", help="system prompt (default: the one the run trained with, data.system_prompt; --system '' for none)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--max-new-tokens", type=int, default=512)

@@ -83,3 +83,24 @@ def test_ctrl_c_interrupts_reply_only(model_dir):
     history = chat_loop(model_dir, temperature=0, max_new_tokens=8, input_fn=_script(["first", "second"]), out=out)
     assert "(interrupted)" in out.getvalue()
     assert [m["content"] for m in history if m["role"] == "user"] == ["second"]  # the interrupted turn is dropped
+
+
+def test_a_run_chats_with_its_training_system_prompt_unless_told_otherwise(tmp_path):
+    """`llamaft chat RUN` (and RUN/merged, RUN/x.gguf) uses data.system_prompt as training did, and says so."""
+    from llamaft.model.inference import load_for_inference
+    from ui_helpers import letters_only_run
+
+    run = letters_only_run(tmp_path, system_prompt="Answer in one word.")
+    loaded = load_for_inference(run, device="cpu")
+    out = io.StringIO()
+    history = chat_loop(run, temperature=0, max_new_tokens=3, input_fn=_script(["hi"]), out=out, loaded=loaded)
+    assert history[0] == {"role": "system", "content": "Answer in one word."}
+    assert "system prompt (the run's data.system_prompt; --system to change): Answer in one word." in out.getvalue()
+    (run / "merged").mkdir()
+    for inside in (run / "merged", run / "model-f16.gguf"):
+        out = io.StringIO()
+        history = chat_loop(inside, temperature=0, max_new_tokens=3, input_fn=_script(["hi"]), out=out, loaded=loaded)
+        assert history[0]["content"] == "Answer in one word.", inside
+    out = io.StringIO()
+    history = chat_loop(run, system="", temperature=0, max_new_tokens=3, input_fn=_script(["hi"]), out=out, loaded=loaded)
+    assert history[0]["role"] == "user" and "system prompt" not in out.getvalue()  # --system '' : none

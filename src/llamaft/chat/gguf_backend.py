@@ -132,6 +132,7 @@ def chat_loop_gguf(path, system: str | None = None, temperature: float = 0.7, to
     if handle is None:
         out.write(f"loading {path} (llama.cpp) ...\n")
         handle = load_gguf(path)
-    from .terminal import repl
+    from .terminal import default_system, repl
 
+    system = default_system(path, system, out)
     return repl(lambda history: stream_chat_gguf(handle, history, params), system, input_fn=input_fn, out=out)

@@ -14,6 +14,7 @@ import sys
 from typing import Callable, Iterator, TextIO
 
 from ..model.generate import GenParams, stream_chat
+from ..model.inference import enclosing_run, run_system_prompt
 
 HELP = "commands: /reset (new conversation), /exit (quit); Ctrl-C stops a reply"
 
@@ -35,7 +36,19 @@ def chat_loop(path, system: str | None = None, temperature: float = 0.7, top_p: 
         out.flush()
         loaded = load_for_inference(path, dtype=dtype, device=device)
     model, tokenizer, rules = loaded
+    system = default_system(path, system, out)
     return repl(lambda history: stream_chat(model, tokenizer, rules, history, params), system, input_fn=input_fn, out=out)
+
+
+def default_system(path, system: str | None, out: TextIO) -> str | None:
+    """`--system` when given (`--system ''` for none), else the system prompt the run trained with
+    (also for RUN/merged and a GGUF exported into RUN), shown so the user knows what the model sees."""
+    if system is not None:
+        return system
+    found = run_system_prompt(enclosing_run(path)) or None
+    if found:
+        out.write(f"system prompt (the run's data.system_prompt; --system to change): {found}\n")
+    return found
 
 
 def repl(stream: Callable[[list[dict]], Iterator[str]], system: str | None = None, *,

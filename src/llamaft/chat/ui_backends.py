@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 from ..errors import LlamaftError
 from ..model.generate import GenParams, stream_chat
-from ..model.inference import is_run_dir
+from ..model.inference import enclosing_run, run_system_prompt
 
 Stream = Callable[[list, GenParams], Iterator[str]]
 
@@ -93,26 +93,6 @@ def load_backend(path: Path, label: str) -> Backend:
     return hf_backend(label, load_for_inference(path))
 
 
-def _enclosing_run(model_dir: Path) -> Path | None:
-    """RUN for RUN/merged (where `llamaft demo` and the docs put merges): the run that made it."""
-    for parent in list(model_dir.resolve().parents)[:2]:
-        if is_run_dir(parent):
-            return parent
-    return None
-
-
-def _system_prompt(run_dir: Path | None) -> str:
-    if run_dir is None:
-        return ""
-    try:
-        import yaml
-
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-        return str((cfg.get("data") or {}).get("system_prompt") or "")
-    except Exception:  # noqa: BLE001 - only a default for a text box; the summary panel reports bad files
-        return ""
-
-
 def resolve_models(path: str | Path, base: bool | str | Path = False) -> Models:
     """Load the fine-tuned model now and decide where its base comes from (see ui.py's docstring)."""
     p = Path(str(path)).expanduser()
@@ -137,7 +117,7 @@ def resolve_models(path: str | Path, base: bool | str | Path = False) -> Models:
 
         loader, label = (lambda: hf_backend("base", load_for_inference(p, adapter=False))), "the run's base model"
         note = "the run's base model (a second copy of the weights, loaded when first switched on)"
-    elif kind == "model" and (parent := _enclosing_run(p)) is not None:
+    elif kind == "model" and (parent := enclosing_run(p)) is not None:
         from ..model.inference import load_for_inference
 
         run_dir, tuned.label = parent, "merged model"
@@ -150,4 +130,4 @@ def resolve_models(path: str | Path, base: bool | str | Path = False) -> Models:
         if base is True:
             raise LlamaftError(f"{p}: side-by-side needs the base model, and this {'file' if kind == 'gguf' else 'model directory'} "
                                "does not record it; pass --base PATH (the base model directory)")
-    return Models(tuned, label, note, loader, run_dir, _system_prompt(run_dir))
+    return Models(tuned, label, note, loader, run_dir, run_system_prompt(run_dir))

@@ -37,6 +37,29 @@ def is_run_dir(path: str | Path) -> bool:
     return (p / "config.yaml").is_file() and ((p / "adapter").is_dir() or (p / "model").is_dir())
 
 
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run a path belongs to: the run directory itself, a checkpoint/adapter dir inside it, or
+    RUN/merged and RUN/model-*.gguf (where merge, export and `llamaft demo` put their outputs)."""
+    p = Path(path).expanduser().resolve()
+    for candidate in [p, *list(p.parents)[:2]]:
+        if is_run_dir(candidate):
+            return candidate
+    return None
+
+
+def run_system_prompt(run_dir: Path | None) -> str:
+    """The run's `data.system_prompt` (what it trained with), "" when there is none or no run."""
+    if run_dir is None:
+        return ""
+    try:
+        import yaml
+
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8")) or {}
+        return str((cfg.get("data") or {}).get("system_prompt") or "")
+    except Exception:  # noqa: BLE001 - only a default; loading the run itself reports a broken config
+        return ""
+
+
 def _is_model_dir(p: Path) -> bool:
     return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
 
