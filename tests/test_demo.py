@@ -31,3 +31,24 @@ def test_demo_improves_and_reports(tmp_path):
     assert tok.convert_ids_to_tokens([2, 3]) == ["<|im_end|>", "<repo_name>"]
     preds = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 24 and all("prediction" in p and "reference" in p for p in preds)
+
+
+def test_a_second_demo_replaces_its_own_previous_run_and_nothing_else(tmp_path, capsys):
+    from llamaft.demo import MARKER, demo_data_dir, fresh_demo_dir
+
+    out = tmp_path / "runs" / "demo"
+    assert fresh_demo_dir(out) == out and (out / MARKER).is_file()
+    (out / "summary.json").write_text("{}")
+    demo_data_dir(out).mkdir()
+    (demo_data_dir(out) / "train.jsonl").write_text("{}\n")
+    fresh_demo_dir(out)  # the rerun: the old run and its data are gone, a fresh marked directory remains
+    assert sorted(p.name for p in out.iterdir()) == [MARKER] and not demo_data_dir(out).exists()
+
+    mine = tmp_path / "my-run"
+    mine.mkdir()
+    (mine / "summary.json").write_text('{"keep": true}')
+    capsys.readouterr()
+    assert main(["demo", "--out", str(mine)]) == 2  # refused before the model is prepared
+    err = capsys.readouterr().err
+    assert err.startswith(f"llamaft demo: error: --out {mine}: exists and is not a llamaft demo run") and err.count("\n") == 1
+    assert (mine / "summary.json").read_text() == '{"keep": true}'

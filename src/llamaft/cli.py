@@ -131,7 +131,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo); a previous demo run there is replaced, any other directory is refused")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
     p.add_argument("--no-chat", action="store_true", help="skip the closing chat sample")
     p.add_argument("--no-export", action="store_true", help="skip the GGUF export")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -18,9 +19,29 @@ from rich.console import Console
 
 from .assets import prepare_smollm2
 from .demo_data import QUESTION, write_demo_data
-from .paths import write_text_atomic
+from .errors import LlamaftError
+from .paths import check_output_dir, write_text_atomic
 
 DEMO_PROMPTS = ["Iceland", "Kenya", "Peru"]
+MARKER = ".llamaft-demo"  # written into every demo run directory: `llamaft demo` may replace only those
+
+
+def fresh_demo_dir(out: Path) -> Path:
+    """`llamaft demo` again replaces its own previous demo run (and its data); a directory that is not
+    a demo run is never deleted: one line asks for another --out. Checked before the model loads."""
+    out = check_output_dir(out, "--out")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise LlamaftError(f"--out {out}: exists and is not a llamaft demo run; choose another --out (or remove it)")
+        shutil.rmtree(out)
+        shutil.rmtree(demo_data_dir(out), ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `llamaft demo`; a later `llamaft demo --out` here replaces this directory\n")
+    return out
+
+
+def demo_data_dir(out: Path) -> Path:
+    return out.parent / (out.name + "-data")
 
 
 def demo_config(model_dir: Path, data: dict[str, Path], out_dir: Path, steps: int | None):
@@ -60,11 +81,11 @@ def demo_config(model_dir: Path, data: dict[str, Path], out_dir: Path, steps: in
 def run_demo(out_dir: str = "runs/demo", steps: int | None = None, chat: bool = True, export: bool = True) -> Path:
     console = Console()
     t0 = time.time()
-    out = Path(out_dir)
+    out = fresh_demo_dir(Path(out_dir))
     console.rule("[bold]llamaft demo")
     model_dir = prepare_smollm2(console)
     console.print(f"base model: SmolLM2-135M-Instruct (Llama architecture), from {model_dir}")
-    data = write_demo_data(out.parent / (out.name + "-data"))
+    data = write_demo_data(demo_data_dir(out))
     console.print(f"task: '{QUESTION.format(country='X')}' -> the city alone; data in {data['train'].parent}")
 
     from .train import train

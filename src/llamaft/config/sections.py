@@ -29,7 +29,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which base model to fine-tune and how."""
 
-    name: str = Field(..., description="Hub id, local HF directory, or a .gguf file.")
+    name: str = Field(..., description="Hub id, local HF directory, a .gguf file, or embedded:smollm2 (the bundled SmolLM2-135M-Instruct, for CPU trials).")
     gguf_file: Optional[str] = Field(None, description="GGUF file name inside `name` (auto when `name` is a .gguf path).")
     tokenizer: Optional[str] = Field(
         None, description="Tokenizer source: `llama3` / `llama3.1` (Meta's offline file), a hub id or a directory; default: the model's."
