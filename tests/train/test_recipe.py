@@ -95,8 +95,11 @@ def test_interrupted_run_resumes_to_identical_weights(full_run, model_dir, tmp_p
     monkeypatch.setattr(AtomicCheckpointTrainer, "_save_rng_state", real)
     ckpts = out / "checkpoints"
     assert not (ckpts / "checkpoint-6").exists()  # the half-written one never appeared
-    assert (ckpts / ".staging" / "checkpoint-6").is_dir()
-    # and a foreign half-written dir (no trainer_state.json) must be ignored, then removed
+    assert not (ckpts / ".staging").exists()  # an interrupted save removes what it had staged
+    # what a hard crash (SIGKILL mid-save) leaves behind: a staged checkpoint, and a foreign
+    # half-written dir (no trainer_state.json); both must be ignored, then removed
+    (ckpts / ".staging" / "checkpoint-6").mkdir(parents=True)
+    (ckpts / ".staging" / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"partial")
     (ckpts / "checkpoint-7").mkdir()
     (ckpts / "checkpoint-7" / "adapter_model.safetensors").write_bytes(b"partial")
 
