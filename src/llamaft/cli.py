@@ -145,7 +145,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="run directory or merged model directory")
-    p.add_argument("--data", help="test file (default: the run's test split, else its validation sets)")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="test file(s), each a set named by its stem (default: the run's "
+                   "test split, else its validation sets, from the copies in RUN/data/)")
     p.add_argument("--compare-base", action="store_true", help="also run the base model on the same rows, side by side")
     p.add_argument("--out", help="where to write predictions (default: RUN/eval)")
     p.add_argument("--max-samples", type=int, default=None, help="rows to generate for (default: all)")

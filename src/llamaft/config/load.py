@@ -7,6 +7,7 @@ with errors that name the file, line or dotted key and the closest valid key.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,9 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, *, snapshot: bool = False) -> RunConfig:
-    """`snapshot`: a run directory's config.yaml, possibly written by an older llamaft (kept loadable)."""
+    """`snapshot`: a run directory's config.yaml, possibly written by an older llamaft (kept loadable).
+    A run's config.yaml is read with its relative paths against the run (see resolve_paths), also when
+    it is passed as a training config (`llamaft train RUN/config.yaml train.resume=true`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -191,15 +194,28 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, snapsho
         raw["train"]["max_steps"] = None  # older snapshots stored HF's "-1 = use epochs"
     raw = apply_overrides(raw, overrides or [])
     cfg = config_from_dict(raw, str(path))
-    return resolve_paths(cfg, path.parent)
+    return resolve_paths(cfg, path.parent, run=snapshot or (path.parent / RUN_SOURCES).is_file())
 
 
-def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    """Relative data/template paths in a YAML file are relative to that file (if they exist there)."""
+def resolve_paths(cfg: RunConfig, base: Path, *, run: bool = False) -> RunConfig:
+    """Relative data/template/model paths of a YAML file in `base`.
+
+    A user's YAML: relative to the working directory, as typed; only a path that exists nowhere there
+    but does beside the YAML is taken from the YAML's folder. A run's config.yaml (`run`): relative to
+    the run directory first, because train stores its copies there as `data/...` (see
+    train/portable.py) and a project's own ./data in the working directory must never stand in for
+    them; the copies it lists resolve into the run even when missing, so an error names the run's
+    path. Older snapshots stored paths relative to the directory training ran in: still found there.
+    """
+    listed = set(read_sources(base)) if run else set()
 
     def fix(p: str) -> str:
+        if Path(p).is_absolute():
+            return p
         cand = base / p
-        return str(cand) if not Path(p).is_absolute() and not Path(p).exists() and cand.exists() else p
+        if run and (cand.exists() or Path(p).as_posix() in listed):
+            return str(cand)
+        return str(cand) if not Path(p).exists() and cand.exists() else p
 
     d = cfg.data
     d.train = [fix(p) for p in d.train]
@@ -216,6 +232,22 @@ def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     if not Path(cfg.model.name).is_absolute() and (base / cfg.model.name).exists() and not Path(cfg.model.name).exists():
         cfg.model.name = str(base / cfg.model.name)
     return cfg
+
+
+# A run directory's data manifest: every file train copied or wrote into RUN/data/, by its path
+# relative to the run, with where it came from: {"data/alpha.jsonl": {"origin": "/abs/alpha.jsonl",
+# "key": "data.validation.alpha"}, "data/split/validation.jsonl": {"origin": "/abs/train.jsonl",
+# "key": "data.train", "split": "validation", "rows": 3}}. Errors name the origin when a copy is gone.
+RUN_SOURCES = "data/sources.json"
+
+
+def read_sources(run_dir: str | Path) -> dict[str, dict]:
+    """The run's data manifest ({} when it has none: older runs, or a plain YAML's folder)."""
+    try:
+        found = json.loads((Path(run_dir) / RUN_SOURCES).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): v for k, v in found.items() if isinstance(v, dict)} if isinstance(found, dict) else {}
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -1,4 +1,4 @@
-"""`llamaft eval RUN_DIR [--data FILE] [--compare-base]`: loss + generation metrics of a trained model.
+"""`llamaft eval RUN_DIR [--data FILE ...] [--compare-base]`: loss + generation metrics of a trained model.
 
 eval's command side (with report.py): it loads a model from a run directory and calls eval's scoring
 library (generation.py, metrics.py) and the data pipeline; train never imports it.
@@ -6,9 +6,11 @@ library (generation.py, metrics.py) and the data pipeline; train never imports i
     results = evaluate_run("runs/demo", compare_base=True)
     results["tuned"]["capitals_val"]["exact_match"], results["base"]["capitals_val"]["exact_match"]
 
-Which rows: `--data FILE` (read by the data pipeline with the run's columns, format and system prompt),
-else the run's test split (rebuilt from config.yaml with the same split seed), else its validation
-sets. Every row is evaluated unless `max_samples` is given (then the fixed sample that training used too).
+Which rows: `--data FILE [FILE ...]` (read by the data pipeline with the run's columns, format and
+system prompt; each file a set named by its stem), else the run's test file or test split, else its
+validation sets or validation split (see run_sets: from the copies train put into RUN/data/, so eval
+works from any directory and after the run moved; a missing file is one line naming the original and
+--data). Every row is evaluated unless `max_samples` is given (then the fixed sample that training used too).
 
 Written to `out` (default RUN/eval):
 - predictions.jsonl: one line per row: set, where, prompt (messages), reference, prediction,
@@ -35,10 +37,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ..config import DataConfig, EvalConfig, load_config
+from ..config import DataConfig, EvalConfig, load_config, read_sources
 from ..data.chat import IGNORE_INDEX
 from ..data.collate import Collator
+from ..data.formats import Conversation
 from ..data.pipeline import encode_examples, read_file, split_conversations
+from ..data.sources import validation_sets
 from ..errors import LlamaftError
 from ..model.inference import load_for_inference, resolve_source
 from ..paths import write_text_atomic
@@ -48,19 +52,21 @@ from .metrics import check_metrics, perplexity
 EXAMPLES_SHOWN = 3
 
 
-def evaluate_run(path, data: str | None = None, compare_base: bool = False, out: str | None = None,
+def evaluate_run(path, data: str | list[str] | None = None, compare_base: bool = False, out: str | None = None,
                  max_samples: int | None = None, console=None, batch_size: int | None = None) -> dict:
     """Evaluate the model at `path` (run dir, checkpoint dir or merged model dir); returns
-    {"tuned": {set: metrics}, "base": {set: metrics} | None, "out": dir, "sets": {set: n_rows}}."""
+    {"tuned": {set: metrics}, "base": {set: metrics} | None, "out": dir, "sets": {set: n_rows}}.
+    data: a file or files to score instead of the run's own sets (each a set named by its stem)."""
     console = console or Console()
+    files = [data] if isinstance(data, str) else list(data or [])
     src = resolve_source(path)
     cfg = load_config(src.run_dir / "config.yaml", snapshot=True) if src.run_dir is not None else None
     if compare_base and cfg is None:
         raise LlamaftError(f"{path}: --compare-base needs a run directory (its config.yaml names the base model)")
     eval_cfg = cfg.eval if cfg is not None else EvalConfig()
-    data_cfg = cfg.data if cfg is not None else DataConfig(train=[str(data or path)])
-    sets = _eval_sets(cfg, data_cfg, data, path)
-    validation = data is None and "test" not in sets
+    data_cfg = cfg.data if cfg is not None else DataConfig(train=[str(files[0] if files else path)])
+    sets = _eval_sets(cfg, data_cfg, files, path, src.run_dir)
+    validation = not files and "test" not in sets
     plans = {name: _plan(eval_cfg, name, batch_size, use_first=not validation) for name in sets}
     for plan in plans.values():
         check_metrics(plan.metrics, plan.labels)  # before any model loads
@@ -97,22 +103,103 @@ def _plan(eval_cfg, name: str, batch_size: int | None, use_first: bool):
     return plan.model_copy(update={"batch_size": batch_size}) if batch_size else plan
 
 
-def _eval_sets(cfg, data_cfg, data: str | None, path) -> dict[str, list]:
-    """set name -> conversations: --data, else the test split, else the validation sets."""
+def _eval_sets(cfg, data_cfg, data: list[str], path, run_dir: Path | None) -> dict[str, list]:
+    """set name -> conversations: the --data files, else the run's test split, else its validation sets."""
     if data:
-        convs, fmt = read_file(data, data_cfg, require_assistant=True)  # references are assistant turns
-        if fmt == "text":
-            raise LlamaftError(f"{data}: plain-text rows have no reference answers; eval needs qa / alpaca / messages rows")
-        return {Path(data).stem: convs}
+        return {name: _data_file(f, data_cfg) for name, f in _named_files(data).items()}
     if cfg is None:
         raise LlamaftError(f"{path}: a model directory has no test split; pass --data FILE")
-    splits = split_conversations(cfg.data)
-    if splits.test:
-        return {"test": splits.test}
-    val_sets = {n: rows for n, rows in splits.validation.items() if rows}
-    if not val_sets:
-        raise LlamaftError(f"{path}: the run has no test split and no validation set; pass --data FILE")
-    return val_sets
+    return run_sets(cfg, run_dir, path)
+
+
+def _named_files(files: list[str]) -> dict[str, str]:
+    """--data files by their stems (the set names in the report); two equal stems are an error."""
+    named: dict[str, str] = {}
+    for f in files:
+        name = Path(f).stem
+        if name in named:
+            raise LlamaftError(f"--data {f}: a second file named '{name}' ({named[name]}); rename one")
+        named[name] = f
+    return named
+
+
+def _data_file(f: str, data_cfg) -> list:
+    convs, fmt = read_file(f, data_cfg, require_assistant=True)  # references are assistant turns
+    if fmt == "text":
+        raise LlamaftError(f"{f}: plain-text rows have no reference answers; eval needs qa / alpaca / messages rows")
+    return convs
+
+
+def run_sets(cfg, run_dir: Path, path) -> dict[str, list]:
+    """The rows the run holds out, as training held them out: its test file or test split, else its
+    validation files or validation split. Since runs travel (train/portable.py) they are read from
+    the copies in RUN/data/ (held-out rows exactly as training took them); older runs and sets too
+    large to copy are read (and split) where config.yaml names them."""
+    d, sources = cfg.data, read_sources(run_dir)
+    if d.test:
+        return {"test": read_file(_stored(d.test, "data.test", sources, run_dir), d)[0]}
+    if d.test_ratio > 0:
+        return {"test": _held_out("test", cfg, sources, run_dir)}
+    if d.validation is not None:
+        for key, p in _validation_paths(d.validation):
+            _stored(p, key, sources, run_dir)
+        return {name: read_file(p, d)[0] for name, p in validation_sets(d.validation).items()}
+    if d.val_ratio > 0:
+        return {"validation": _held_out("validation", cfg, sources, run_dir)}
+    raise LlamaftError(f"{path}: the run has no test split and no validation set; pass --data FILE")
+
+
+def _validation_paths(v) -> list[tuple[str, str]]:
+    if isinstance(v, str):
+        return [("data.validation", v)]
+    if isinstance(v, list):
+        return [(f"data.validation[{i}]", p) for i, p in enumerate(v)]
+    return [(f"data.validation.{name}", p) for name, p in v.items()]
+
+
+def _held_out(split: str, cfg, sources: dict, run_dir: Path) -> list:
+    """The rows val_ratio / test_ratio held out of data.train: RUN/data/split/<split>.jsonl, else
+    (older runs, or too large to copy) the same seeded split of data.train taken again."""
+    for rel, entry in sources.items():
+        if entry.get("split") == split:
+            return read_split_rows(_stored(str(run_dir / rel), entry.get("key", "data.train"), sources, run_dir, rel))
+    d = cfg.data
+    for p in d.train:
+        _stored(p, "data.train", sources, run_dir, note=f"the run's {split} split is taken from it again")
+    # Only the split asked for: the other sets' files need not exist for it.
+    only = d.model_copy(update={"validation": None, "test": None,
+                                "val_ratio": d.val_ratio if split == "validation" else 0.0,
+                                "test_ratio": d.test_ratio if split == "test" else 0.0})
+    splits = split_conversations(only)
+    return splits.test if split == "test" else splits.validation["validation"]
+
+
+def read_split_rows(path: str | Path) -> list[Conversation]:
+    """Held-out rows as train/portable.py writes them: one {"where", "messages", "text"?, "tools"?} a line."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows.append(Conversation(r["messages"], r["where"], text=r.get("text"), tools=r.get("tools")))
+    return rows
+
+
+def _stored(p: str, key: str, sources: dict, run_dir: Path, rel: str | None = None, note: str = "") -> str:
+    """`p` when it exists; else one line naming it, the original it was copied from, and --data."""
+    if Path(p).exists():
+        return p
+    if rel is None:
+        try:
+            rel = Path(p).resolve().relative_to(Path(run_dir).resolve()).as_posix()
+        except ValueError:
+            rel = None
+    origin = sources.get(rel or "", {}).get("origin")
+    if origin:
+        why = f"the run's copy of {origin} ({key})"
+    else:
+        where = "" if Path(p).is_absolute() else ", relative to the directory training ran in"
+        why = f"{key} in {Path(run_dir) / 'config.yaml'}{where}" + (f"; {note}" if note else "")
+    raise LlamaftError(f"{p}: file not found ({why}); pass --data FILE to evaluate on another file")
 
 
 def _evaluate_loaded(path, adapter: bool, sets: dict, plans: dict, eval_cfg, data_cfg) -> tuple[dict, list[dict]]:

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import LlamaftError
 from .load import DTYPES
+from .source import looks_like_path
 from .tokenizer import TokenRules, detect_family, load_tokenizer, make_rules
 
 
@@ -194,6 +195,22 @@ def load_run_base(cfg, tokenizer, rules, dtype: torch.dtype, adapter_dir: Path |
     return model.to(dtype)
 
 
+def locate_base(cfg, run_dir: Path):
+    """The run's base as this machine finds it: `embedded:smollm2` resolved to this machine's cache of
+    the embedded model (converted once), and one line, before any load, for a local base model,
+    tokenizer or chat template that is not where config.yaml says (a run moved to another machine)."""
+    from ..assets import resolve_model_name
+
+    cfg.model.name = resolve_model_name(cfg.model.name)
+    for key, value in (("model.name", cfg.model.name), ("model.tokenizer", cfg.model.tokenizer),
+                       ("data.chat_template", cfg.data.chat_template)):
+        local = key == "data.chat_template" or looks_like_path(value or "")
+        if value and local and not Path(value).expanduser().exists():
+            raise LlamaftError(f"{key}: {value} not found (the run {run_dir} was trained with it); put it back there, "
+                               f"or set {key} in {Path(run_dir) / 'config.yaml'} to where it is now")
+    return cfg
+
+
 def load_for_inference(path: str | Path, *, dtype: str | None = None, device: str | None = None, adapter: bool = True):
     """(model, tokenizer, rules) ready for `llamaft.model.generate`; model in eval mode on `device`.
 
@@ -211,7 +228,7 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, device: st
     else:
         from ..config import load_config
 
-        cfg = load_config(src.run_dir / "config.yaml", snapshot=True)
+        cfg = locate_base(load_config(src.run_dir / "config.yaml", snapshot=True), src.run_dir)
         tdtype = torch_dtype(dtype or cfg.model.dtype, cfg.model.method)
         tokenizer, rules = load_tokenizer(cfg.model, cfg.data)  # exactly as training built it
         model = load_run_base(cfg, tokenizer, rules, tdtype, src.weights if src.kind == "adapter" else None)

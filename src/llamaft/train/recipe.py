@@ -24,7 +24,6 @@ import torch
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from ..config import save_config
 from ..data.pipeline import Datasets, Splits, build_datasets, split_conversations
 from ..errors import LlamaftError, TrainingDiverged
 from ..eval.generation import check_generation_sets
@@ -38,6 +37,7 @@ from ..model.tokenizer import load_tokenizer, save_tokenizer
 from ..paths import check_output_dir, write_text_atomic
 from .callbacks import MetricsJsonlCallback, attach_eval_callback, json_safe, read_metrics, truncate_metrics
 from .checkpoint import AtomicCheckpointTrainer, clean_incomplete, latest_complete, resolve_resume
+from .portable import save_run_config
 from .setup import ListDataset, check_optimizer, gradient_checkpointing, pick_collator_and_plan, training_arguments
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def _already_finished(run: Run, trainer) -> bool:
 
 def _start_outputs(run: Run) -> None:
     """Only now is the run directory written to: a run that is already complete stays untouched."""
-    save_config(run.cfg, run.dir / "config.yaml")
+    save_run_config(run.cfg, run.dir, run.splits)  # paths that hold from anywhere; eval data copied in (portable.py)
     if run.resume_from is not None:
         truncate_metrics(run.metrics_path, _step_of(run.resume_from))
         print(f"resuming from {run.resume_from}")
