@@ -24,6 +24,11 @@ def test_every_command_has_help(command, capsys):
     assert out.startswith(f"usage: llamaft {command}")
 
 
+def test_eval_data_takes_several_files():
+    args = build_parser().parse_args(["eval", "runs/r", "--data", "a.jsonl", "b.jsonl", "--compare-base"])
+    assert args.data == ["a.jsonl", "b.jsonl"] and args.compare_base and args.path == "runs/r"
+
+
 def test_top_level_help_lists_every_command():
     proc = run_cli("--help")
     assert proc.returncode == 0

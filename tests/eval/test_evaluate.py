@@ -63,3 +63,38 @@ def test_eval_errors_are_one_line(run, tmp_path):
     bad.write_text(json.dumps({"text": "just text"}) + "\n")
     with pytest.raises(LlamaftError, match="plain-text rows have no reference"):
         evaluate_run(run, data=str(bad))
+
+
+def test_eval_data_takes_several_files_each_a_set(run, tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "sub" / "b.jsonl"
+    b.parent.mkdir()
+    a.write_text(json.dumps({"question": "hi", "answer": "yo"}) + "\n")
+    b.write_text(json.dumps({"question": "what", "answer": "4"}) + "\n")
+    res = evaluate_run(run, data=[str(a), str(b)], out=str(tmp_path / "ev"), console=Console(file=io.StringIO()))
+    assert res["sets"] == {"a": 1, "b": 1}
+    rows = [json.loads(l) for l in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["set"], r["reference"]) for r in rows] == [("a", "yo"), ("b", "4")]
+    with pytest.raises(LlamaftError, match="--data .*a second file named 'a'"):
+        evaluate_run(run, data=[str(a), str(tmp_path / "sub" / "a.jsonl")])
+
+
+def test_eval_missing_run_data_names_the_original_and_data(tmp_path):
+    """An older run (paths relative to where training ran) and a copy in RUN/data/ that is gone:
+    one line each, naming what config.yaml says, the original, and --data."""
+    from inference_helpers import make_run_dir
+
+    run = make_run_dir(tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["validation"] = "runs/demo-data/capitals_val.jsonl"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(LlamaftError, match="^runs/demo-data/capitals_val.jsonl: file not found \\(data.validation in "
+                       ".*config.yaml, relative to the directory training ran in\\); pass --data FILE"):
+        evaluate_run(run)
+    cfg["data"]["validation"] = "data/capitals_val.jsonl"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "data").mkdir()
+    (run / "data" / "sources.json").write_text(json.dumps(
+        {"data/capitals_val.jsonl": {"origin": "/home/u/capitals_val.jsonl", "key": "data.validation"}}))
+    with pytest.raises(LlamaftError, match=f"^{run / 'data' / 'capitals_val.jsonl'}: file not found \\(the run's copy of "
+                       "/home/u/capitals_val.jsonl \\(data.validation\\)\\); pass --data FILE"):
+        evaluate_run(run)

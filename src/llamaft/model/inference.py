@@ -6,7 +6,9 @@
 
 Chat, evaluation, merge and export all load through here, so "what the run means" is decided once:
 the run's config snapshot rebuilds the base exactly as training saw it (tokenizer rules, added pad
-token, resized embeddings), then the PEFT adapter goes on top.
+token, resized embeddings), then the PEFT adapter goes on top. A run's base is looked up on this
+machine (locate_base): `embedded:smollm2` in this machine's cache, a moved local base one line saying
+what to edit in RUN/config.yaml.
 """
 
 from __future__ import annotations
@@ -206,9 +208,22 @@ def locate_base(cfg, run_dir: Path):
                        ("data.chat_template", cfg.data.chat_template)):
         local = key == "data.chat_template" or looks_like_path(value or "")
         if value and local and not Path(value).expanduser().exists():
-            raise LlamaftError(f"{key}: {value} not found (the run {run_dir} was trained with it); put it back there, "
-                               f"or set {key} in {Path(run_dir) / 'config.yaml'} to where it is now")
+            copied = _copied_from(value, run_dir)
+            raise LlamaftError(f"{key}: {value} not found (the run {run_dir} was trained with it{copied}); put it back "
+                               f"there, or set {key} in {Path(run_dir) / 'config.yaml'} to where it is now")
     return cfg
+
+
+def _copied_from(path: str, run_dir: Path) -> str:
+    """', a copy of ORIGIN' for a file train copied into the run (its data/sources.json), else ''."""
+    from ..config import read_sources
+
+    try:
+        rel = Path(path).resolve().relative_to(Path(run_dir).resolve()).as_posix()
+    except ValueError:
+        return ""
+    origin = read_sources(run_dir).get(rel, {}).get("origin")
+    return f", a copy of {origin}" if origin else ""
 
 
 def load_for_inference(path: str | Path, *, dtype: str | None = None, device: str | None = None, adapter: bool = True):
