@@ -194,7 +194,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, snapsho
         raw["train"]["max_steps"] = None  # older snapshots stored HF's "-1 = use epochs"
     raw = apply_overrides(raw, overrides or [])
     cfg = config_from_dict(raw, str(path))
-    return resolve_paths(cfg, path.parent, run=snapshot or (path.parent / RUN_SOURCES).is_file())
+    run = snapshot or (path.name == "config.yaml" and (path.parent / RUN_SOURCES).is_file())
+    return resolve_paths(cfg, path.parent, run=run)
 
 
 def resolve_paths(cfg: RunConfig, base: Path, *, run: bool = False) -> RunConfig:
