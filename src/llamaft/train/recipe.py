@@ -8,7 +8,7 @@ setup          hardware and run-dir checks → rows read and split → tokenizer
                before every check passed)
 build_trainer  base model → adapters → fast path / collator → Trainer with its callbacks
 fit            train (or resume); a NaN/Inf stop or an interrupt writes summary.json, then raises
-save           final evaluation → adapter/ or model/ with the tokenizer → summary.json + loss.png
+save           final evaluation → adapter/ or model/ with the tokenizer → summary.json + loss.png + report.md
 
 Output: one progress bar in a terminal, one plain line per logging step in a log (train/progress.py);
 library noise is filtered in one place (llamaft/console.py).
@@ -32,6 +32,7 @@ from ..data.pipeline import Datasets, Splits, build_datasets, split_conversation
 from ..errors import LlamaftError, TrainingDiverged
 from ..eval.generation import check_generation_sets
 from ..eval.plots import plot_losses
+from ..eval.report import write_report
 from ..model.adapters import apply_adapters, count_parameters, save_trained
 from ..model.fast import restore_parked
 from ..model.finite import first_nonfinite_param
@@ -99,7 +100,7 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     _start_outputs(run)
     result = fit(run, trainer, plan)
     save(run, trainer, plan, result, eval_cb)
-    say(f"run saved to {run.dir}")
+    say(f"run saved to {run.dir} (summary.json, report.md)")
     return run.dir
 
 
@@ -330,7 +331,8 @@ def _last_step_eval(trainer, set_names) -> dict | None:
 
 
 def finish(run: Run, trainer, plan, outcome: Outcome) -> None:
-    """summary.json + loss.png for every way a run ends (completed, stopped, interrupted)."""
+    """summary.json + loss.png + report.md for every way a run ends (completed, stopped, interrupted;
+    a failed run, whose disk refused a write, gets the summary only)."""
     _close_progress_bar(trainer)  # the final evaluation's lines are out; the token hook is off
     rows = read_metrics(run.metrics_path)
     plot_losses(rows, run.set_names, run.dir / "loss.png", title=f"{run.cfg.model.name} ({run.cfg.model.method})")
@@ -339,6 +341,17 @@ def finish(run: Run, trainer, plan, outcome: Outcome) -> None:
     for cb in trainer.callback_handler.callbacks:
         if getattr(cb, "tb_writer", None) is not None:
             cb.tb_writer.close()  # flush the final evaluation's events
+    if outcome.status != "failed":
+        _write_report(run)
+
+
+def _write_report(run: Run) -> None:
+    """RUN/report.md + RUN/plots/ from what the run wrote; a report that cannot be written never hides
+    how the run ended (summary.json is already there)."""
+    try:
+        write_report(run.dir)
+    except Exception as err:  # noqa: BLE001 - the weights and summary are saved; the page is a view of them
+        log.warning("could not write %s: %s", run.dir / "report.md", err)
 
 
 def run_summary(run: Run, trainer, plan, outcome: Outcome, rows: list[dict]) -> dict:
