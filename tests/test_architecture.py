@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "llamaft"
 
 # Bottom to top. Modules not named sit in the layer of their first dotted part.
 LAYERS = [
-    {"errors", "versions", "assets", "paths"},  # shared leaves: user errors, versions, bundled assets, output paths
+    {"errors", "versions", "assets", "paths", "console"},  # shared leaves: user errors, versions, bundled assets, output paths, console policy
     {"config"},
     {"data"},
     {"model"},

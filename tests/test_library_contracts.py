@@ -101,6 +101,37 @@ def test_transformers_helpers_used_by_tokenizer_and_merge():
     assert convert_file_size_to_int("5GB") == 5 * 10**9
 
 
+def test_transformers_log_events_share_one_dict_and_the_progress_bar_classes():
+    """train/progress.py adds tokens/s, step time and memory to a train log event inside its `on_log`,
+    so that the callbacks after it (metrics.jsonl, TensorBoard) write them: that needs `Trainer.log` to
+    hand its `logs` dict to `on_log` and every callback to get that same dict, in list order. It also
+    removes HF's own output by class: ProgressCallback, PrinterCallback and
+    `transformers.trainer.DEFAULT_PROGRESS_CALLBACK` (the notebook bar in Jupyter)."""
+    from types import SimpleNamespace
+
+    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
+    from transformers import trainer as hf_trainer
+    from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
+
+    seen = []
+
+    class Add(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs["tokens_per_s"] = 5.0
+
+    class Read(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    handler = CallbackHandler([Add(), Read()], None, None, None, None)
+    handler.on_log(SimpleNamespace(), TrainerState(), TrainerControl(), {"loss": 1.0})
+    assert seen == [{"loss": 1.0, "tokens_per_s": 5.0}]
+    assert re.search(r"callback_handler\.on_log\(\s*self\.args, self\.state, self\.control, logs\)",
+                     inspect.getsource(Trainer.log))
+    assert issubclass(hf_trainer.DEFAULT_PROGRESS_CALLBACK, TrainerCallback)
+    assert {ProgressCallback, PrinterCallback} <= {v for v in vars(hf_trainer).values() if isinstance(v, type)}
+
+
 # -- peft -----------------------------------------------------------------------------------------
 
 def test_peft_lora_linear_attributes_read_by_the_fused_path():

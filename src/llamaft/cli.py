@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version (0) or a usage error (2, one line already printed)
         return exit_.code if isinstance(exit_.code, int) else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .console import quiet_libraries
+
+    quiet_libraries()  # after parsing: --help and --version stay instant (it imports transformers' logging)
     try:
         with _stop_on_sigterm():
             table[args.command].run(args)

@@ -1,8 +1,12 @@
 """End-to-end training on a tiny random Llama (CPU, seconds) through the real tokenizer and data layers:
 run directory, resume, atomic checkpoints."""
 
+import io
 import json
 import math
+import re
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
@@ -28,11 +32,20 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full_run(model_dir, tmp_path_factory):
-    """One uninterrupted LoRA run of 8 steps (2 epochs of 32 rows, grad accumulation 2, dropout on)."""
+def full_run_io(model_dir, tmp_path_factory):
+    """One uninterrupted LoRA run of 8 steps (2 epochs of 32 rows, grad accumulation 2, dropout on):
+    (run dir, its stdout, its stderr, the warnings it raised). Not a terminal: plain lines."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    train(run_config(model_dir, out, dropout=0.1, scheduler="linear", warmup_steps=2))
-    return out
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, redirect_stdout(stdout), redirect_stderr(stderr):
+        warnings.simplefilter("always")  # pytest would otherwise keep them from being seen
+        train(run_config(model_dir, out, dropout=0.1, scheduler="linear", warmup_steps=2))
+    return out, stdout.getvalue(), stderr.getvalue(), [str(w.message) for w in caught]
+
+
+@pytest.fixture(scope="module")
+def full_run(full_run_io):
+    return full_run_io[0]
 
 
 def _rows(run):
@@ -73,6 +86,52 @@ def test_run_directory_contents(full_run):
     assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
 
 
+def test_progress_lines_in_a_log_and_no_library_noise(full_run_io):
+    run, out, err, caught = full_run_io
+    assert "\r" not in out and "{'loss'" not in out and "{'eval_" not in out  # HF's bar and printed dicts are gone
+    steps = [ln for ln in out.splitlines() if ln.startswith("step ")]
+    assert len(steps) == 8, out
+    line = re.compile(r"step (\d)/8 · loss \d\.\d+ · [\d,]+ tok/s · \d+\.\d\d s/step · ETA \d+:\d\d · peak \d+ MiB")
+    assert [int(line.fullmatch(ln).group(1)) for ln in steps] == list(range(1, 9)), steps
+    for name in ("alpha", "b_set"):  # one line per set and evaluation (every 2 steps)
+        assert len([ln for ln in out.splitlines() if ln.startswith(f"eval {name} @ step ")]) == 4
+    assert re.search(r"^trained 8 steps in \d+:\d\d · [\d,]+ tok/s", out, re.M)
+    assert "Loading weights" not in err and "Writing model shards" not in err and "it/s" not in err, err
+    assert not [m for m in caught if "gradient_checkpointing" in m], caught
+
+
+def test_throughput_counts_every_real_token_once(full_run):
+    summary = json.loads((full_run / "summary.json").read_text())
+    t = summary["throughput"]
+    # 8 steps of 8 examples = 2 epochs over the 32 training examples: each one's tokens twice, no padding
+    assert t["train_tokens"] == 2 * summary["data"]["train"]["tokens"]["total"]
+    assert t["steps"] == 8 and t["device"] == "cpu" and t["memory_peak_gib"] > 0
+    assert t["tokens_per_s"] == pytest.approx(t["train_tokens"] / t["train_time_s"], rel=0.01)
+    assert t["train_time_s"] < t["wall_time_s"]  # evaluation and checkpoints are not step time
+    train_rows = [r for r in _rows(full_run) if "train/loss" in r]
+    assert all(r["train/tokens_per_s"] > 0 and r["train/step_time_s"] > 0 and r["train/mem_peak_gib"] > 0 for r in train_rows)
+
+
+def test_every_run_writes_its_report(full_run):
+    summary = json.loads((full_run / "summary.json").read_text())
+    report = (full_run / "report.md").read_text()
+    for png in ("loss.png", "throughput.png"):
+        assert (full_run / "plots" / png).read_bytes()[:4] == b"\x89PNG" and f"plots/{png}" in report
+    for name in ("alpha", "b_set"):
+        assert f"### {name}" in report and f"| {name} |" in report
+    assert f"{summary['throughput']['tokens_per_s']:,.0f} tokens/s" in report
+    assert "| status | completed |" in report
+
+
+def test_summary_says_what_the_evaluation_during_training_was_computed_on(full_run):
+    scope = json.loads((full_run / "summary.json").read_text())["eval_during_training"]
+    assert "llamaft eval" in scope["note"] and "sample" in scope["note"]
+    assert scope["sets"] == {
+        "alpha": {"rows": 8, "loss_examples": 8, "note": "loss and perplexity only (eval.generation does not name this set)"},
+        "b_set": {"rows": 6, "loss_examples": 6, "note": "loss and perplexity only (eval.generation does not name this set)"},
+    }
+
+
 def test_linear_warmup_schedule_in_metrics(full_run):
     # linear, warmup_steps=2, 8 steps: HF logs the lr used for the step just taken
     lrs = [r["train/learning_rate"] for r in _rows(full_run) if "train/learning_rate" in r]
@@ -93,6 +152,9 @@ def test_interrupted_run_resumes_to_identical_weights(full_run, model_dir, tmp_p
     with pytest.raises(KeyboardInterrupt):
         train(run_config(model_dir, out, dropout=0.1, scheduler="linear", warmup_steps=2))
     monkeypatch.setattr(AtomicCheckpointTrainer, "_save_rng_state", real)
+    stopped = json.loads((out / "summary.json").read_text())
+    assert stopped["status"] == "interrupted" and stopped["throughput"]["steps"] == 6
+    assert "| status | interrupted |" in (out / "report.md").read_text()  # an interrupted run has its page too
     ckpts = out / "checkpoints"
     assert not (ckpts / "checkpoint-6").exists()  # the half-written one never appeared
     assert not (ckpts / ".staging").exists()  # an interrupted save removes what it had staged
@@ -106,6 +168,7 @@ def test_interrupted_run_resumes_to_identical_weights(full_run, model_dir, tmp_p
     train(run_config(model_dir, out, dropout=0.1, scheduler="linear", warmup_steps=2, resume=True))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-3")
+    assert summary["throughput"]["steps"] == 5  # this process: steps 4 to 8
     assert not (ckpts / "checkpoint-7").exists() and not (ckpts / ".staging").exists()
 
     a = load_file(full_run / "adapter" / "adapter_model.safetensors")

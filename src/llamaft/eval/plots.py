@@ -5,7 +5,8 @@
 `plot_losses` is the one loss plot: the train loss and each named validation set's loss against the
 optimizer step. Steps whose loss was NaN/Inf (metrics.jsonl marks them under "nonfinite") are drawn
 as red crosses at the top edge with a dotted red line: a diverged run must not look like a loss of 0
-or a gap. `line_panels` and `before_after_bars` draw the report's other figures.
+or a gap. `line_panels` (with `set_panels` for a validation set) and `before_after_bars` draw the
+report's other figures.
 
 matplotlib's object API only (no pyplot global state, no GUI backend): safe inside a training
 process, a server or several threads.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # Counts and settings: shown in tables, never plotted as if they were scores.
 NOT_SCORES = {"samples", "prompts_truncated", "loss_rows_truncated", "loss_rows_dropped"}
@@ -77,21 +79,47 @@ def _figure(n_panels: int, width_per: float = 4.2, height: float = 3.2, dpi: int
     return fig, axes
 
 
-def line_panels(path: Path, panels: list[tuple[str, dict]], title: str) -> None:
-    """One panel per (ylabel, {series name: [(step, value)]}); a lone point is drawn as a marker."""
+def line_panels(path: Path, panels: list[tuple[str, dict]], title: str, from_zero: bool = False) -> None:
+    """One panel per (ylabel, {series name: [(step, value)]}); a lone point is drawn as a marker.
+    from_zero: y axes start at 0 (rates, memory: a 0.2% wobble must not fill the panel)."""
     fig, axes = _figure(len(panels), width_per=6.0 if len(panels) == 1 else 4.2)
     for ax, (label, curves) in zip(axes, panels):
         for name, pts in curves.items():
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
             ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=name)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no tick at 1.5
         ax.set_ylabel(label)
+        if from_zero:
+            top = max((v for pts in curves.values() for _, v in pts), default=0.0)
+            ax.set_ylim(0, top * 1.1 or 1.0)  # headroom: the line must not sit on the frame
         ax.grid(alpha=0.3)
         if len(curves) > 1:
             ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def set_panels(set_name: str, metrics: list[str], series: dict) -> list[tuple[str, dict]]:
+    """A validation set's panels for `line_panels`: its loss; every score within 0..1 together (bleu
+    and chrf /100), so a set with five metrics is one figure of two panels, not five; any other
+    metric alone. Perplexity (exp of the loss) and counts are left to the report's table."""
+    pts = lambda m: series[f"eval/{set_name}/{m}"]
+    panels = [("loss", {"loss": pts("loss")})] if "loss" in metrics else []
+    scores = {}
+    for m in metrics:
+        if m in NOT_SCORES or m in LOWER_IS_BETTER:
+            continue
+        scale = 100.0 if m in PERCENT_SCALE else 1.0
+        scaled = [(step, v / scale) for step, v in pts(m)]
+        if all(0.0 <= v <= 1.0 for _, v in scaled):
+            scores[m + ("/100" if scale != 1.0 else "")] = scaled
+        else:
+            panels.append((m, {m: scaled}))
+    if scores:
+        panels.insert(1 if panels and panels[0][0] == "loss" else 0, ("score (0..1)", scores))
+    return panels or [(m, {m: pts(m)}) for m in metrics[:1]]  # only counts: still one panel, never an empty figure
 
 
 def before_after_bars(ev: dict, path: Path) -> bool:

@@ -4,24 +4,33 @@ eval's command side (with evaluate.py): it reads files a run left behind and cal
 
     write_report("runs/demo")      # -> runs/demo/report.md
 
-Reads what the run directory already holds (any of it may be missing; the page says so):
-- metrics.jsonl   train loss and every `eval/<set>/<metric>` over steps -> line plots + first/last table
-- summary.json    model, method, steps, runtime, parameters (and the demo's before/after blocks)
-- eval/eval.json  `llamaft eval` results: base vs fine-tuned on the same rows -> bars + table
-- eval/predictions*.jsonl   a few rows where the two models answer differently
+`llamaft train` writes it at the end of every run (completed, stopped or interrupted); the demo and
+`llamaft eval` users rewrite it once eval/eval.json exists.
 
-Plots come from eval/plots.py (matplotlib's object API: safe inside a training process or a server).
+Reads what the run directory already holds (any of it may be missing; the page says so):
+- metrics.jsonl   train loss, tokens/s, memory and every `eval/<set>/<metric>` over steps -> line
+                  plots + first/last tables
+- summary.json    status, model, method, steps, runtime, parameters, `throughput`, the last evaluation
+                  during training with `eval_during_training` (how many rows each number stands for),
+                  and the demo's before/after blocks
+- eval/eval.json  `llamaft eval` results (every row): base vs fine-tuned on the same rows -> bars + table
+- eval/predictions*.jsonl   a few rows where the two models answer differently
+- loss.png        the run's loss plot (training draws it): copied to plots/, not drawn twice
+
+Plots come from eval/plots.py (matplotlib's object API: safe inside a training process or a server);
+a tiny run's page with its plots takes about a second on CPU.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 from ..paths import write_text_atomic
 from .evaluate import differing_rows
-from .plots import LOWER_IS_BETTER, NOT_SCORES, before_after_bars, line_panels, plot_losses
+from .plots import LOWER_IS_BETTER, NOT_SCORES, before_after_bars, line_panels, plot_losses, set_panels
 
 TIMING = {"runtime_s", "runtime", "samples_per_second", "steps_per_second"}  # the trainer's eval timings: left out
 EXAMPLES = 5
@@ -37,12 +46,15 @@ def write_report(run_dir) -> Path:
     ev = _read_json(run / "eval" / "eval.json") or _from_summary(summary)
     series = metric_series(rows)
 
+    scope = (summary.get("eval_during_training") or {}).get("sets", {})
     md = [f"# Fine-tuning report: {run.name}", ""]
     md += _overview(summary, ev)
     if ev and ev.get("base"):
         md += _before_after(ev, plots)
-    md += _training(rows, series, plots)
-    md += _eval_sets(series, plots)
+    md += _training(rows, series, plots, run / "loss.png")
+    md += _throughput(summary.get("throughput"), series, plots)
+    md += _last_eval(summary.get("eval"), scope)
+    md += _eval_sets(series, plots, scope)
     md += _examples(run / "eval")
     md += _notes(ev, series)
     return write_text_atomic(run / "report.md", "\n".join(md) + "\n")
@@ -126,16 +138,24 @@ def _change(metric: str, before, after) -> str:
 
 
 def _overview(summary: dict, ev: dict | None) -> list[str]:
-    md = []
-    facts = [("model", summary.get("model")), ("method", summary.get("method")), ("steps", summary.get("steps")),
-             ("epochs", summary.get("epochs")), ("runtime", f"{summary['runtime_s']:.0f} s" if summary.get("runtime_s") else None),
+    """The summary table (the facts summary.json holds), then one headline per set of eval.json."""
+    t = summary.get("throughput") or {}
+    facts = [("status", summary.get("status")), ("model", summary.get("model")), ("method", summary.get("method")),
+             ("steps", summary.get("steps")), ("epochs", _fmt(summary["epochs"]) if summary.get("epochs") is not None else None),
+             ("runtime", f"{summary['runtime_s']:.0f} s" if summary.get("runtime_s") else None),
              ("trainable parameters", f"{summary['trainable_params']:,} of {summary['total_params']:,}"
               if summary.get("trainable_params") and summary.get("total_params") else None),
-             ("final train loss", _fmt(summary.get("train_loss")) if summary.get("train_loss") is not None else None)]
-    md += [f"- **{k}**: {v}" for k, v in facts if v is not None]
-    for line in _headlines(ev):
-        md.append(f"- **{line}**")
-    return md + [""]
+             ("final train loss", _fmt(summary.get("train_loss")) if summary.get("train_loss") is not None else None),
+             ("throughput", _rate(t) if t.get("tokens_per_s") is not None else None),
+             ("memory peak", f"{t['memory_peak_gib']:.2f} GiB on {t.get('device')}" if t.get("memory_peak_gib") else None),
+             ("precision", summary.get("precision"))]
+    md = ["| run | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts if v is not None] + [""]
+    headlines = [f"- **{line}**" for line in _headlines(ev)]
+    return md + (headlines + [""] if headlines else [])
+
+
+def _rate(t: dict) -> str:
+    return f"{t['tokens_per_s']:,.0f} tokens/s, {t['step_time_s']:.3g} s/step (mean)"
 
 
 def _headlines(ev: dict | None) -> list[str]:
@@ -163,30 +183,76 @@ def _before_after(ev: dict, plots: Path) -> list[str]:
     return md + [""]
 
 
-def _training(rows: list[dict], series: dict, plots: Path) -> list[str]:
+def _training(rows: list[dict], series: dict, plots: Path, loss_png: Path) -> list[str]:
     md = ["## Training", ""]
     losses = {k: v for k, v in series.items() if k == "train/loss" or (k.startswith("eval/") and k.endswith("/loss"))}
     if not losses:
         return md + ["No losses in metrics.jsonl (training did not log any).", ""]
-    set_names = [k.split("/")[1] for k in losses if k.startswith("eval/")]
-    plot_losses(rows, set_names, plots / "loss.png", title="loss over steps")  # the same plot as RUN/loss.png
+    if loss_png.is_file():  # training drew it from the same metrics.jsonl
+        shutil.copyfile(loss_png, plots / "loss.png")
+    else:
+        set_names = [k.split("/")[1] for k in losses if k.startswith("eval/")]
+        plot_losses(rows, set_names, plots / "loss.png", title="loss over steps")
     md += ["![loss](plots/loss.png)", "", "| series | first | last | change |", "|---|---:|---:|---:|"]
     for key, pts in losses.items():
         md.append(f"| {key} (steps {pts[0][0]}→{pts[-1][0]}) | {_fmt(pts[0][1])} | {_fmt(pts[-1][1])} | {_change('loss', pts[0][1], pts[-1][1])} |")
     return md + [""]
 
 
-def _eval_sets(series: dict, plots: Path) -> list[str]:
+def _throughput(t: dict | None, series: dict, plots: Path) -> list[str]:
+    """summary.json's `throughput` block as a table, tokens/s and memory over steps as a plot."""
+    if not t:
+        return []
+    md = ["## Throughput", ""]
+    panels = [(label, {key: series[key]}) for key, label in (("train/tokens_per_s", "tokens/s"),
+                                                             ("train/mem_peak_gib", "memory peak (GiB)")) if series.get(key)]
+    if panels:
+        line_panels(plots / "throughput.png", panels, title="each point: the steps since the previous log", from_zero=True)
+        md += ["![throughput](plots/throughput.png)", ""]
+    facts = [("tokens/s", _rate(t) if t.get("tokens_per_s") is not None else "no step finished"),
+             ("train tokens", f"{t['train_tokens']:,} in {t['steps']} steps ({t['train_time_s']:.1f} s of steps, "
+                              f"{t['wall_time_s']:.1f} s with evaluation and checkpoints)"),
+             ("device", t.get("device")),
+             ("memory peak", f"{t['memory_peak_gib']:.2f} GiB: {t.get('memory_measured')}"),
+             ("CUDA max allocated", f"{t['cuda_max_allocated_gib']:.2f} GiB (torch.cuda.max_memory_allocated, this "
+                                    "process's tensors)" if t.get("cuda_max_allocated_gib") is not None else None),
+             ("tokens counted", t.get("tokens_counted"))]
+    md += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts if v is not None]
+    return md + [""]
+
+
+def _last_eval(final: dict | None, scope: dict) -> list[str]:
+    """summary.json's `eval`: each set at the last evaluation during training, with what it was computed on."""
+    if not final:
+        return []
+    md = ["## Last evaluation during training", "",
+          "Generation metrics here come from a fixed sample of each set (the same rows at every evaluation); "
+          "`llamaft eval` scores every row: RUN/eval/eval.json and, with a base model, the before/after section.", "",
+          "| set | loss | perplexity | generation metrics | computed on |", "|---|---:|---:|---|---|"]
+    for name, m in final.items():
+        gen = ", ".join(f"{k} {_fmt(v)}" for k, v in m.items() if k not in {"loss", "perplexity"} | NOT_SCORES)
+        on = (scope.get(name) or {}).get("note", f"{m['samples']} rows" if m.get("samples") else "")
+        md.append(f"| {name} | {_fmt(m.get('loss'))} | {_fmt(m.get('perplexity'))} | {gen or '–'} | {on} |")
+    return md + [""]
+
+
+def _eval_sets(series: dict, plots: Path, scope: dict) -> list[str]:
     sets = eval_sets(series)
     if not sets:
         return []
     md = ["## Validation sets over training", ""]
     for name, metrics in sets.items():
-        shown = [m for m in metrics if m not in NOT_SCORES]
-        panels = [(m, {f"eval/{name}/{m}": series[f"eval/{name}/{m}"]}) for m in shown]
-        fname = f"eval_{_safe(name)}.png"
-        line_panels(plots / fname, panels, title=f"validation set '{name}'")
-        md += [f"### {name}", "", f"![{name}](plots/{fname})", "", "| metric | first eval | last eval | change |", "|---|---:|---:|---:|"]
+        md += [f"### {name}", ""]
+        if (scope.get(name) or {}).get("note"):
+            md += [f"{scope[name]['rows']} rows; {scope[name]['note']}.", ""]
+        panels = set_panels(name, metrics, series)
+        if [label for label, _ in panels] == ["loss"]:  # the loss plot above has it already: no figure to wait for
+            md += ["Its loss is in the loss plot above.", ""]
+        else:
+            fname = f"eval_{_safe(name)}.png"
+            line_panels(plots / fname, panels, title=f"validation set '{name}'")
+            md += [f"![{name}](plots/{fname})", ""]
+        md += ["| metric | first eval | last eval | change |", "|---|---:|---:|---:|"]
         for m in metrics:
             pts = series[f"eval/{name}/{m}"]
             md.append(f"| {m} | {_fmt(pts[0][1])} (step {pts[0][0]}) | {_fmt(pts[-1][1])} (step {pts[-1][0]}) | {_change(m, pts[0][1], pts[-1][1])} |")
@@ -218,8 +284,9 @@ def _notes(ev: dict | None, series: dict) -> list[str]:
           "- `stops_on_eos`: share of answers that ended on a stop token before `max_new_tokens`; "
           "a fine-tuned model that never stops has not learned where an answer ends.",
           "- `mean_new_tokens`: generated tokens per answer (stop token included).",
-          "- Generation metrics during training use a fixed sample of each validation set (`samples`); "
-          "`llamaft eval` uses every row unless `--max-samples` is given."]
+          "- Generation metrics during training use a fixed sample of each validation set (`samples`, the same "
+          "rows at every evaluation; summary.json's `eval_during_training` says how many of how many); "
+          "`llamaft eval` uses every row unless `--max-samples` is given (RUN/eval/eval.json)."]
     truncated = {}
     for name, m in ((ev or {}).get("tuned") or {}).items():
         if m.get("prompts_truncated"):

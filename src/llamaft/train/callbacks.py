@@ -204,6 +204,31 @@ class GenerationEvalCallback(TrainerCallback):
             f.write(json.dumps({"step": step, **values}, allow_nan=True) + "\n")
 
 
+DURING_TRAINING_NOTE = (
+    "`eval` is the last evaluation during training: loss and perplexity over every example of each validation set, "
+    "generation metrics over a fixed sample of its rows (eval.generation.<set>.max_samples; the same rows at every "
+    "evaluation). `llamaft eval RUN` scores every row and writes RUN/eval/eval.json: those are the full-set numbers."
+)
+
+
+def eval_scope(eval_cfg, rows: dict[str, int], examples: dict[str, int]) -> dict:
+    """summary.json's `eval_during_training`: what each set's numbers in `eval` were computed on.
+    rows: set -> its rows (conversations); examples: set -> its token examples (what the loss covers)."""
+    plan = check_generation_sets(eval_cfg, list(rows))
+    sets = {}
+    for name, n_rows in rows.items():
+        entry = {"rows": n_rows, "loss_examples": examples.get(name, 0)}
+        if name in plan:
+            n = min(plan[name].max_samples, n_rows)
+            entry["generation_rows"] = n
+            entry["note"] = (f"generation metrics on all {n} rows" if n == n_rows
+                             else f"generation metrics on a fixed sample of {n} of {n_rows} rows")
+        else:
+            entry["note"] = "loss and perplexity only (eval.generation does not name this set)"
+        sets[name] = entry
+    return {"note": DURING_TRAINING_NOTE, "sets": sets}
+
+
 def make_eval_callback(cfg, tokenizer, rules, *, log: Callable[[dict], None] | None = None,
                        sets: dict[str, list] | None = None, metrics_path: str | Path | None = None) -> GenerationEvalCallback:
     """The callback for a run config.

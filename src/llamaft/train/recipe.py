@@ -8,7 +8,10 @@ setup          hardware and run-dir checks → rows read and split → tokenizer
                before every check passed)
 build_trainer  base model → adapters → fast path / collator → Trainer with its callbacks
 fit            train (or resume); a NaN/Inf stop or an interrupt writes summary.json, then raises
-save           final evaluation → adapter/ or model/ with the tokenizer → summary.json + loss.png
+save           final evaluation → adapter/ or model/ with the tokenizer → summary.json + loss.png + report.md
+
+Output: one progress bar in a terminal, one plain line per logging step in a log (train/progress.py);
+library noise is filtered in one place (llamaft/console.py).
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from typing import Any
 
 import torch
 from transformers import set_seed
-from transformers.trainer_callback import ProgressCallback
 
+from ..console import make_console, quiet_libraries
 from ..data.pipeline import Datasets, Splits, build_datasets, split_conversations
 from ..errors import LlamaftError, TrainingDiverged
 from ..eval.generation import check_generation_sets
 from ..eval.plots import plot_losses
+from ..eval.report import write_report
 from ..model.adapters import apply_adapters, count_parameters, save_trained
 from ..model.fast import restore_parked
 from ..model.finite import first_nonfinite_param
@@ -35,9 +39,10 @@ from ..model.load import load_base, quantization_config, resolve_precision
 from ..model.preflight import check_model
 from ..model.tokenizer import load_tokenizer, save_tokenizer
 from ..paths import check_output_dir, write_text_atomic
-from .callbacks import MetricsJsonlCallback, attach_eval_callback, json_safe, read_metrics, truncate_metrics
+from .callbacks import MetricsJsonlCallback, attach_eval_callback, eval_scope, json_safe, read_metrics, truncate_metrics
 from .checkpoint import AtomicCheckpointTrainer, clean_incomplete, latest_complete, resolve_resume
 from .portable import save_run_config
+from .progress import TrainProgress, find_progress, replace_hf_progress
 from .setup import ListDataset, check_optimizer, gradient_checkpointing, pick_collator_and_plan, training_arguments
 
 log = logging.getLogger(__name__)
@@ -87,6 +92,7 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     callbacks / training_args: extra HF callbacks and TrainingArguments fields (tests, advanced use).
     Raises TrainingDiverged (after writing summary.json) when a loss or gradient was not finite.
     """
+    quiet_libraries()  # also for Python callers that never went through the CLI
     run = setup(cfg)
     trainer, plan, eval_cb = build_trainer(run, callbacks, training_args)
     if _already_finished(run, trainer):
@@ -94,8 +100,13 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     _start_outputs(run)
     result = fit(run, trainer, plan)
     save(run, trainer, plan, result, eval_cb)
-    print(f"run saved to {run.dir}")
+    say(f"run saved to {run.dir} (summary.json, report.md)")
     return run.dir
+
+
+def say(text: str) -> None:
+    """One line of the run's own output: never wrapped, never read as rich markup (paths hold [ ])."""
+    make_console().print(text, markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +180,7 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     train_set = ListDataset(run.data.train)
     model, collator, plan = pick_collator_and_plan(cfg, model, run.rules.pad_id, train_set.lengths())
     for reason in getattr(plan, "reasons", []):
-        print(f"fast path: {reason}")
+        say(f"fast path: {reason}")
     eval_sets = {n: ListDataset(run.data.validation[n]) for n in run.set_names}
     args = training_arguments(
         cfg, run.dir / "checkpoints", bf16=bf16, fp16=fp16, has_eval=bool(eval_sets),
@@ -181,11 +192,13 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
         train_dataset=train_set,
         eval_dataset=eval_sets or None,
         data_collator=collator,
-        callbacks=[MetricsJsonlCallback(run.metrics_path, run.set_names), *_tensorboard(run.dir, cfg.train.report_to),
-                   *(callbacks or [])],
+        # TrainProgress first: it adds tokens/s, step time and memory to the log events the next ones write
+        callbacks=[TrainProgress(run.set_names), MetricsJsonlCallback(run.metrics_path, run.set_names),
+                   *_tensorboard(run.dir, cfg.train.report_to), *(callbacks or [])],
         on_nonfinite=cfg.train.on_nonfinite,
         max_nonfinite_skips=cfg.train.max_nonfinite_skips,
     )
+    replace_hf_progress(trainer)  # no tqdm bars (nested ones for every evaluation) nor printed log dicts
     # Perplexity + generation metrics per validation set at every evaluation, on the rows read in setup.
     eval_cb = attach_eval_callback(trainer, cfg, run.tokenizer, run.rules, run.splits.validation) if eval_sets else None
     return trainer, plan, eval_cb
@@ -225,10 +238,10 @@ def _already_finished(run: Run, trainer) -> bool:
         return False
     if _completed(run.dir) and run.out.is_dir() and any(run.out.glob("*.safetensors")):
         # HF would train one more step and every output would be rewritten: change nothing.
-        print(f"nothing to do: {run.dir} already finished its schedule at {run.resume_from.name}; "
-              "raise train.max_steps or train.epochs to train further")
+        say(f"nothing to do: {run.dir} already finished its schedule at {run.resume_from.name}; "
+            "raise train.max_steps or train.epochs to train further")
         return True
-    print(f"{run.resume_from.name} is the end of the schedule: writing the run's final outputs from it")
+    say(f"{run.resume_from.name} is the end of the schedule: writing the run's final outputs from it")
     return False
 
 
@@ -237,7 +250,7 @@ def _start_outputs(run: Run) -> None:
     save_run_config(run.cfg, run.dir, run.splits)  # paths that hold from anywhere; eval data copied in (portable.py)
     if run.resume_from is not None:
         truncate_metrics(run.metrics_path, _step_of(run.resume_from))
-        print(f"resuming from {run.resume_from}")
+        say(f"resuming from {run.resume_from}")
     else:
         run.metrics_path.unlink(missing_ok=True)
 
@@ -255,7 +268,7 @@ def fit(run: Run, trainer, plan):
             finish(run, trainer, plan, Outcome("interrupted"))
         except Exception as err:  # never let bookkeeping hide the interrupt
             log.warning("could not write summary.json for the interrupted run: %s", err)
-        print(f"\ninterrupted; continue with: llamaft train {run.dir / 'config.yaml'} train.resume=true")
+        say(f"interrupted; continue with: llamaft train {run.dir / 'config.yaml'} train.resume=true")
         raise
     except LlamaftError as err:  # the machine failed the run (e.g. a checkpoint on a full disk)
         _close_progress_bar(trainer)
@@ -288,12 +301,11 @@ def save(run: Run, trainer, plan, result, eval_cb) -> None:
 
 
 def _close_progress_bar(trainer) -> None:
-    """End HF's progress bar line (it closes only on a normal end), so that the one-line error or the
-    interrupt note starts on a line of its own instead of after the bar's last carriage return."""
-    for cb in trainer.callback_handler.callbacks:
-        if isinstance(cb, ProgressCallback) and getattr(cb, "training_bar", None) is not None:
-            cb.training_bar.close()
-            cb.training_bar = None
+    """End our progress bar (HF ends training callbacks only on a normal end), so that the one-line
+    error or the interrupt note starts on a line of its own, below the bar."""
+    progress = find_progress(trainer)
+    if progress is not None:
+        progress.close()
 
 
 def final_evaluation(run: Run, trainer, eval_cb) -> dict:
@@ -319,7 +331,9 @@ def _last_step_eval(trainer, set_names) -> dict | None:
 
 
 def finish(run: Run, trainer, plan, outcome: Outcome) -> None:
-    """summary.json + loss.png for every way a run ends (completed, stopped, interrupted)."""
+    """summary.json + loss.png + report.md for every way a run ends (completed, stopped, interrupted;
+    a failed run, whose disk refused a write, gets the summary only)."""
+    _close_progress_bar(trainer)  # the final evaluation's lines are out; the token hook is off
     rows = read_metrics(run.metrics_path)
     plot_losses(rows, run.set_names, run.dir / "loss.png", title=f"{run.cfg.model.name} ({run.cfg.model.method})")
     summary = run_summary(run, trainer, plan, outcome, rows)
@@ -327,6 +341,17 @@ def finish(run: Run, trainer, plan, outcome: Outcome) -> None:
     for cb in trainer.callback_handler.callbacks:
         if getattr(cb, "tb_writer", None) is not None:
             cb.tb_writer.close()  # flush the final evaluation's events
+    if outcome.status != "failed":
+        _write_report(run)
+
+
+def _write_report(run: Run) -> None:
+    """RUN/report.md + RUN/plots/ from what the run wrote; a report that cannot be written never hides
+    how the run ended (summary.json is already there)."""
+    try:
+        write_report(run.dir)
+    except Exception as err:  # noqa: BLE001 - the weights and summary are saved; the page is a view of them
+        log.warning("could not write %s: %s", run.dir / "report.md", err)
 
 
 def run_summary(run: Run, trainer, plan, outcome: Outcome, rows: list[dict]) -> dict:
@@ -345,6 +370,10 @@ def run_summary(run: Run, trainer, plan, outcome: Outcome, rows: list[dict]) -> 
         "train_loss_mean": outcome.result.training_loss if outcome.result is not None and steps_run > 0 else None,
         "nonfinite_skipped_steps": list(trainer.nonfinite_guard.skipped),
         "eval": outcome.final_eval,
+        # how many rows each number in `eval` stands for (generation: a sample; `llamaft eval`: every row)
+        **({"eval_during_training": eval_scope(cfg.eval, {n: len(run.splits.validation.get(n, [])) for n in run.set_names},
+                                               {n: len(run.data.validation[n]) for n in run.set_names})}
+           if run.set_names else {}),
         "steps": state.global_step,
         "epochs": state.epoch,
         "runtime_s": round(time.time() - run.started, 2),
@@ -353,6 +382,7 @@ def run_summary(run: Run, trainer, plan, outcome: Outcome, rows: list[dict]) -> 
         "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
         "resumed_from": str(run.resume_from) if run.resume_from else None,
         "fast_path": list(getattr(plan, "reasons", [])),
+        "throughput": progress.throughput() if (progress := find_progress(trainer)) else None,
         "data": run.data.stats,
     }
 
