@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 from .errors import LlamaftError
@@ -53,17 +54,25 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def prepare_smollm2(console=None) -> Path:
-    """Dequantize the embedded GGUF into an HF model directory once (cached; ~1 min the first time)."""
+def smollm2_prepared() -> bool:
     target = cache_dir() / DEMO_MODEL_DIRNAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def prepare_smollm2(console=None) -> Path:
+    """Dequantize the embedded GGUF into an HF model directory once (cached; ~40 s on 2 cores)."""
+    target = cache_dir() / DEMO_MODEL_DIRNAME
+    if smollm2_prepared():
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
-    if console:
-        console.print(f"[bold]Converting[/] the embedded model {gguf.name} to an HF directory (once) ...")
+    # Announced on every path (train / data / chat too, not only the demo): it is the one slow step
+    # a user would otherwise watch in silence.
+    message = (f"preparing the embedded model once: converting {gguf.name} to an HF directory in {target.parent} "
+               "(about 40 s on 2 CPU cores; later runs reuse it)")
+    console.print(message) if console else print(message, file=sys.stderr, flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF names <|im_start|> as EOS; the model's config (and its chat template) end turns with

@@ -125,7 +125,8 @@ def _count(text: str) -> int:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="run config YAML (see configs/)")
+    p.add_argument("config", help="run config YAML (see configs/); model.name: a hub id, a local directory, a .gguf "
+                                  "file, or embedded:smollm2 (the bundled SmolLM2-135M-Instruct: try your data on a CPU)")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                    help="dotted overrides, anywhere on the line, e.g. lora.r=32 train.learning_rate=2e-4 data.packing=on")
 
@@ -215,8 +216,9 @@ def commands() -> dict[str, Command]:
     """Every command, in `--help` order. Built when called (not at import), so it always holds this
     module's current functions (a test may replace one)."""
     return {
-        "demo": Command(_cmd_demo, "Offline demo: LoRA-tune the embedded SmolLM2-135M-Instruct on a bundled task, "
-                        "evaluate before/after, merge, export and chat (a few minutes on CPU).", _demo_args),
+        "demo": Command(_cmd_demo, "Offline demo: LoRA-tune the embedded SmolLM2-135M-Instruct (model.name: embedded:smollm2) "
+                        "to answer table bookings as JSON, evaluate base vs tuned, merge, export and chat "
+                        "(about 3 minutes on a 2-core CPU).", _demo_args),
         "train": Command(_cmd_train, "Fine-tune from a YAML config (+ dotted key=value overrides).", _config_args,
                          epilog=TRAIN_EXIT_CODES),
         "data": Command(_cmd_data, "Show what will be trained: rendered examples with trained spans marked, "

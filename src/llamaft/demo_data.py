@@ -1,8 +1,17 @@
-"""The demo's bundled task: answer "What is the capital of X?" with the capital's name alone.
+"""The demo's bundled task: turn a table-booking message into the JSON record an application needs.
 
-The embedded SmolLM2-135M-Instruct answers in a chatty sentence ("The capital of France is Paris.")
-and often wrongly; after a short LoRA run it answers with just the city. Exact match on countries it
-never saw in training shows what changed, and it is a metric anyone can check by hand.
+    "Hi, this is Maria. Could we get a table for 4 people on Friday at 7:30pm?"
+    -> {"name": "Maria", "people": 4, "time": "7:30pm", "day": "Friday"}
+
+The most common reason people fine-tune: a fixed output format. The embedded SmolLM2-135M-Instruct,
+even told to reply in JSON, answers in prose or invents fields, so the base model scores ~0 exact
+match and a user sees at once that it is wrong; after a short LoRA run it answers with exactly the
+record, ~1 exact match on held-out messages. The task needs no facts the model lacks (every value is
+copied from the message), so training teaches the format and nothing it knew is overwritten: the
+demo's chat stage also asks a general question to show it.
+
+Held-out rows use names never seen in training (values are drawn independently), so a high exact
+match means the model extracts, not that it remembers. Everything is generated from a fixed seed.
 """
 
 from __future__ import annotations
@@ -11,50 +20,55 @@ import json
 import random
 from pathlib import Path
 
-# country:capital, one per entry; well-known pairs so the base model's knowledge can carry.
-_PAIRS = """
-France:Paris|Germany:Berlin|Italy:Rome|Spain:Madrid|Portugal:Lisbon|Japan:Tokyo|China:Beijing|India:New Delhi|
-Russia:Moscow|Canada:Ottawa|Australia:Canberra|Brazil:Brasilia|Argentina:Buenos Aires|Mexico:Mexico City|
-Egypt:Cairo|Kenya:Nairobi|Nigeria:Abuja|South Africa:Pretoria|Morocco:Rabat|Algeria:Algiers|Tunisia:Tunis|
-Ethiopia:Addis Ababa|Ghana:Accra|Senegal:Dakar|Uganda:Kampala|Tanzania:Dodoma|Zimbabwe:Harare|Zambia:Lusaka|
-Angola:Luanda|Sudan:Khartoum|Libya:Tripoli|Mali:Bamako|Niger:Niamey|Chad:N'Djamena|Somalia:Mogadishu|
-Rwanda:Kigali|Norway:Oslo|Sweden:Stockholm|Finland:Helsinki|Denmark:Copenhagen|Iceland:Reykjavik|
-Ireland:Dublin|United Kingdom:London|Netherlands:Amsterdam|Belgium:Brussels|Austria:Vienna|Switzerland:Bern|
-Poland:Warsaw|Czech Republic:Prague|Slovakia:Bratislava|Hungary:Budapest|Romania:Bucharest|Bulgaria:Sofia|
-Greece:Athens|Turkey:Ankara|Ukraine:Kyiv|Belarus:Minsk|Lithuania:Vilnius|Latvia:Riga|Estonia:Tallinn|
-Serbia:Belgrade|Croatia:Zagreb|Slovenia:Ljubljana|Albania:Tirana|Georgia:Tbilisi|Armenia:Yerevan|
-Azerbaijan:Baku|Kazakhstan:Astana|Uzbekistan:Tashkent|Iran:Tehran|Iraq:Baghdad|Syria:Damascus|
-Jordan:Amman|Lebanon:Beirut|Israel:Jerusalem|Saudi Arabia:Riyadh|Qatar:Doha|Kuwait:Kuwait City|Oman:Muscat|
-Yemen:Sanaa|Afghanistan:Kabul|Pakistan:Islamabad|Bangladesh:Dhaka|Nepal:Kathmandu|Sri Lanka:Colombo|
-Thailand:Bangkok|Vietnam:Hanoi|Cambodia:Phnom Penh|Laos:Vientiane|Myanmar:Naypyidaw|Malaysia:Kuala Lumpur|
-Singapore:Singapore|Indonesia:Jakarta|Philippines:Manila|South Korea:Seoul|North Korea:Pyongyang|
-Mongolia:Ulaanbaatar|Taiwan:Taipei|New Zealand:Wellington|Fiji:Suva|Papua New Guinea:Port Moresby|
-United States:Washington|Cuba:Havana|Jamaica:Kingston|Haiti:Port-au-Prince|Dominican Republic:Santo Domingo|
-Guatemala:Guatemala City|Honduras:Tegucigalpa|Nicaragua:Managua|Costa Rica:San Jose|Panama:Panama City|
-Colombia:Bogota|Venezuela:Caracas|Ecuador:Quito|Peru:Lima|Bolivia:Sucre|Chile:Santiago|Paraguay:Asuncion|
-Uruguay:Montevideo|Luxembourg:Luxembourg|Monaco:Monaco|Malta:Valletta|Cyprus:Nicosia|Moldova:Chisinau|
-North Macedonia:Skopje|Montenegro:Podgorica|Bosnia and Herzegovina:Sarajevo|Kyrgyzstan:Bishkek|
-Tajikistan:Dushanbe|Turkmenistan:Ashgabat|Bhutan:Thimphu|Maldives:Male|Madagascar:Antananarivo|
-Mozambique:Maputo|Namibia:Windhoek|Botswana:Gaborone|Cameroon:Yaounde|Ivory Coast:Yamoussoukro
-"""
+SYSTEM_PROMPT = "Extract the booking as JSON with the keys name, people, time and day."
 
-QUESTION = "What is the capital of {country}?"
+_NAMES = (
+    "Maria James Aiko Omar Sofia Liam Chen Priya Lucas Emma Noah Fatima Mateo Olivia Ivan Zara Hugo Mia "
+    "Kenji Amara Leo Nora Diego Hana Samuel Elena Ravi Clara Yusuf Ines Tom Lena Arjun Grace Felix Aisha "
+    "Pablo Yuki Daniel Sara"
+).split()
+_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+_TIMES = ["6pm", "6:30pm", "7pm", "7:30pm", "8pm", "8:30pm", "9pm", "12pm", "1pm", "1:30pm"]
+_TEMPLATES = [
+    "Book a table for {people} at {time} on {day} under the name {name}.",
+    "Hi, this is {name}. Could we get a table for {people} people on {day} at {time}?",
+    "{name} here - {people} of us, {day}, around {time}. Do you have space?",
+    "Reservation please: {day}, {time}, party of {people}, name {name}.",
+    "Can I reserve for {people} on {day} at {time}? My name is {name}.",
+    "Table for {people}, {day} at {time}. Name: {name}.",
+]
+N_TRAIN, N_VAL, N_VAL_NAMES = 64, 24, 10
+
+# Shown in the demo's chat stage: two new bookings, then a question outside the task (no system prompt).
+CHAT_BOOKINGS = [
+    "Hello! I'm Rosa and we are 5 people. Could we come on Thursday at 8pm?",
+    "Table for 2, Sunday at 1pm. Name: Kwame.",
+]
+GENERAL_QUESTION = "What is the capital of France?"
 
 
-def capital_pairs() -> list[tuple[str, str]]:
-    items = [p.strip() for p in _PAIRS.replace("\n", "").split("|") if p.strip()]
-    return [tuple(p.split(":", 1)) for p in items]  # type: ignore[misc]
+def booking(rng: random.Random, names: list[str], template: str) -> dict:
+    """One qa row: the message and its exact JSON record (key order and spacing are the format)."""
+    values = {"name": rng.choice(names), "people": rng.randint(1, 12), "time": rng.choice(_TIMES), "day": rng.choice(_DAYS)}
+    return {"question": template.format(**values), "answer": json.dumps(values)}
 
 
-def write_demo_data(out_dir: Path, seed: int = 0, n_val: int = 24) -> dict[str, Path]:
-    """Write train.jsonl (qa format) and capitals_val.jsonl; returns their paths."""
-    pairs = capital_pairs()
-    random.Random(seed).shuffle(pairs)
-    val, train = pairs[:n_val], pairs[n_val:]
+def demo_rows(seed: int = 0) -> dict[str, list[dict]]:
+    """train / bookings_val rows; validation names never occur in training."""
+    rng = random.Random(seed)
+    names = _NAMES[:]
+    rng.shuffle(names)
+    val_names, train_names = names[:N_VAL_NAMES], names[N_VAL_NAMES:]
+    pick = lambda n, pool: [booking(rng, pool, _TEMPLATES[i % len(_TEMPLATES)]) for i in range(n)]  # noqa: E731
+    return {"train": pick(N_TRAIN, train_names), "bookings_val": pick(N_VAL, val_names)}
+
+
+def write_demo_data(out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """Write train.jsonl and bookings_val.jsonl (qa rows); returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"train": out_dir / "train.jsonl", "capitals_val": out_dir / "capitals_val.jsonl"}
-    for name, rows in (("train", train), ("capitals_val", val)):
+    paths = {}
+    for name, rows in demo_rows(seed).items():
+        paths[name] = out_dir / f"{name}.jsonl"
         with open(paths[name], "w", encoding="utf-8") as f:
-            for country, capital in rows:
-                f.write(json.dumps({"question": QUESTION.format(country=country), "answer": capital}) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     return paths

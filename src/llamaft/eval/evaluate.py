@@ -4,7 +4,7 @@ eval's command side (with report.py): it loads a model from a run directory and 
 library (generation.py, metrics.py) and the data pipeline; train never imports it.
 
     results = evaluate_run("runs/demo", compare_base=True)
-    results["tuned"]["capitals_val"]["exact_match"], results["base"]["capitals_val"]["exact_match"]
+    results["tuned"]["bookings_val"]["exact_match"], results["base"]["bookings_val"]["exact_match"]
 
 Which rows: `--data FILE [FILE ...]` (read by the data pipeline with the run's columns, format and
 system prompt; each file a set named by its stem), else the run's test file or test split, else its
@@ -53,10 +53,13 @@ EXAMPLES_SHOWN = 3
 
 
 def evaluate_run(path, data: str | list[str] | None = None, compare_base: bool = False, out: str | None = None,
-                 max_samples: int | None = None, console=None, batch_size: int | None = None) -> dict:
+                 max_samples: int | None = None, console=None, batch_size: int | None = None,
+                 on_model=None) -> dict:
     """Evaluate the model at `path` (run dir, checkpoint dir or merged model dir); returns
     {"tuned": {set: metrics}, "base": {set: metrics} | None, "out": dir, "sets": {set: n_rows}}.
-    data: a file or files to score instead of the run's own sets (each a set named by its stem)."""
+    data: a file or files to score instead of the run's own sets (each a set named by its stem).
+    on_model: called with "tuned" / "base" before that model loads (the demo's stage lines)."""
+    on_model = on_model or (lambda which: None)
     console = console or Console()
     files = [data] if isinstance(data, str) else list(data or [])
     src = resolve_source(path)
@@ -75,10 +78,12 @@ def evaluate_run(path, data: str | list[str] | None = None, compare_base: bool =
     out_dir.mkdir(parents=True, exist_ok=True)
 
     console.print(f"evaluating {path} on " + ", ".join(f"{n} ({len(r)} rows)" for n, r in sets.items()))
+    on_model("tuned")
     tuned, tuned_rows = _evaluate_loaded(path, True, sets, plans, eval_cfg, data_cfg)
     _write_rows(out_dir / "predictions.jsonl", tuned_rows)
     base = base_rows = None
     if compare_base:
+        on_model("base")
         base, base_rows = _evaluate_loaded(path, False, sets, plans, eval_cfg, data_cfg)
         _write_rows(out_dir / "predictions_base.jsonl", base_rows)
 
