@@ -59,39 +59,136 @@ def smollm2_prepared() -> bool:
     return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
 
-def prepare_smollm2(console=None) -> Path:
-    """Dequantize the embedded GGUF into an HF model directory once (cached; ~40 s on 2 cores)."""
+def prepare_smollm2(console=None, convert=None) -> Path:
+    """Dequantize the embedded GGUF into an HF model directory once (cached; ~15 s on 2 cores).
+    convert: (gguf path, output dir) -> None; `convert_llama_gguf` unless a test passes the reference."""
     target = cache_dir() / DEMO_MODEL_DIRNAME
     if smollm2_prepared():
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = smollm2_gguf()
-    # Announced on every path (train / data / chat too, not only the demo): it is the one slow step
-    # a user would otherwise watch in silence.
+    # Announced on every path (train / data / chat too, not only the demo): the one slow step a user
+    # would otherwise watch in silence.
     message = (f"preparing the embedded model once: converting {gguf.name} to an HF directory in {target.parent} "
-               "(about 40 s on 2 CPU cores; later runs reuse it)")
+               "(about 15 s on 2 CPU cores; later runs reuse it)")
     console.print(message) if console else print(message, file=sys.stderr, flush=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The GGUF names <|im_start|> as EOS; the model's config (and its chat template) end turns with
-    # <|im_end|> (id 2). Save the truth so every later tool sees the right stop token.
-    tok.eos_token = "<|im_end|>"
-    # The weights are plain floats now: drop the GGUF quantizer so save_pretrained accepts them.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.pad_token_id = None  # llamaft picks a pad that is not EOS
-    model.generation_config.pad_token_id = None
     # Staged beside the target and renamed into place: a crash never leaves a half-written cache,
     # and the staging copy a killed conversion left behind is removed by the next one.
     clean_stale(target)
     tmp = tmp_dir(target)
     with write_errors(target, cleanup=(tmp,)):
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        tmp.mkdir(parents=True)
+        (convert or convert_llama_gguf)(gguf, tmp)
     return publish_dir(tmp, target)
+
+
+def _save_tokenizer(gguf: Path, out: Path) -> None:
+    """transformers' GGUF tokenizer conversion, with SmolLM2's real turn end as EOS: the GGUF names
+    <|im_start|> as EOS; the model's config and chat template end turns with <|im_end|> (id 2)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.eos_token = "<|im_end|>"
+    tok.save_pretrained(out)
+
+
+def convert_llama_gguf(gguf: Path, out: Path) -> None:
+    """GGUF (llama architecture) -> HF safetensors, reading the file once.
+
+    transformers' own loader (`convert_llama_gguf_reference`, the parity reference) parses the whole
+    file three times (config, weights, tokenizer: each pass walks 100k vocabulary strings) and builds
+    the tensor-name map once per tensor: ~40 s of the demo's first run on 2 cores. Here one
+    `gguf.GGUFReader` gives the config and the weights (dequantized by `gguf`, q/k rows un-permuted
+    as llama.cpp's converter permuted them), and the tokenizer still comes from transformers.
+    """
+    import numpy as np
+    import torch
+    from gguf import GGUFReader, dequantize
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    reader = GGUFReader(gguf)
+    meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.")
+            or name.endswith("_id")}
+    if meta.get("general.architecture") != "llama":
+        raise LlamaftError(f"{gguf}: not a llama-architecture GGUF ({meta.get('general.architecture')})")
+    tensors = {t.name: np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32) for t in reader.tensors}
+    config = LlamaConfig(**_llama_config(meta, tensors))
+    state = {hf: torch.from_numpy(_unpermute(tensors[g], g, config).copy()) for g, hf in _hf_names(config.num_hidden_layers, tensors)}
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise LlamaftError(f"{gguf}: tensors missing for {missing[:3]}")
+    model.generation_config.pad_token_id = None  # llamaft picks a pad that is not EOS
+    model.save_pretrained(out)
+    _save_tokenizer(gguf, out)
+
+
+def _llama_config(meta: dict, tensors: dict) -> dict:
+    arch = "llama."
+    return {
+        "vocab_size": int(tensors["token_embd.weight"].shape[0]),
+        "hidden_size": int(meta[arch + "embedding_length"]),
+        "intermediate_size": int(meta[arch + "feed_forward_length"]),
+        "num_hidden_layers": int(meta[arch + "block_count"]),
+        "num_attention_heads": int(meta[arch + "attention.head_count"]),
+        "num_key_value_heads": int(meta[arch + "attention.head_count_kv"]),
+        "max_position_embeddings": int(meta[arch + "context_length"]),
+        "rms_norm_eps": float(meta[arch + "attention.layer_norm_rms_epsilon"]),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(meta.get(arch + "rope.freq_base", 10000.0))},
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "unk_token_id": meta.get("tokenizer.ggml.unknown_token_id"),
+        "pad_token_id": None,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "dtype": "float32",
+    }
+
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _hf_names(n_layers: int, tensors: dict):
+    """(gguf name, HF parameter name) for every tensor a llama GGUF holds; an unknown one is an error."""
+    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    for name in tensors:
+        if name in top:
+            yield name, top[name]
+            continue
+        parts = name.split(".")  # blk.N.attn_q.weight
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _LAYER_NAMES or int(parts[1]) >= n_layers:
+            raise LlamaftError(f"GGUF tensor {name}: not part of a llama model")
+        yield name, f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+
+
+def _unpermute(weight, name: str, config):
+    """llama.cpp stores q/k rows interleaved for its rope; HF keeps the two halves of each head apart."""
+    if ".attn_q." in name or ".attn_k." in name:
+        heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
+        return weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return weight
+
+
+def convert_llama_gguf_reference(gguf: Path, out: Path) -> None:
+    """The same conversion through transformers' GGUF loader: slower, the reference for the parity test."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain floats now: drop the GGUF quantizer so save_pretrained accepts them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.pad_token_id = None
+    model.generation_config.pad_token_id = None
+    model.save_pretrained(out)
+    _save_tokenizer(gguf, out)
 
 
 def resolve_model_name(name: str, console=None) -> str:
