@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 
 from rich import box
-from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from ..console import make_console
 from ..paths import check_output_file, clean_stale, publish_file, remove, tmp_file, write_errors
 from . import chat  # chat.render_trained looked up at call time, like pipeline's chat.encode (tests swap both)
 from .chat import IGNORE_INDEX
@@ -32,7 +32,7 @@ def inspect_data(cfg, load_tokenizer, show: int = 3, dump: str | None = None, co
     `load_tokenizer(model_cfg, data_cfg) -> (tokenizer, rules)` comes from the caller (the model layer's
     loader for the CLI): data never imports the layer above it, and it is called only after the rows
     were read and checked."""
-    console = console or Console()
+    console = console or make_console()
     if dump:
         dump = str(check_output_file(dump, "--dump", example="train.jsonl"))
     splits = split_conversations(cfg.data)  # bad rows fail here, before the (slow) tokenizer load

@@ -34,9 +34,9 @@ import math
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
+from ..console import make_console
 from ..config import DataConfig, EvalConfig, load_config, read_sources
 from ..data.chat import IGNORE_INDEX
 from ..data.collate import Collator
@@ -60,7 +60,7 @@ def evaluate_run(path, data: str | list[str] | None = None, compare_base: bool =
     data: a file or files to score instead of the run's own sets (each a set named by its stem).
     on_model: called with "tuned" / "base" before that model loads (the demo's stage lines)."""
     on_model = on_model or (lambda which: None)
-    console = console or Console()
+    console = console or make_console()
     files = [data] if isinstance(data, str) else list(data or [])
     src = resolve_source(path)
     cfg = load_config(src.run_dir / "config.yaml", snapshot=True) if src.run_dir is not None else None
