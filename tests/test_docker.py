@@ -270,10 +270,15 @@ def test_dockerignore_sends_everything_the_images_copy():
             sources = [w for w in shlex.split(rest) if not w.startswith("--")][:-1]
             for source in sources:
                 files = [ROOT / source] if (ROOT / source).is_file() else sorted((ROOT / source).rglob("*"))
-                files = [f for f in files if f.is_file() and "__pycache__" not in f.parts]
+                files = [f for f in files if f.is_file() and not _generated(f)]
                 assert files, f"{dockerfile.name}: COPY {source}: nothing there"
                 missing += [str(f.relative_to(ROOT)) for f in files if not in_context(str(f.relative_to(ROOT)), rules)]
     assert not missing, f".dockerignore leaves out files the images copy: {sorted(set(missing))}"
+
+
+def _generated(path: Path) -> bool:
+    """Build and test leftovers inside a copied folder (pip's egg-info, caches): never part of the image."""
+    return any(p == "__pycache__" or p.endswith(".egg-info") or p == ".pytest_cache" for p in path.parts)
 
 
 def test_the_context_matcher_follows_docker():
@@ -281,3 +286,17 @@ def test_the_context_matcher_follows_docker():
     assert in_context("src/a/b.py", rules) and not in_context("README.md", rules)
     assert not in_context("src/a/__pycache__/b.pyc", rules) and not in_context("__pycache__/x", rules)
     assert in_context("keep/x/y.py", rules) and in_context("keep/y.py", rules) and not in_context("keep/y.txt", rules)
+
+
+def test_the_sample_config_trains_the_demo_task_on_the_files_the_image_writes(tmp_path):
+    """docker/samples/bookings.yaml is a valid config for the rows `write_demo_data` bakes into the image."""
+    from llamaft.config import load_config
+    from llamaft.demo_data import SYSTEM_PROMPT, write_demo_data
+
+    cfg = load_config(ROOT / "docker" / "samples" / "bookings.yaml")
+    written = write_demo_data(tmp_path)
+    assert cfg.model.name == "embedded:smollm2" and cfg.data.system_prompt == SYSTEM_PROMPT
+    assert [Path(p).name for p in cfg.data.train] == [written["train"].name]
+    assert {n: Path(p).name for n, p in cfg.data.validation.items()} == {"bookings_val": written["bookings_val"].name}
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        assert "chmod -R a+rX /opt/llamaft/cache" in (ROOT / "docker" / dockerfile).read_text()
