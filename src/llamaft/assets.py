@@ -60,7 +60,7 @@ def smollm2_prepared() -> bool:
 
 
 def prepare_smollm2(console=None, convert=None) -> Path:
-    """Dequantize the embedded GGUF into an HF model directory once (cached; ~15 s on 2 cores).
+    """Dequantize the embedded GGUF into an HF model directory once (cached; ~20 s on 2 cores).
     convert: (gguf path, output dir) -> None; `convert_llama_gguf` unless a test passes the reference."""
     target = cache_dir() / DEMO_MODEL_DIRNAME
     if smollm2_prepared():
@@ -69,7 +69,7 @@ def prepare_smollm2(console=None, convert=None) -> Path:
     # Announced on every path (train / data / chat too, not only the demo): the one slow step a user
     # would otherwise watch in silence.
     message = (f"preparing the embedded model once: converting {gguf.name} to an HF directory in {target.parent} "
-               "(about 15 s on 2 CPU cores; later runs reuse it)")
+               "(about 20 s on 2 CPU cores; later runs reuse it)")
     console.print(message) if console else print(message, file=sys.stderr, flush=True)
     # Staged beside the target and renamed into place: a crash never leaves a half-written cache,
     # and the staging copy a killed conversion left behind is removed by the next one.

@@ -208,8 +208,9 @@ def _stored(p: str, key: str, sources: dict, run_dir: Path, rel: str | None = No
 
 
 def _evaluate_loaded(path, adapter: bool, sets: dict, plans: dict, eval_cfg, data_cfg) -> tuple[dict, list[dict]]:
-    """Load the model (tuned: with its adapter; base: without), evaluate it, free it."""
-    model, tokenizer, rules = load_for_inference(path, adapter=adapter)
+    """Load the model (tuned: with its adapter merged, as `llamaft merge` would ship it; base: without),
+    evaluate it, free it."""
+    model, tokenizer, rules = load_for_inference(path, adapter=adapter, merge_adapter=adapter)
     try:
         return _evaluate_model(model, tokenizer, rules, sets, plans, eval_cfg, data_cfg)
     finally:

@@ -226,11 +226,15 @@ def _copied_from(path: str, run_dir: Path) -> str:
     return f", a copy of {origin}" if origin else ""
 
 
-def load_for_inference(path: str | Path, *, dtype: str | None = None, device: str | None = None, adapter: bool = True):
+def load_for_inference(path: str | Path, *, dtype: str | None = None, device: str | None = None, adapter: bool = True,
+                       merge_adapter: bool = False):
     """(model, tokenizer, rules) ready for `llamaft.model.generate`; model in eval mode on `device`.
 
     path: a run directory, an adapter/checkpoint dir inside one, or a model directory.
     adapter=False on a run gives its base model (before/after comparisons).
+    merge_adapter: fold a LoRA adapter into the (16/32-bit) base weights, the model `llamaft merge`
+    writes: ~1/3 faster generation on CPU (no extra LoRA matmuls); off where the adapter must stay
+    switchable (the web UI's base comparison uses disable_adapter()).
     """
     src = resolve_source(path)
     if src.kind == "model" or (src.kind == "full" and adapter):
@@ -252,6 +256,8 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, device: st
 
             model = PeftModel.from_pretrained(model, str(src.weights), is_trainable=False)
             model = model.to(tdtype)
+            if merge_adapter:
+                model = model.merge_and_unload()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.config.use_cache = True  # load_base turns the KV cache off for training; generation needs it
     model = model.to(device).eval()
