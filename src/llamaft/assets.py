@@ -105,6 +105,9 @@ def convert_llama_gguf(gguf: Path, out: Path) -> None:
     from gguf import GGUFReader, dequantize
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from .console import quiet_libraries
+
+    quiet_libraries()  # no "Writing model shards" bar when called from Python (the CLI already did this)
     reader = GGUFReader(gguf)
     meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.")
             or name.endswith("_id")}
