@@ -11,6 +11,7 @@ from transformers import TrainerControl, TrainerState
 from llamaft.console import make_console
 from llamaft.data.collate import Collator
 from llamaft.data.pack import flatten
+from llamaft.train.progress_display import fmt_bytes
 from llamaft.train.progress import MemoryPeak, TokenCounter, TrainProgress, batch_tokens, rss_peak_bytes
 
 
@@ -113,7 +114,7 @@ def test_a_log_file_gets_one_plain_line_per_log_and_one_per_evaluated_set():
                                          "eval_alpha_samples": 8, "eval_alpha_prompts_truncated": 0})
     _step(cb, clock, model, args, state, control, [PADDED], seconds=1.0)  # not a logging step: no line
     cb.on_train_end(args, state, control)
-    peak = f"{rss_peak_bytes() / 1024**2:.0f} MiB"
+    peak = fmt_bytes(rss_peak_bytes())  # MiB or GiB: this process's real peak, which a long test session grows
     assert "\r" not in out.getvalue()
     assert out.getvalue().splitlines() == [
         f"step 1/4 · loss 1.5 · 5 tok/s · 2.00 s/step · ETA 0:06 · peak {peak}",

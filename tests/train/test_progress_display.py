@@ -21,3 +21,9 @@ def test_eval_line_leaves_out_timings_and_counts_but_says_how_many_rows_were_gen
     assert fmt_eval("alpha", 6, metrics) == ("eval alpha @ step 6 · loss 1.023 · perplexity 2.782 · exact_match 0.375 · "
                                              "stops_on_eos 1 · generation on 8 rows · 2 prompts cut")
     assert fmt_eval("b_set", 2, {"loss": 4.0}) == "eval b_set @ step 2 · loss 4"
+
+
+def test_memory_is_shown_in_mib_below_one_gib_and_in_gib_from_there():
+    from llamaft.train.progress_display import fmt_bytes
+
+    assert fmt_bytes(512 * 2**20) == "512 MiB" and fmt_bytes(2**30) == "1.0 GiB" and fmt_bytes(3776 * 2**20) == "3.7 GiB"
