@@ -52,6 +52,27 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line(tmp_path, monkeypat
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
 
 
+def test_an_interrupt_between_a_saves_staging_and_its_publish_leaves_no_staging(tmp_path, monkeypatch, capsys):
+    """Ctrl-C / SIGTERM can land after the save itself returned, while the finished checkpoint is being
+    renamed into place: the interrupted run still leaves only complete checkpoints."""
+    from llamaft.train import checkpoint
+
+    cfg = cli_project(tmp_path)
+    real_publish, calls = checkpoint.publish, []
+
+    def publish(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what the CLI's SIGTERM handler raises in the main thread
+        return real_publish(src, dst)
+
+    monkeypatch.setattr(checkpoint, "publish", publish)
+    assert main(["train", str(cfg)]) == 130
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-1"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "interrupted"
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_a_really_full_disk(tmp_path, capsys):
     """A real 64 KiB filesystem: the run directory fits, the first checkpoint (~124 KiB) does not."""

@@ -262,9 +262,11 @@ def fit(run: Run, trainer, plan):
     try:
         result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     except KeyboardInterrupt:
-        # Checkpoints are atomic, so whatever is in checkpoints/ is safe to continue from.
+        # Checkpoints are atomic, so whatever is in checkpoints/ is safe to continue from; a save the
+        # interrupt cut short (even between its staging and its publish) leaves nothing behind.
         _close_progress_bar(trainer)
         try:
+            clean_incomplete(run.dir / "checkpoints")
             finish(run, trainer, plan, Outcome("interrupted"))
         except Exception as err:  # never let bookkeeping hide the interrupt
             log.warning("could not write summary.json for the interrupted run: %s", err)
