@@ -99,7 +99,6 @@ class Stages:
     def __init__(self, console, names: list[str], clock=time.monotonic):
         self.console, self.names, self.clock = console, names, clock
         self.t0 = clock()
-        self.done_ref = 0.0  # reference seconds of the stages finished so far
         self.current: str | None = None
         self.seconds: dict[str, float] = {}  # measured, per finished stage (summary.json `demo.stages`)
         self._started = self.t0
@@ -115,7 +114,6 @@ class Stages:
 
     def finish(self) -> None:
         if self.current is not None:
-            self.done_ref += STAGE_SECONDS[self.current]
             self.seconds[self.current] = round(self.clock() - self._started, 1)
             self.current = None
 
@@ -124,7 +122,8 @@ class Stages:
 
     def _speed(self, elapsed: float) -> float:
         """This machine's seconds per reference second so far (1 before a stage has finished)."""
-        return min(max(elapsed / self.done_ref, 0.5), 10.0) if self.done_ref > 0 else 1.0
+        done_ref = sum(STAGE_SECONDS[n] for n in self.seconds)  # reference seconds of the finished stages
+        return min(max(elapsed / done_ref, 0.5), 10.0) if done_ref > 0 else 1.0
 
 
 def clock(seconds: float) -> str:
