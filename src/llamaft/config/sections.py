@@ -171,7 +171,7 @@ class FastConfig(_Section):
     fused_loss: Literal["auto", "on", "off"] = Field("auto", description="Fused linear + cross-entropy (no full-vocab logits).")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile of decoder blocks.")
     offload_checkpoints: Literal["auto", "on", "off"] = Field(
-        "auto", description="With gradient checkpointing, park each layer's saved input in CPU memory (auto: on for qlora)."
+        "auto", description="With gradient checkpointing, park each layer's saved input in CPU memory (auto: on for qlora and when memory is short)."
     )
     regroup_batches: Literal["auto", "off"] = Field(
         "auto", description="Fewer, larger micro-batches (same sequences per optimizer step) when memory allows."
@@ -179,19 +179,23 @@ class FastConfig(_Section):
     fused_optimizer: Literal["auto", "off"] = Field("auto", description="adamw_torch runs as torch's fused AdamW on CUDA.")
     tile_mlp: Literal["auto", "off"] = Field("auto", description="MLP in 16k-token chunks for long micro-batches (long context).")
     cpu_embeddings: Literal["auto", "on", "off"] = Field(
-        "auto", description="Keep a frozen, untied input embedding table in CPU memory (auto: on for qlora; ~1 GiB on 8B)."
+        "auto", description="Keep a frozen, untied input embedding table in CPU memory (auto: on for qlora and when memory is short; ~1 GiB on 8B)."
     )
     partial_checkpointing: Literal["auto", "off"] = Field(
         "auto", description="When the memory estimate asks for checkpointing, recompute only as many layers as needed (off: all)."
     )
     memory_gib: Optional[float] = Field(
-        None, gt=0, description="GPU memory the plan may use, GiB (default: 90% of the card); e.g. a shared card or a target."
+        None, gt=0, description="GPU memory this run may use on the device, GiB, CUDA context included; torch's allocator is capped to hold it (default: the card's free memory)."
     )
     cpu_lm_head: Literal["auto", "on", "off"] = Field(
-        "auto", description="Park a frozen lm_head in CPU memory between losses, streamed back for each (auto: on for qlora; ~1 GiB on 8B)."
+        "auto", description="Park a frozen lm_head in CPU memory between losses, streamed back for each (auto: on for qlora and when memory is short; ~1 GiB on 8B)."
     )
     nf4_kernel: Literal["auto", "off"] = Field(
         "auto", description="QLoRA: NF4 base + LoRA as one op with a one-pass Triton dequant, weight never saved (off: bitsandbytes' forward)."
+    )
+    optimizer_in_backward: Literal["auto", "on", "off"] = Field(
+        "auto", description="Full fine-tuning: update each weight as its gradient completes, no whole-model gradient "
+        "(auto: when the memory budget needs it; no gradient clipping, one micro-batch per step)."
     )
     single_sequence_sdpa: Literal["auto", "off"] = Field(
         "auto", description="Rows holding one example (long context): causal SDPA (cuDNN on H100) instead of varlen's FA2."

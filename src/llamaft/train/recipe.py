@@ -33,7 +33,7 @@ from ..eval.generation import check_generation_sets
 from ..eval.plots import plot_losses
 from ..eval.report import write_report
 from ..model.adapters import apply_adapters, count_parameters, save_trained
-from ..model.fast import restore_parked
+from ..model.fast import configure_allocator, restore_parked
 from ..model.finite import first_nonfinite_param
 from ..model.load import load_base, quantization_config, resolve_precision
 from ..model.preflight import check_model
@@ -205,6 +205,8 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
 
 
 def build_model(cfg, tokenizer, rules, dtype):
+    if cfg.fast.enabled:
+        configure_allocator()  # before the weights land: every segment expandable (model/fast/memory.py)
     model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype)
     model = apply_adapters(model, cfg.model, cfg.lora)
     if torch.cuda.is_available() and cfg.model.method != "qlora":

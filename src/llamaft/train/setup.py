@@ -82,6 +82,8 @@ def resolve_steps(train_cfg, plan=None) -> Steps:
     optim = check_optimizer(train_cfg)
     if optim == "adamw_torch" and getattr(plan, "fused_optimizer", False) and cuda_available():
         optim = "adamw_torch_fused"  # same update, one kernel per step instead of one per tensor
+    if optim == "paged_adamw_8bit" and getattr(plan, "unpaged_optimizer", False):
+        optim = "adamw_bnb_8bit"  # same update; its states inside torch's allocator, within the memory cap
     return Steps(micro, accum, gradient_checkpointing(train_cfg, plan), optim)
 
 

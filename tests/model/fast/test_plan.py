@@ -237,8 +237,8 @@ def test_attention_and_packing_deciders():
 def test_loss_deciders():
     assert P.fused_loss(cfg()) == (True, "fused loss on (fast.fused_loss=auto)")
     assert not P.fused_loss(cfg(fast__fused_loss="off"))[0]
-    assert P.loss_chunk_rows(cfg(model__method="qlora")) == (P.QLORA_LOSS_CHUNK_ROWS, None)
-    assert P.loss_chunk_rows(cfg()) == (None, None)
+    assert P.loss_chunk_rows(True) == (P.QLORA_LOSS_CHUNK_ROWS, None)  # memory-lean (qlora, or lora on a small card)
+    assert P.loss_chunk_rows(False) == (None, None)
     assert P.single_sequence_sdpa(cfg(), "flex") == (True, None)  # logged only where varlen runs
     assert P.single_sequence_sdpa(cfg(fast__single_sequence_sdpa="off"), "varlen") == (
         False, "rows holding one example: varlen (fast.single_sequence_sdpa=off)")
@@ -259,37 +259,42 @@ def test_own_checkpointing_and_offload_deciders():
     assert P.own_checkpointing(False, True) == (False, None)
     own, why = P.own_checkpointing(True, True)  # DDP: HF's non-reentrant checkpointing
     assert not own and "multi-process" in why
-    assert P.offload_checkpoints(cfg(model__method="qlora"), True) == (True, "checkpoints offloaded to CPU (auto: qlora: memory-lean)")
-    assert P.offload_checkpoints(cfg(), True) == (False, "checkpoints kept on the GPU (auto: not qlora)")
-    assert P.offload_checkpoints(cfg(fast__offload_checkpoints="on"), True)[0]
-    assert P.offload_checkpoints(cfg(model__method="qlora"), False) == (False, None)  # nothing of ours to offload
+    assert P.offload_checkpoints(cfg(model__method="qlora"), True, True) == (True, "checkpoints offloaded to CPU (auto: qlora: memory-lean)")
+    assert P.offload_checkpoints(cfg(), True, False) == (False, "checkpoints kept on the GPU (auto: not memory-lean)")
+    assert P.offload_checkpoints(cfg(), True, True) == (True, "checkpoints offloaded to CPU (auto: memory-lean plan)")
+    assert P.offload_checkpoints(cfg(fast__offload_checkpoints="on"), True, False)[0]
+    assert P.offload_checkpoints(cfg(model__method="qlora"), False, True) == (False, None)  # nothing of ours to offload
 
 
 def test_micro_batches_decider(monkeypatch):
     import llamaft.model.fast.memory as mem
 
     w = dict(train__micro_batch_size=8, train__gradient_accumulation=4)
-    monkeypatch.setattr(mem, "regroup", lambda c, m, tokens_of, checkpointing: (16, 2, f"fits (ckpt={checkpointing})"))
+    monkeypatch.setattr(mem, "regroup", lambda c, m, tokens_of, checkpointing, layout: (16, 2, f"fits (ckpt={checkpointing})"))
     assert P.micro_batches(cfg(**w), None, None, None, True, False, False) == (
         (16, 2), "micro-batches 16 x 2 accumulation (fast.regroup_batches=auto: fits (ckpt=False))")
     assert P.micro_batches(cfg(**w), None, None, None, True, True, True)[1].endswith("(ckpt=True))")
     assert P.micro_batches(cfg(**w), None, None, None, True, True, False) == ((8, 4), None)  # HF's checkpointing
     assert P.micro_batches(cfg(**w), None, None, None, False, False, False) == ((8, 4), None)  # no packing
     assert P.micro_batches(cfg(fast__regroup_batches="off", **w), None, None, None, True, False, False) == ((8, 4), None)
-    (mbs, ga), why = P.micro_batches(cfg(model__method="qlora", **w), None, [300] * 64, None, True, True, True)
-    assert (mbs, ga) == (32, 1) and f"<= {P.QLORA_MICRO_BATCH_TOKENS}" in why  # by tokens, no estimate
+    (mbs, ga), why = P.micro_batches(cfg(model__method="qlora", **w), None, [300] * 64, None, True, True, True, True)
+    assert (mbs, ga) == (32, 1) and f"<= {P.QLORA_MICRO_BATCH_TOKENS}" in why  # by tokens, no model to size
+    # the optimizer in the backward needs one micro-batch per step
+    assert P.micro_batches(cfg(**w), None, None, None, True, True, True, layout=mem.Layout(in_backward=True)) == (
+        (32, 1), "micro-batches 32 x 1 accumulation (optimizer in the backward)")
 
 
 def test_partial_checkpointing_decider(monkeypatch):
     import llamaft.model.fast.memory as mem
 
-    monkeypatch.setattr(mem, "checkpoint_table", lambda c, m, worst, ga: [10, 20, 10**6])
+    monkeypatch.setattr(mem, "checkpoint_table", lambda c, m, worst, ga, layout: [10, 20, 10**6])
     (table, layers), why = P.partial_checkpointing(cfg(), None, True, 15, 1)
     assert table == (10, 20, 10**6) and layers == 1 and why.endswith("(fast.partial_checkpointing=auto)")
     assert P.partial_checkpointing(cfg(fast__partial_checkpointing="off"), None, True, 15, 1) == (
         (None, None), "checkpointing every layer (fast.partial_checkpointing=off)")
-    for c, own in ((cfg(), False), (cfg(train__gradient_checkpointing="on"), True), (cfg(model__method="qlora"), True)):
-        assert P.partial_checkpointing(c, None, own, 15, 1) == ((None, None), None)
+    for c, own, lean in ((cfg(), False, False), (cfg(train__gradient_checkpointing="on"), True, False),
+                         (cfg(model__method="qlora"), True, True), (cfg(), True, True)):
+        assert P.partial_checkpointing(c, None, own, 15, 1, lean) == ((None, None), None)
 
 
 def test_tile_optimizer_compile_lora_nf4_deciders():
@@ -300,6 +305,7 @@ def test_tile_optimizer_compile_lora_nf4_deciders():
     assert P.fused_optimizer(cfg(train__optimizer="paged_adamw_8bit")) == (False, None)
     assert P.compile_blocks(cfg(), False) == (True, "torch.compile on (auto: measured to win here)")
     assert P.compile_blocks(cfg(), True)[0] is False  # checkpointed LoRA: not measured
+    assert P.compile_blocks(cfg(), True, lean=True)[0]  # ... but its memory-lean plan is qlora's
     assert P.compile_blocks(cfg(model__method="full"), True)[0] and P.compile_blocks(cfg(model__method="qlora"), True)[0]
     assert P.compile_blocks(cfg(fast__compile="off"), False) == (False, "torch.compile off (fast.compile=off)")
     assert P.fused_lora()[0] is True
@@ -308,12 +314,13 @@ def test_tile_optimizer_compile_lora_nf4_deciders():
 
 
 def test_where_frozen_weights_live_deciders():
-    assert P.cpu_embeddings(cfg(model__method="qlora")) == (True, "input embeddings in CPU memory when frozen and untied (fast.cpu_embeddings=auto)")
-    assert P.cpu_embeddings(cfg()) == (False, "input embeddings on the GPU (fast.cpu_embeddings=auto)")
+    assert P.cpu_embeddings(cfg(model__method="qlora"), True) == (True, "input embeddings in CPU memory when frozen and untied (fast.cpu_embeddings=auto)")
+    assert P.cpu_embeddings(cfg(), False) == (False, "input embeddings on the GPU (fast.cpu_embeddings=auto)")
     assert P.cpu_embeddings(cfg(fast__cpu_embeddings="on"))[0]
-    assert P.cpu_lm_head(cfg(model__method="qlora"), True)[0]
-    assert not P.cpu_lm_head(cfg(model__method="qlora"), False)[0]  # only the fused loss leaves it idle
+    assert P.cpu_lm_head(cfg(model__method="qlora"), True, True)[0]
+    assert not P.cpu_lm_head(cfg(model__method="qlora"), False, True)[0]  # only the fused loss leaves it idle
     assert P.cpu_lm_head(cfg(fast__cpu_lm_head="on"), True)[0] and not P.cpu_lm_head(cfg(), True)[0]
+    assert not P.cpu_lm_head(cfg(fast__cpu_lm_head="off"), True, True)[0]
 
 
 def test_model_fit_deciders():
@@ -370,12 +377,48 @@ def test_install_never_changes_the_plan_and_refuses_a_plan_for_another_model():
     assert isinstance(make_collator(FastPlan(False, "sdpa", False, False, False), 7), Collator)
 
 
-def test_memory_budget(monkeypatch):
+def test_memory_budget_is_device_level(monkeypatch):
+    """The budget is the card's free memory (plus what our allocator holds) or fast.memory_gib, and
+    in both cases what the process adds outside torch's allocator is taken off before the cap."""
     import llamaft.model.fast.memory as mem
 
-    monkeypatch.setattr(mem, "_usable_bytes", lambda: 72 * 2**30)
-    assert mem.budget_bytes(cfg()) == 72 * 2**30
-    assert mem.budget_bytes(cfg(fast__memory_gib=16)) == 16 * 2**30  # fast.memory_gib wins
+    gib = 2**30
+    free_card = mem.make_budget(None, 70 * gib, 80 * gib, 2 * gib)  # 8 GiB used by others / our context
+    assert free_card.device_bytes == 72 * gib and free_card.cap_bytes == 72 * gib - mem.LATER_OUTSIDE_BYTES
+    assert free_card.plan_bytes < free_card.cap_bytes and "free memory" in free_card.source
+    asked = mem.make_budget(16, 70 * gib, 80 * gib, 2 * gib)
+    assert asked.device_bytes == 16 * gib and asked.cap_bytes == 16 * gib - mem.OUTSIDE_ALLOCATOR_BYTES
+    assert "fast.memory_gib=16" in asked.describe()
+    # a promise the card cannot keep: capped at what is there, and said so
+    short = mem.make_budget(40, 10 * gib, 80 * gib, 0)
+    assert short.cap_bytes == 10 * gib - mem.LATER_OUTSIDE_BYTES and "only 10.0 GiB free" in short.source
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mem, "_card", lambda: (70 * gib, 80 * gib, 2 * gib))
+    assert mem.budget_bytes(cfg(fast__memory_gib=16)) == asked.plan_bytes
+    assert mem.read_budget(cfg()) == free_card
+
+
+def test_memory_cap_is_installed_and_lifted(monkeypatch):
+    """apply_fast_path caps torch's allocator at the budget on the model's CUDA device; restore_parked
+    (after training) lifts it. A CPU model is never capped."""
+    import llamaft.model.fast.memory as mem
+    from llamaft.model.fast import apply_fast_path, restore_parked
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    budget = mem.make_budget(16, 70 * 2**30, 80 * 2**30, 0)
+    plan = FastPlan(False, "sdpa", False, False, False, budget=budget)
+    apply_fast_path(tiny(), plan)
+    assert calls == []  # on the CPU
+    import llamaft.model.fast.install as inst
+
+    monkeypatch.setattr(inst, "_device", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(inst, "install_attention", lambda *a: None)
+    apply_fast_path(tiny(), plan)
+    assert calls == [(budget.cap_bytes / budget.total_bytes, torch.device("cuda", 0))]
+    restore_parked(tiny())
+    assert calls[-1] == (1.0, None)
 
 
 def test_micro_batch_tokens():

@@ -107,7 +107,7 @@ def _cuda_8b(monkeypatch, gib=79.1):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(att, "best_packed_attention", lambda: "varlen")
-    monkeypatch.setattr(mem, "_usable_bytes", lambda: gib * 0.9 * 2**30)
+    monkeypatch.setattr(mem, "_card", lambda: (int(gib * 2**30), int(gib * 2**30), 0))  # a card, all free
     # a Llama-3.1-8B-shaped stand-in: config + parameter bytes, no weights
     c = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=128256)
@@ -252,34 +252,44 @@ def _cuda_8b_full(monkeypatch):
     return m
 
 
-def test_plan_full_ft_in_40_gib_checkpoints_only_some_layers(monkeypatch):
+def test_plan_full_ft_on_a_48_gb_card_steps_in_the_backward_and_checkpoints_only_some_layers(monkeypatch):
+    """Full fine-tuning of 8B with 8-bit AdamW: weights + states + whole-model gradients (45 GiB) do
+    not fit a 46 GiB budget; with the optimizer in the backward (no whole-model gradient) they do,
+    and the rest of the budget keeps some layers' activations."""
     model = _cuda_8b_full(monkeypatch)
     lens = [300] * 300 + [512] * 84
-    c = w512(model__method="full", train__optimizer="paged_adamw_8bit", fast__memory_gib=40)
+    c = w512(model__method="full", train__optimizer="paged_adamw_8bit", fast__memory_gib=46)
     p = choose_plan(c, model, lens)
+    assert p.unpaged_optimizer and p.optimizer_in_backward, p.reasons
+    assert any("gradient clipping (train.max_grad_norm) is not applied" in r for r in p.reasons)
     assert p.gradient_checkpointing and p.own_checkpointing
-    assert (p.micro_batch_size, p.gradient_accumulation) == (32, 1)  # one micro-batch: no grads during the forward
+    assert (p.micro_batch_size, p.gradient_accumulation) == (32, 1)  # the step happens in the one backward
     table, worst = p.checkpoint_tokens, 512 * 32
     assert len(table) == 33 and list(table) == sorted(table)  # more layers checkpointed -> more tokens fit
     assert p.checkpoint_layers == mem.layers_for(table, worst) and 0 < p.checkpoint_layers < 32, p.reasons
-    est = lambda k, t: mem.estimate_peak_bytes(c, model, k, t, 1)  # noqa: E731
+    layout = mem.Layout(in_backward=True)
+    est = lambda k, t: mem.estimate_peak_bytes(c, model, k, t, 1, layout)  # noqa: E731
+    plan_bytes = mem.budget_bytes(c)
     for k in range(33):  # each entry is the budget's exact edge (or the data's largest micro-batch)
-        assert table[k] == -1 or est(k, table[k]) <= 40 * 2**30
-        assert table[k] == worst or est(k, table[k] + 1) > 40 * 2**30
+        assert table[k] == -1 or est(k, table[k]) <= plan_bytes
+        assert table[k] == worst or est(k, table[k] + 1) > plan_bytes
     # a typical micro-batch (W512: ~10k tokens) recomputes fewer layers than the worst case
     assert mem.layers_for(table, 10_300) < p.checkpoint_layers
     assert mem.layers_for(table, 100) == 0
-    # a larger budget: fewer layers recomputed; the card's own: no checkpointing at all
-    roomier = choose_plan(w512(model__method="full", train__optimizer="paged_adamw_8bit", fast__memory_gib=48), model, lens)
+    # whole-model gradients would not have fitted: the estimate says so
+    assert mem.estimate_peak_bytes(c, model, True, worst, 1) > plan_bytes >= est(True, worst)
+    # a larger budget: fewer layers recomputed; the card's own: no checkpointing, the optimizer after the backward
+    roomier = choose_plan(w512(model__method="full", train__optimizer="paged_adamw_8bit", fast__memory_gib=52), model, lens)
     assert roomier.checkpoint_layers < p.checkpoint_layers
-    assert not choose_plan(w512(model__method="full", train__optimizer="paged_adamw_8bit"), model, [200] * 384).gradient_checkpointing
-    # switched off: every layer, as configured
-    off = choose_plan(w512(model__method="full", train__optimizer="paged_adamw_8bit", fast__memory_gib=40,
-                           fast__partial_checkpointing="off", fast__regroup_batches="off"), model, lens)
-    assert off.checkpoint_tokens is None and off.checkpoint_layers is None and off.micro_batch_size == 8
-    # non-paged 8-bit states are in torch's allocator: 15 GiB more, no room left -> every layer
-    tight = choose_plan(w512(model__method="full", train__optimizer="adamw_8bit", fast__memory_gib=40), model, lens)
-    assert tight.checkpoint_layers == 32 and any("over budget" in r for r in tight.reasons)
+    free = choose_plan(w512(model__method="full", train__optimizer="paged_adamw_8bit"), model, [200] * 384)
+    assert not free.gradient_checkpointing and not free.optimizer_in_backward
+    # switched off: whole-model gradients, which do not fit -> every layer, over budget, said so
+    off = choose_plan(w512(model__method="full", train__optimizer="adamw_8bit", fast__memory_gib=46,
+                           fast__optimizer_in_backward="off"), model, lens)
+    assert not off.optimizer_in_backward and off.checkpoint_layers == 32 and any("over budget" in r for r in off.reasons)
+    # a budget too small even so: not chosen, and the line says why
+    tiny = choose_plan(w512(model__method="full", train__optimizer="adamw_8bit", fast__memory_gib=30), model, lens)
+    assert not tiny.optimizer_in_backward and any("would not fit either" in r for r in tiny.reasons)
 
 
 def test_partial_checkpointing_by_tokens_matches_plain_model(monkeypatch):

@@ -13,6 +13,8 @@ F.cross_entropy; LoRA: PEFT's forward; checkpointing: HF's) and a parity test. O
 """
 
 from .install import apply_fast_path, decoder_layers, make_collator, restore_parked
+from .memory import configure_allocator
 from .plan import FastPlan, choose_plan
 
-__all__ = ["FastPlan", "apply_fast_path", "choose_plan", "decoder_layers", "make_collator", "restore_parked"]
+__all__ = ["FastPlan", "apply_fast_path", "choose_plan", "configure_allocator", "decoder_layers", "make_collator",
+           "restore_parked"]

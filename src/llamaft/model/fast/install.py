@@ -1,9 +1,9 @@
 """Put a FastPlan on a model, and the batches it needs: the plan is read, never changed.
 
-    model = apply_fast_path(model, plan)      # attention, CPU embeddings, fused loss (+ parked head),
-                                              # fused LoRA, MLP tiles, checkpointing, compile
+    model = apply_fast_path(model, plan)      # memory cap, attention, CPU embeddings, fused loss (+ parked
+                                              # head), fused LoRA, MLP tiles, checkpointing, compile
     collate = make_collator(plan, pad_id)     # padding-free packed rows, or right padding
-    restore_parked(model)                     # after training: a parked lm_head back on the GPU
+    restore_parked(model)                     # after training: a parked lm_head back on the GPU, no cap
 
 What a model allows (a frozen untied embedding table, a plain lm_head, decoder layers) is asked by
 `model_fits` BEFORE the plan is frozen, with the same eligibility tests the pieces use here, so the
@@ -19,6 +19,7 @@ import torch
 
 from ..adapters import base_model
 from . import embed, head, loss
+from . import memory as _memory
 from .attention import install_attention
 
 if TYPE_CHECKING:
@@ -44,6 +45,13 @@ def model_fits(model) -> "ModelFits":
                      park_head=loss.fusable(lm) and head.parkable(lm, layers))
 
 
+def _device(model) -> torch.device | None:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError, TypeError):
+        return None
+
+
 def _require(ok: bool, what: str) -> None:
     if not ok:
         raise ValueError(f"this plan does not fit the model ({what}); make it with choose_plan(cfg, model)")
@@ -51,6 +59,9 @@ def _require(ok: bool, what: str) -> None:
 
 def apply_fast_path(model, plan: "FastPlan"):
     """Install the plan on a (PEFT-wrapped or plain) HF causal LM; returns the same model object."""
+    device = _device(model)
+    if plan.budget is not None and device is not None and device.type == "cuda":
+        _memory.enforce(plan.budget, device)  # the device-level budget holds: the allocator cannot grow past it
     install_attention(model, plan.attention, plan.single_sdpa)
     lm = base_model(model)
     if plan.cpu_embeddings:
@@ -102,7 +113,9 @@ def _install_checkpointing_and_compile(model, plan: "FastPlan", layers) -> None:
 
 
 def restore_parked(model) -> None:
-    """After training: a parked lm_head back on the GPU for good (saving, merging, generation)."""
+    """After training: a parked lm_head back on the GPU for good (saving, merging, generation), and
+    the allocator's training cap lifted."""
+    _memory.lift_cap()
     parked = getattr(base_model(model), "_llamaft_parked_head", None)
     if parked is not None:
         parked.restore()

@@ -31,8 +31,8 @@ TILE_MLP_ROWS = 16384
 # -> 32 x 1 (~9.6k tokens) 9,944 (run18_w512_qlora32.json), and with the parked lm_head and the NF4
 # op 32 x 1 fits 6.02 GiB (run22/run23_w512_qlora_fast.json).
 QLORA_MICRO_BATCH_TOKENS = 11264
-# QLoRA's fused loss chunk: 256 rows x 128,256 vocab x 6 bytes = 188 MiB live, instead of ~0.8 GiB
-# at the default ~1,046 rows, out of a ~7 GiB budget. A memory choice, not timed on its own.
+# The memory-lean plan's (QLoRA's) fused loss chunk: 256 rows x 128,256 vocab x 6 bytes = 188 MiB live,
+# instead of ~0.8 GiB at the default ~1,046 rows, out of a ~7 GiB budget. A memory choice, not timed on its own.
 QLORA_LOSS_CHUNK_ROWS = 256
 # torch.compile measured to win: W512 LoRA without checkpointing +8% (run7_w512_lora_fast_compile.json
 # vs run6_w512_lora_fast.json); QLoRA +28% / +33% at 8 x 4 / 16 x 2 (launch-bound; run9_w512_qlora_fast.json
@@ -68,6 +68,10 @@ class FastPlan:
     checkpoint_layers: int | None = None      # N for the largest micro-batch the data can form (reported)
     cpu_lm_head: bool = False                 # frozen lm_head parked in CPU memory between losses (head.py)
     nf4_kernel: bool = False                  # QLoRA: NF4 base + LoRA as one op (lora_nf4.py, nf4.py)
+    budget: _memory.Budget | None = None      # the device-level memory budget; install caps the allocator at it
+    lean: bool = False                        # weights, checkpoints and batches chosen for a small budget
+    unpaged_optimizer: bool = False           # paged_adamw_8bit runs unpaged: its states inside the budget
+    optimizer_in_backward: bool = False       # full: each parameter stepped as its gradient completes (train/in_backward.py)
 
     def __post_init__(self):
         # frozen all the way down: lists given by callers become tuples
@@ -104,6 +108,7 @@ class Facts:
     packed_kernel: str | None = None   # best packed attention kernel on this torch/GPU (attention.py)
     distributed: bool = False          # several processes (WORLD_SIZE > 1)
     fits: ModelFits = field(default_factory=ModelFits)
+    budget: _memory.Budget | None = None  # this run's share of the card (memory.read_budget), None off CUDA
 
 
 def read_facts(cfg, model) -> Facts:
@@ -112,9 +117,10 @@ def read_facts(cfg, model) -> Facts:
     from .install import model_fits
 
     cuda = _cuda_target(model)
-    kernel = _attention.best_packed_attention() if cuda and cfg.fast.enabled else None
+    fast = cuda and cfg.fast.enabled
+    kernel = _attention.best_packed_attention() if fast else None
     return Facts(cuda=cuda, packed_kernel=kernel, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1,
-                 fits=model_fits(model))
+                 fits=model_fits(model), budget=_memory.read_budget(cfg) if fast else None)
 
 
 def _cuda_target(model) -> bool:
@@ -159,19 +165,24 @@ def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
     attention = log(attention_kernel(cfg, facts.packed_kernel))
     packing = log(packing_mode(cfg, attention))
     fused = log(fused_loss(cfg))
+    log(memory_budget(facts.budget))
     tokens_of = _memory.micro_batch_tokens(cfg, lengths if packing else None)
     gc = log(checkpointing(cfg, model, tokens_of(cfg.train.micro_batch_size)))
     own = log(own_checkpointing(gc, facts.distributed))
-    offload = log(offload_checkpoints(cfg, own))
-    mbs, ga = log(micro_batches(cfg, model, lengths, tokens_of, packing, gc, own))
-    table, layers = log(partial_checkpointing(cfg, model, own, tokens_of(mbs), ga))
+    lean = log(lean_memory(cfg, model, own, tokens_of))
+    offload = log(offload_checkpoints(cfg, own, lean))
+    cpu_emb = log(cpu_embeddings(cfg, lean))
+    cpu_head = log(cpu_lm_head(cfg, fused, lean))
+    unpaged = log(unpaged_optimizer(cfg))
+    in_bwd = log(optimizer_in_backward(cfg, model, own, tokens_of, facts.distributed))
+    layout = _memory.Layout(offload, cpu_emb, cpu_head, in_bwd)
+    mbs, ga = log(micro_batches(cfg, model, lengths, tokens_of, packing, gc, own, lean, layout))
+    table, layers = log(partial_checkpointing(cfg, model, own, tokens_of(mbs), ga, lean, layout))
     fused_opt = log(fused_optimizer(cfg))
-    comp = log(compile_blocks(cfg, gc))
+    comp = log(compile_blocks(cfg, gc, lean))
     lora = log(fused_lora())
     nf4 = log(nf4_kernel(cfg))
     single = log(single_sequence_sdpa(cfg, attention))
-    cpu_emb = log(cpu_embeddings(cfg))
-    cpu_head = log(cpu_lm_head(cfg, fused))
     tile = log(tile_mlp(cfg))
     # what this model allows comes last (its lines close the list), so nothing changes after freezing
     cpu_emb = log(embeddings_fit(cpu_emb, facts.fits))
@@ -182,7 +193,8 @@ def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
                     offload_checkpoints=offload, micro_batch_size=mbs, gradient_accumulation=ga,
                     fused_optimizer=fused_opt, tile_mlp_rows=tile, single_sdpa=single, cpu_embeddings=cpu_emb,
                     cpu_lm_head=cpu_head, nf4_kernel=nf4, checkpoint_layers=layers, checkpoint_tokens=table,
-                    loss_chunk_rows=loss_chunk_rows(cfg)[0])
+                    loss_chunk_rows=loss_chunk_rows(lean)[0], budget=facts.budget, lean=lean,
+                    unpaged_optimizer=unpaged, optimizer_in_backward=in_bwd)
 
 
 # ---- the path: fast on CUDA unless switched off; the plain path's own two decisions
@@ -233,9 +245,9 @@ def fused_loss(cfg):
     return on, f"fused loss {'on' if on else 'off'} (fast.fused_loss={cfg.fast.fused_loss})"
 
 
-def loss_chunk_rows(cfg):
+def loss_chunk_rows(lean: bool):
     """Rows per fused-loss chunk (None: ~512 MiB of fp32 logits, loss.py); not logged."""
-    return (QLORA_LOSS_CHUNK_ROWS if cfg.model.method == "qlora" else None), None
+    return (QLORA_LOSS_CHUNK_ROWS if lean else None), None
 
 
 def single_sequence_sdpa(cfg, attention: str):
@@ -267,45 +279,126 @@ def own_checkpointing(gc: bool, distributed: bool):
     return gc, None
 
 
-def offload_checkpoints(cfg, own: bool):
-    """Our checkpoints' saved layer inputs in pinned CPU memory (auto: qlora, which is memory-lean by choice)."""
+def memory_budget(budget):
+    """The device-level budget every estimate below is measured against (memory.read_budget)."""
+    return budget, (budget.describe() if budget is not None else None)
+
+
+def lean_memory(cfg, model, own: bool, tokens_of):
+    """Memory-lean: checkpoints, frozen embeddings and lm_head in CPU memory, micro-batches by tokens.
+    qlora always (picked for a small card); lora when even every layer checkpointed on the GPU would
+    not fit the budget. Full fine-tuning trains its embeddings and head: never."""
+    method = cfg.model.method
+    if method == "qlora":
+        return True, None  # the qlora lines below say so
+    if method != "lora" or not own or not _memory.sizable(model):
+        return False, None
+    ok, why = _memory.fits(cfg, model, True, tokens_of(cfg.train.micro_batch_size))
+    if ok:
+        return False, None
+    return True, f"memory-lean plan (every layer checkpointed on the GPU: {why})"
+
+
+def _lean_why(cfg, lean: bool) -> str:
+    if cfg.model.method == "qlora":
+        return "qlora: memory-lean"
+    return "memory-lean plan" if lean else "not memory-lean"
+
+
+def offload_checkpoints(cfg, own: bool, lean: bool):
+    """Our checkpoints' saved layer inputs in pinned CPU memory (auto: the memory-lean plan)."""
     if not own:
         return False, None
     setting = cfg.fast.offload_checkpoints
     if setting == "auto":
-        on = cfg.model.method == "qlora"
-        why = f"auto: {'qlora: memory-lean' if on else 'not qlora'}"
+        on, why = lean, f"auto: {_lean_why(cfg, lean)}"
     else:
         on, why = setting == "on", f"fast.offload_checkpoints={setting}"
     return on, f"checkpoints {'offloaded to CPU' if on else 'kept on the GPU'} ({why})"
 
 
-def micro_batches(cfg, model, lengths, tokens_of, packing: bool, gc: bool, own: bool):
+def unpaged_optimizer(cfg):
+    """paged_adamw_8bit as bitsandbytes' unpaged 8-bit AdamW: the same update, but paged states live
+    in CUDA unified memory outside torch's allocator, where the memory cap cannot hold them."""
+    if cfg.train.optimizer != "paged_adamw_8bit":
+        return False, None
+    return True, "8-bit AdamW unpaged (fast path): its states count in the memory budget; same update as paged"
+
+
+def optimizer_in_backward(cfg, model, own: bool, tokens_of, distributed: bool):
+    """Full fine-tuning: step each parameter's optimizer the moment its gradient is complete and free
+    that gradient (train/in_backward.py), so no whole-model gradient (15 GiB at 8B) ever exists.
+    auto: only when the budget needs it. One micro-batch per step; no global gradient clipping."""
+    setting = getattr(cfg.fast, "optimizer_in_backward", "auto")
+    if cfg.model.method != "full" or setting == "off":
+        return False, None
+    after = "gradient clipping (train.max_grad_norm) is not applied; one micro-batch per optimizer step"
+    if distributed:
+        return False, "optimizer steps after the backward (multi-process run)" if setting == "on" else None
+    if setting == "on":
+        return True, f"optimizer in the backward (fast.optimizer_in_backward=on): {after}"
+    if not own:
+        return False, None
+    whole = tokens_of(cfg.train.micro_batch_size * cfg.train.gradient_accumulation)
+    ok, why = _memory.fits(cfg, model, True, whole, 1)
+    if ok:
+        return False, None
+    ok, why_in = _memory.fits(cfg, model, True, whole, 1, _memory.Layout(in_backward=True))
+    if not ok:
+        return False, f"optimizer in the backward would not fit either ({why_in})"
+    return True, (f"optimizer in the backward (auto: with whole-model gradients {why}; without, {why_in}): "
+                  f"each parameter is updated as its gradient completes, and the gradient freed; {after}")
+
+
+def micro_batches(cfg, model, lengths, tokens_of, packing: bool, gc: bool, own: bool, lean: bool = False,
+                  layout: _memory.Layout = _memory.Layout()):
     """(micro-batch, accumulation), same sequences per optimizer step: fewer, fuller kernels; only
-    with packing (padded rows grow with the batch). QLoRA: up to QLORA_MICRO_BATCH_TOKENS. LoRA /
-    full: the largest the estimate fits (W512 LoRA 8 x 4 -> 16 x 2 +7%: run6_w512_lora_fast.json ->
-    run7_w512_lora_fast_bs16_nogc.json), every layer checkpointed when checkpointing is ours (then
-    partial_checkpointing trims it); with HF's (DDP) as configured: the estimate is for ours."""
+    with packing (padded rows grow with the batch). Memory-lean (qlora): up to QLORA_MICRO_BATCH_TOKENS
+    tokens, while the estimate fits. LoRA / full: the largest the estimate fits (W512 LoRA 8 x 4 ->
+    16 x 2 +7%: run6_w512_lora_fast.json -> run7_w512_lora_fast_bs16_nogc.json), every layer
+    checkpointed when checkpointing is ours (then partial_checkpointing trims it); with HF's (DDP) as
+    configured: the estimate is for ours. Optimizer in the backward: one micro-batch per step."""
     mbs, ga = cfg.train.micro_batch_size, cfg.train.gradient_accumulation
+    if layout.in_backward:
+        return (mbs * ga, 1), f"micro-batches {mbs * ga} x 1 accumulation (optimizer in the backward)"
     if not packing or cfg.fast.regroup_batches != "auto":
         return (mbs, ga), None
-    if cfg.model.method == "qlora":
-        mbs, ga, why = _memory.regroup_by_tokens(mbs, ga, lengths, QLORA_MICRO_BATCH_TOKENS)
+    if lean:
+        mbs, ga, why = _lean_regroup(cfg, model, lengths, tokens_of, layout)
     elif not gc or own:
-        mbs, ga, why = _memory.regroup(cfg, model, tokens_of, checkpointing=gc)
+        mbs, ga, why = _memory.regroup(cfg, model, tokens_of, checkpointing=gc, layout=layout)
     else:
         return (mbs, ga), None
     return (mbs, ga), f"micro-batches {mbs} x {ga} accumulation (fast.regroup_batches=auto: {why})"
 
 
-def partial_checkpointing(cfg, model, own: bool, worst: int, accumulation: int):
-    """(table, layers): when the estimate asked for our checkpointing (auto, not qlora), recompute
+def _lean_regroup(cfg, model, lengths, tokens_of, layout):
+    """Up to QLORA_MICRO_BATCH_TOKENS mean tokens per micro-batch, fewer when the estimate at a
+    micro-batch's likely most tokens (memory.likely_tokens) does not fit the budget."""
+    mbs, ga = cfg.train.micro_batch_size, cfg.train.gradient_accumulation
+    likely = _memory.likely_tokens(cfg, lengths)
+    most, parts, why = _memory.regroup_by_tokens(mbs, ga, lengths, QLORA_MICRO_BATCH_TOKENS)
+    if not _memory.sizable(model):
+        return most, parts, why
+    for p in range(parts, ga + 1):
+        if ga % p:
+            continue
+        m = mbs * ga // p
+        ok, est = _memory.fits(cfg, model, True, likely(m), p, layout)
+        if ok:
+            return m, p, f"{why}; {est} at {likely(m)} tokens" if p == parts else f"{est} at {likely(m)} tokens"
+    return mbs, ga, f"over budget even as configured ({est} at {likely(mbs)} tokens)"
+
+
+def partial_checkpointing(cfg, model, own: bool, worst: int, accumulation: int, lean: bool = False,
+                          layout: _memory.Layout = _memory.Layout()):
+    """(table, layers): when the estimate asked for our checkpointing (auto, not memory-lean), recompute
     only as many layers as each micro-batch's tokens need (memory.checkpoint_table)."""
-    if not own or cfg.train.gradient_checkpointing != "auto" or cfg.model.method == "qlora":
+    if not own or cfg.train.gradient_checkpointing != "auto" or lean:
         return (None, None), None
     table = None
     if cfg.fast.partial_checkpointing == "auto":
-        table = _memory.checkpoint_table(cfg, model, worst, accumulation)
+        table = _memory.checkpoint_table(cfg, model, worst, accumulation, layout)
     if table is None:
         return (None, None), "checkpointing every layer (fast.partial_checkpointing=off)"
     reason = f"checkpointing: {_memory.describe_table(table, worst)} (fast.partial_checkpointing=auto)"
@@ -328,13 +421,14 @@ def fused_optimizer(cfg):
     return on, f"torch fused AdamW {'on' if on else 'off'} (fast.fused_optimizer={cfg.fast.fused_optimizer})"
 
 
-def compile_blocks(cfg, gc: bool):
-    """torch.compile of the decoder layers (~60-90 s of compilation); auto: where it was measured to win."""
+def compile_blocks(cfg, gc: bool, lean: bool = False):
+    """torch.compile of the decoder layers (~60-90 s of compilation); auto: where it was measured to
+    win (the memory-lean lora plan is qlora's, bf16 weights instead of NF4)."""
     setting, method = cfg.fast.compile, cfg.model.method
     if setting != "auto":
         on = setting == "on"
         return on, f"torch.compile {'on' if on else 'off'} (fast.compile={setting})"
-    on = (method == "lora" and not gc) or method in COMPILE_MEASURED_FOR
+    on = (method == "lora" and not gc) or method in COMPILE_MEASURED_FOR or lean
     why = "measured to win here" if on else "only measured to win for qlora, full, and lora without checkpointing"
     return on, f"torch.compile {'on' if on else 'off'} (auto: {why})"
 
@@ -354,20 +448,21 @@ def nf4_kernel(cfg):
     return on, f"NF4 base layers: {how} (fast.nf4_kernel={cfg.fast.nf4_kernel})"
 
 
-def cpu_embeddings(cfg):
-    """The frozen input embedding table in CPU memory (auto: qlora, ~1 GiB of its ~7 on 8B; no
-    measurable cost: run17_w512_qlora_fast.json vs run18_w512_qemboff.json)."""
+def cpu_embeddings(cfg, lean: bool = False):
+    """The frozen input embedding table in CPU memory (auto: memory-lean, ~1 GiB of qlora's ~7 on 8B;
+    no measurable cost: run17_w512_qlora_fast.json vs run18_w512_qemboff.json)."""
     setting = cfg.fast.cpu_embeddings
-    on = setting == "on" or (setting == "auto" and cfg.model.method == "qlora")
+    on = setting == "on" or (setting == "auto" and lean)
     where = "in CPU memory when frozen and untied" if on else "on the GPU"
     return on, f"input embeddings {where} (fast.cpu_embeddings={setting})"
 
 
-def cpu_lm_head(cfg, fused: bool):
-    """A frozen lm_head parked in CPU memory between losses (auto: qlora; QLoRA 32 x 1 8.09 -> 7.11 GiB,
-    run18_w512_qlora32.json -> run19_w512_qlora32p.json). Only with the fused loss, the one place that reads it."""
+def cpu_lm_head(cfg, fused: bool, lean: bool = False):
+    """A frozen lm_head parked in CPU memory between losses (auto: memory-lean; QLoRA 32 x 1 8.09 ->
+    7.11 GiB, run18_w512_qlora32.json -> run19_w512_qlora32p.json). Only with the fused loss, the one
+    place that reads it."""
     setting = cfg.fast.cpu_lm_head
-    on = fused and (setting == "on" or (setting == "auto" and cfg.model.method == "qlora"))
+    on = fused and (setting == "on" or (setting == "auto" and lean))
     where = "parked in CPU memory between losses when frozen and untied" if on else "on the GPU"
     return on, f"lm_head {where} (fast.cpu_lm_head={setting})"
 
