@@ -15,8 +15,13 @@ fast variant's own choices (packing, varlen attention, fused loss, checkpointing
 settings, for per-step loss parity with the fast path.
 
 Real tokens are counted from the batches the model actually receives (a forward pre-hook), not
-from an estimate; peak memory is torch.cuda.max_memory_allocated over the whole training (also split:
-forward incl. the loss vs backward + optimizer step).
+from an estimate. Memory, three ways: torch.cuda.max_memory_allocated over the whole training (also
+split: forward incl. the loss vs backward + optimizer step), max_memory_reserved (the allocator's
+cache), and the DEVICE peak: the card's used memory (torch.cuda.mem_get_info, i.e. the driver's
+view) sampled every 20 ms from a thread during load and training, less what other processes held
+before this one started (nvidia-smi, e.g. ballast.py emulating a smaller card) -- what decides
+whether a run fits a card. Full fine-tuning runs without gradient clipping (max_grad_norm 0) in both
+variants: the optimizer in the backward cannot clip, and parity needs the same update.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -76,6 +83,40 @@ def run_config(args):
                  "offload_checkpoints": args.offload, "partial_checkpointing": args.partial,
                  "memory_gib": args.memory_gib, "nf4_kernel": args.nf4, "cpu_embeddings": args.cpu_emb},
     }, "bench")
+
+
+def others_used_bytes() -> int | None:
+    """GPU memory in use before this process touches CUDA (other processes: ballast.py), by nvidia-smi."""
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return int(out.split()[0]) << 20
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+class DevicePeak:
+    """The card's used memory (driver view: total - free) sampled every 20 ms in a thread; the max."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            self._stop.wait(0.02)
+
+    def __enter__(self):
+        torch.cuda.init()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def load_model(args):
@@ -156,8 +197,8 @@ def prepare(args, cfg, model, rows):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model, padded_collate, plan, args.bs, args.ga
     steps = resolve_steps(cfg.train, plan)  # same 32 sequences per optimizer step, maybe regrouped
-    if args.optim == "adamw_torch":  # other names are passed to HF as given (the bench's --optim)
-        args.optim = steps.optim
+    if args.optim in ("adamw_torch", "adamw_8bit", "paged_adamw_8bit"):  # our config's names: as train resolves them
+        args.optim = steps.optim  # (other --optim names are passed to HF as given)
     # unpacked rows keep the seed recipe's padding (these rows carry no labels for data.collate)
     collate = make_collator(plan, PAD) if plan.packing else padded_collate
     return apply_fast_path(model, plan), collate, plan, steps.micro_batch_size, steps.gradient_accumulation
@@ -194,11 +235,26 @@ def plan_record(args, plan):
                 gradient_checkpointing=plan.gradient_checkpointing, compile=plan.compile,
                 offload_checkpoints=plan.offload_checkpoints, fused_optimizer=plan.fused_optimizer,
                 checkpoint_layers=plan.checkpoint_layers, nf4_kernel=plan.nf4_kernel,
-                cpu_embeddings=plan.cpu_embeddings, reasons=list(plan.reasons))
+                cpu_embeddings=plan.cpu_embeddings, cpu_lm_head=plan.cpu_lm_head, lean=plan.lean,
+                optimizer_in_backward=plan.optimizer_in_backward, unpaged_optimizer=plan.unpaged_optimizer,
+                budget_device_gib=None if plan.budget is None else round(plan.budget.device_bytes / 2**30, 2),
+                budget_cap_gib=None if plan.budget is None else round(plan.budget.cap_bytes / 2**30, 2),
+                reasons=list(plan.reasons))
 
 
 def main():
     args = parse_args()
+    others = others_used_bytes()  # before this process holds any CUDA memory
+    if args.variant == "fast":
+        from llamaft.model.fast import configure_allocator
+
+        configure_allocator()  # what llamaft.train does before loading (expandable segments)
+    with DevicePeak() as device:
+        run, stamps, phase, trainer, load_s = train(args)
+    write_result(args, run, stamps, phase, trainer, load_s, device.peak, others)
+
+
+def train(args):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     torch.manual_seed(0)
@@ -224,23 +280,34 @@ def main():
             torch.cuda.synchronize()
             stamps.append((time.time(), seen["real"], seen["computed"]))
 
+    in_backward = args.variant == "fast" and plan.optimizer_in_backward
     targs = TrainingArguments(
         output_dir=f"/tmp/bench_{args.mode}_{args.variant}", per_device_train_batch_size=bs,
         gradient_accumulation_steps=ga, optim=args.optim, learning_rate=cfg.train.learning_rate,
         bf16=True, max_steps=args.steps + 2, logging_steps=1, save_strategy="no", report_to=[],
         warmup_steps=1, lr_scheduler_type="linear", dataloader_drop_last=True,
-        remove_unused_columns=False, seed=0)
-    tr = Trainer(model=model, args=targs, train_dataset=DS(), data_collator=collate, callbacks=[Clock()])
+        remove_unused_columns=False, seed=0, max_grad_norm=0.0 if args.mode == "full" else 1.0)
+    optimizers = (in_backward_optimizer(model, targs), None) if in_backward else (None, None)
+    tr = Trainer(model=model, args=targs, train_dataset=DS(), data_collator=collate, callbacks=[Clock()],
+                 optimizers=optimizers)
     torch.cuda.reset_peak_memory_stats()
     tr.train()
     phase["bwd"] = max(phase["bwd"], torch.cuda.max_memory_allocated())
-    write_result(args, dict(micro_batch_run=bs, accumulation_run=ga, plan=plan_record(args, plan)),
-                 stamps, phase, tr, load_s)
+    phase["reserved"] = torch.cuda.max_memory_reserved()
+    return dict(micro_batch_run=bs, accumulation_run=ga, plan=plan_record(args, plan)), stamps, phase, tr, load_s
 
 
-def write_result(args, run, stamps, phase, trainer, load_s):
+def in_backward_optimizer(model, targs):
+    """The optimizer llamaft.train builds when the plan steps it in the backward (train/in_backward.py)."""
+    from llamaft.train.in_backward import build_in_backward_optimizer
+
+    return build_in_backward_optimizer(model, targs)
+
+
+def write_result(args, run, stamps, phase, trainer, load_s, device_peak, others):
     free, total = torch.cuda.mem_get_info()
     (t1, r1, c1), (t2, r2, c2) = stamps[1], stamps[-1]
+    gib = 2**30
     res = dict(
         mode=args.mode, variant=args.variant, seq=args.seq, bs=args.bs, ga=args.ga, steps=args.steps,
         micro_batch_run=run["micro_batch_run"], accumulation_run=run["accumulation_run"],
@@ -249,10 +316,13 @@ def write_result(args, run, stamps, phase, trainer, load_s):
         timed_steps=len(stamps) - 2, timed_s=round(t2 - t1, 3), timed_real_tokens=r2 - r1,
         timed_computed_tokens=c2 - c1, tokens_per_s=round((r2 - r1) / (t2 - t1), 1),
         computed_tokens_per_s=round((c2 - c1) / (t2 - t1), 1), load_s=round(load_s, 1),
-        peak_mem_gib=round(max(phase.values()) / 2**30, 2),
-        peak_fwd_gib=round(phase["fwd"] / 2**30, 2), peak_bwd_step_gib=round(phase["bwd"] / 2**30, 2),
-        # whole-device view at the end (CUDA context, allocator cache, bitsandbytes' paged states)
-        device_used_gib_end=round((total - free) / 2**30, 2),
+        peak_mem_gib=round(max(phase["fwd"], phase["bwd"]) / gib, 2),
+        peak_fwd_gib=round(phase["fwd"] / gib, 2), peak_bwd_step_gib=round(phase["bwd"] / gib, 2),
+        peak_reserved_gib=round(phase["reserved"] / gib, 2),
+        # the card's used memory at its peak (sampled), less what other processes held before this one
+        device_peak_gib=round((device_peak - (others or 0)) / gib, 2),
+        others_before_gib=None if others is None else round(others / gib, 2),
+        device_used_gib_end=round((total - free) / gib, 2),
         losses=[h.get("loss") for h in trainer.state.log_history if "loss" in h],
         device=torch.cuda.get_device_name(0), versions=versions(), dynamo=dynamo_counters(),
         command="python " + " ".join(sys.argv))

@@ -153,11 +153,32 @@ def test_cuda_memory_peak_is_the_device_level_max_over_samples(monkeypatch):
     used = iter([(6 * 2**30, 10 * 2**30), (3 * 2**30, 10 * 2**30), (5 * 2**30, 10 * 2**30)])  # (free, total)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: next(used))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 3 * 2**30)
     mem = MemoryPeak("cuda:0")
     for _ in range(3):
         mem.sample()
     assert mem.peak_bytes == 7 * 2**30 and mem.allocated_bytes == 2 * 2**30  # total - free at its largest
-    assert "mem_get_info" in mem.how()
+    assert mem.reserved_bytes == 3 * 2**30 and "mem_get_info" in mem.how()
+
+
+def test_cuda_memory_peak_thread_sees_a_peak_between_steps(monkeypatch):
+    """The thread samples while the step runs: a peak that is gone by the step's end still counts."""
+    import threading
+
+    seen = threading.Event()
+    used = iter([9 * 2**30] + [2 * 2**30] * 10**6)  # the peak comes once, mid-step
+
+    def mem_get_info(device=None):
+        seen.set()
+        return 10 * 2**30 - next(used), 10 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    mem = MemoryPeak("cuda:0", interval=0.001)
+    mem.start()
+    assert seen.wait(5)
+    mem.stop()
+    assert mem.peak_bytes == 9 * 2**30 and mem._thread is None
+    MemoryPeak("cpu").start()  # no thread off CUDA
 
 
 def test_cpu_memory_peak_is_the_process_peak_rss():

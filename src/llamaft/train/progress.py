@@ -19,12 +19,14 @@ What the numbers are:
   are left out. tokens/s = tokens / step time over the steps since the last log.
 - ETA: steps left x wall time per step so far (evaluation and saving included: the time a user waits).
 - memory peak: CUDA: the device's memory in use as the driver sees it (total - free from
-  torch.cuda.mem_get_info, every process on that GPU), sampled after every optimizer step, the max;
-  torch.cuda.max_memory_allocated (this process's tensors) beside it. Elsewhere: this process's
-  peak resident set size (resource.getrusage), model loading included.
+  torch.cuda.mem_get_info, every process on that GPU: CUDA context, kernels and every allocator
+  included), sampled every 50 ms from a thread during training and after every optimizer step, the
+  max; torch.cuda.max_memory_allocated (this process's tensors) and max_memory_reserved (its
+  allocator's cache) beside it. Elsewhere: this process's peak resident set size
+  (resource.getrusage), model loading included.
 
 metrics.jsonl gets train/tokens_per_s, train/step_time_s, train/tokens_seen, train/mem_peak_gib
-(+ train/cuda_max_allocated_gib) on every train/loss row; summary.json a `throughput` block
+(+ train/cuda_max_allocated_gib, train/cuda_max_reserved_gib) on every train/loss row; summary.json a `throughput` block
 (`TrainProgress.throughput`).
 """
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import threading
 import time
 
 import torch
@@ -85,26 +88,51 @@ class TokenCounter:
 
 
 class MemoryPeak:
-    """The run's memory peak on `device`, sampled after every step (see the module doc for how)."""
+    """The run's memory peak on `device` (see the module doc for how): `sample()` after every step,
+    and on CUDA a thread sampling the driver's view every `interval` s between `start()` and `stop()`
+    (a step's peak lies inside it: the backward's, the optimizer's)."""
 
-    def __init__(self, device):
+    def __init__(self, device, interval: float = 0.05):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.peak_bytes = 0
         self.allocated_bytes: int | None = None
+        self.reserved_bytes: int | None = None
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _device_used(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
 
     def sample(self) -> None:
         if self.cuda:
-            free, total = torch.cuda.mem_get_info(self.device)
-            self.peak_bytes = max(self.peak_bytes, total - free)
+            self.peak_bytes = max(self.peak_bytes, self._device_used())
             self.allocated_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
         else:
             self.peak_bytes = max(self.peak_bytes, rss_peak_bytes())
+
+    def start(self) -> None:
+        if self.cuda and self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="llamaft-memory-peak", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_bytes = max(self.peak_bytes, self._device_used())
 
     def how(self) -> str:
         if self.cuda:
             return ("CUDA device memory in use, total - free from torch.cuda.mem_get_info (every process on the GPU), "
-                    "max over the samples after each optimizer step")
+                    f"max over samples every {self.interval:g} s during training and after each optimizer step")
         return "peak resident set size of this process (resource.getrusage ru_maxrss), model loading included"
 
     def name(self) -> str:
@@ -147,6 +175,7 @@ class TrainProgress(TrainerCallback):
         self.began = self.mark = self.clock()
         self.first_step = state.global_step
         self.memory = MemoryPeak(args.device)
+        self.memory.start()
         if model is not None:
             self.tokens.attach(model)
         if state.is_world_process_zero:
@@ -192,6 +221,8 @@ class TrainProgress(TrainerCallback):
     def close(self) -> None:
         """Stop counting and end the bar (also after an interrupt or an error, when HF ends nothing)."""
         self.tokens.detach()
+        if self.memory is not None:
+            self.memory.stop()
         self._show_evals()
         if self.display is not None:
             self.display.stop()
@@ -220,6 +251,7 @@ class TrainProgress(TrainerCallback):
                   "mem_peak_gib": round(self.memory.peak_bytes / GIB, 3)}
         if self.memory.allocated_bytes is not None:
             values["cuda_max_allocated_gib"] = round(self.memory.allocated_bytes / GIB, 3)
+            values["cuda_max_reserved_gib"] = round(self.memory.reserved_bytes / GIB, 3)
         return values
 
     def throughput(self) -> dict | None:
@@ -241,6 +273,7 @@ class TrainProgress(TrainerCallback):
         }
         if self.memory.allocated_bytes is not None:
             block["cuda_max_allocated_gib"] = round(self.memory.allocated_bytes / GIB, 3)
+            block["cuda_max_reserved_gib"] = round(self.memory.reserved_bytes / GIB, 3)
         return block
 
     def final_line(self) -> str:
