@@ -4,19 +4,14 @@
 #   bash benchmarks/run_w512.sh [STEPS] [WHAT...]   WHAT: tests lora seed plain qlora seedq lora16 ... or NAME:MODE,BS,GA,FLAGS
 # Needs: .bench/seed_baseline.py (copy of ../shared/bench) and wheels in .whl/ (bitsandbytes, pydantic).
 set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-benchmarks/results/raw}; mkdir -p "$OUT"
 STEPS=${1:-10}; shift || true
 WHAT=${*:-tests lora seed plain qlora seedq}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-M=/tmp/llama31_8b_random
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log.txt"
-[ -d $M ] || python3 .bench/seed_baseline.py save $M 2>&1 | tail -2 | tee -a "$OUT/log.txt"
+. benchmarks/_prelude.sh   # env, .whl/ -> /tmp/site, $M (shared with budget_curve.sh)
+prelude_locked prelude_wheels || exit 1
+prelude_pythonpath
+prelude_gpu_line | tee -a "$OUT/log.txt"
+prelude_locked prelude_model | tee -a "$OUT/log.txt"
 B="python3 benchmarks/bench.py $M"
 for w in $WHAT; do
   echo "=== $w $(date +%T)" | tee -a "$OUT/log.txt"
