@@ -4,6 +4,7 @@ nothing half-written, the last good checkpoint intact and resumable, and an hone
 import json
 
 import pytest
+import torch
 
 from llamaft.cli import main
 from llamaft.train.checkpoint import latest_complete, write_failure
@@ -50,6 +51,30 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line(tmp_path, monkeypat
     monkeypatch.setattr(hf_trainer.torch, "save", real_save)
     assert main(["train", str(cfg), "train.resume=true"]) == 0  # resumes from checkpoint-2 and finishes
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_out_of_gpu_memory_stops_with_one_line_and_a_summary(tmp_path, monkeypatch, capsys):
+    """A CUDA out-of-memory in a step (a micro-batch larger than the budget allowed for) is one line
+    naming the step and what to change, exit 2, a failed summary, no traceback."""
+    from llamaft.train.checkpoint import AtomicCheckpointTrainer
+
+    cfg = cli_project(tmp_path)
+    real_step, calls = AtomicCheckpointTrainer.training_step, []
+
+    def training_step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.5 GiB")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(AtomicCheckpointTrainer, "training_step", training_step)
+    capsys.readouterr()
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    line = one_error_line(err, "train", "out of GPU memory at step", "Tried to allocate 2.00 GiB", "train.micro_batch_size")
+    assert "Traceback" not in err and "fast.memory_gib" in line
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "out of GPU memory" in summary["stopped"]["reason"]
 
 
 def test_an_interrupt_between_a_saves_staging_and_its_publish_leaves_no_staging(tmp_path, monkeypatch, capsys):

@@ -262,7 +262,10 @@ def fit(run: Run, trainer, plan):
     checkpoint); returns HF's TrainOutput. An interrupt or a non-finite stop writes summary.json,
     then raises (KeyboardInterrupt / TrainingDiverged)."""
     try:
-        result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        except torch.OutOfMemoryError as err:
+            raise LlamaftError(out_of_memory_message(err, plan, trainer.state.global_step)) from None
     except KeyboardInterrupt:
         # Checkpoints are atomic, so whatever is in checkpoints/ is safe to continue from; a save the
         # interrupt cut short (even between its staging and its publish) leaves nothing behind.
@@ -289,6 +292,15 @@ def fit(run: Run, trainer, plan):
         finish(run, trainer, plan, Outcome("stopped_nonfinite", result, stopped=guard.stopped.as_dict(last_good)))
         raise TrainingDiverged(guard.stopped.message(last_good))
     return result
+
+
+def out_of_memory_message(err: BaseException, plan, step: int) -> str:
+    """One line for a CUDA out-of-memory: where, within which budget, and what to change."""
+    budget = getattr(plan, "budget", None)
+    within = f" within the run's memory budget ({budget.describe()})" if budget is not None else ""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory"
+    return (f"out of GPU memory at step {step}{within}: {first[:200]}; lower train.micro_batch_size or "
+            "data.max_seq_length, raise fast.memory_gib if the card has more free, or use model.method=qlora")
 
 
 # ---------------------------------------------------------------------------------------------
