@@ -193,6 +193,9 @@ class FastConfig(_Section):
     nf4_kernel: Literal["auto", "off"] = Field(
         "auto", description="QLoRA: NF4 base + LoRA as one op with a one-pass Triton dequant, weight never saved (off: bitsandbytes' forward)."
     )
+    deferred_mlp: Literal["auto", "off"] = Field(
+        "auto", description="Memory-lean plans: a recomputed layer's MLP runs in the backward in 4096-token chunks (less memory, no extra compute)."
+    )
     optimizer_in_backward: Literal["auto", "on", "off"] = Field(
         "auto", description="Full fine-tuning: update each weight as its gradient completes, no whole-model gradient "
         "(auto: when the memory budget needs it; no gradient clipping, one micro-batch per step)."

@@ -133,10 +133,12 @@ def test_varlen_hf_attention_accepts_fp32_inputs_from_qlora():
     assert (out[0] - ref).abs().max().item() < 2e-2
 
 
+@pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_offloaded_checkpointing_matches_plain_model(compiled):
+def test_offloaded_checkpointing_matches_plain_model(compiled, deferred):
     """Every layer's input goes to pinned CPU memory on a side stream and comes back (prefetched) for
-    the recompute: same loss and adapter gradients as the plain model, in bf16 on the GPU."""
+    the recompute: same loss and adapter gradients as the plain model, in bf16 on the GPU; with
+    `deferred`, each MLP also runs in the backward in 128-token chunks (recompute.defer_mlp)."""
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -152,7 +154,13 @@ def test_offloaded_checkpointing_matches_plain_model(compiled):
     ref = get_peft_model(LlamaForCausalLM(c).cuda().to(torch.bfloat16),
                          LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
     ours = copy.deepcopy(ref)
-    install(decoder_layers(ours), offload=True, wrap_body=compile_fn if compiled else None)
+    wrap = compile_fn if compiled else None
+    if deferred:
+        from llamaft.model.fast.recompute import defer_mlp
+
+        for layer in decoder_layers(ours):
+            defer_mlp(layer.mlp, 128, wrap_body=wrap)
+    install(decoder_layers(ours), offload=True, wrap_body=wrap)
     ids = torch.randint(0, 1000, (2, 300), device="cuda")
     grads = []
     for m in (ref, ours):

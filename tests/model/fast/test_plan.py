@@ -304,7 +304,8 @@ def test_tile_optimizer_compile_lora_nf4_deciders():
     assert P.fused_optimizer(cfg(fast__fused_optimizer="off"))[0] is False
     assert P.fused_optimizer(cfg(train__optimizer="paged_adamw_8bit")) == (False, None)
     assert P.compile_blocks(cfg(), False) == (True, "torch.compile on (auto: measured to win here)")
-    assert P.compile_blocks(cfg(), True)[0] is False  # checkpointed LoRA: not measured
+    assert P.compile_blocks(cfg(), True)[0] is False  # LoRA under HF's checkpointing: not measured
+    assert P.compile_blocks(cfg(), True, own=True)[0]  # under ours: full fine-tuning's partial plan
     assert P.compile_blocks(cfg(), True, lean=True)[0]  # ... but its memory-lean plan is qlora's
     assert P.compile_blocks(cfg(model__method="full"), True)[0] and P.compile_blocks(cfg(model__method="qlora"), True)[0]
     assert P.compile_blocks(cfg(fast__compile="off"), False) == (False, "torch.compile off (fast.compile=off)")

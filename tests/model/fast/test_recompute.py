@@ -159,7 +159,8 @@ def test_plan_qlora_offloads_compiles_and_regroups_by_tokens(monkeypatch):
     assert p.gradient_checkpointing and not (p.offload_checkpoints or p.compile or p.cpu_embeddings)
     assert p.micro_batch_size == 8
     p = choose_plan(w512(train__gradient_checkpointing="on", fast__offload_checkpoints="on", fast__fused_optimizer="off"), model, None)
-    assert p.offload_checkpoints and not p.fused_optimizer and not p.cpu_embeddings and not p.compile
+    assert p.offload_checkpoints and not p.fused_optimizer and not p.cpu_embeddings
+    assert p.compile  # under our checkpointing the layer body is compiled inside it
 
 
 def test_plan_keeps_hf_checkpointing_under_ddp(monkeypatch):
@@ -290,6 +291,60 @@ def test_plan_full_ft_on_a_48_gb_card_steps_in_the_backward_and_checkpoints_only
     # a budget too small even so: not chosen, and the line says why
     tiny = choose_plan(w512(model__method="full", train__optimizer="adamw_8bit", fast__memory_gib=30), model, lens)
     assert not tiny.optimizer_in_backward and any("would not fit either" in r for r in tiny.reasons)
+
+
+def test_deferred_mlp_in_chunks_matches_plain_model(monkeypatch):
+    """Every layer checkpointed, its MLP deferred to the backward in 7-token chunks (and chunked
+    without grad): same loss and adapter gradients as the plain model, partial layers too; the
+    recomputation never runs the MLP forward itself (each MLP runs once in the forward and once,
+    chunk by chunk, in the backward)."""
+    from llamaft.model.fast import recompute
+
+    ref = tiny_lora()
+    ours = copy.deepcopy(ref)
+    plan = FastPlan(False, "sdpa", False, True, False, [], own_checkpointing=True, mlp_chunk_rows=7,
+                    checkpoint_tokens=[15, 15, 30, 10**9])  # up to 15 tokens: no layer; 30: two; more: all
+    apply_fast_path(ours, plan)
+    runs = []
+    real_body = recompute._DeferredMLP.forward
+    monkeypatch.setattr(recompute._DeferredMLP, "forward",
+                        staticmethod(lambda ctx, x, body, rows: runs.append(x.shape[-2]) or real_body(ctx, x, body, rows)))
+    for n, deferred in ((11, 0), (22, 2), (40, 3)):
+        ids = torch.randint(0, 300, (1, n))
+        runs.clear()
+        l1, g1 = _loss_and_grads(ref, ids)
+        l2, g2 = _loss_and_grads(ours, ids)
+        assert len(runs) == deferred, n  # one deferral per recomputed layer
+        assert torch.allclose(l1, l2, atol=1e-6)
+        for name in g1:
+            assert torch.allclose(g1[name], g2[name], atol=1e-6, rtol=1e-5), name
+        ref.zero_grad(), ours.zero_grad()
+    with torch.no_grad():  # evaluation: the chunked forward gives the same logits
+        ids = torch.randint(0, 300, (1, 40))
+        assert torch.allclose(ref(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5)
+
+
+def test_deferred_mlp_decider():
+    from llamaft.model.fast import plan as P
+
+    assert P.deferred_mlp(cfg(), True, True, False)[0] == P.MLP_CHUNK_ROWS
+    assert P.deferred_mlp(cfg(), True, False, False) == (0, None)  # not memory-lean
+    assert P.deferred_mlp(cfg(), False, True, False) == (0, None)  # HF's checkpointing
+    assert P.deferred_mlp(cfg(model__method="full"), True, True, True) == (0, None)  # optimizer in the backward
+    assert P.deferred_mlp(cfg(fast__deferred_mlp="off"), True, True, False) == (0, None)
+    rows, why = P.deferred_mlp(cfg(lora__dropout=0.1), True, True, False)
+    assert rows == 0 and "dropout" in why
+    # the estimate: a deferred MLP's chunk instead of the whole micro-batch's intermediates
+    import llamaft.model.fast.memory as mem
+    from types import SimpleNamespace
+
+    c = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256)
+    frozen = torch.nn.Parameter(torch.empty((10**9,), device="meta"), requires_grad=False)
+    m = SimpleNamespace(config=c, parameters=lambda: iter([frozen]))
+    whole = mem.estimate_peak_bytes(cfg(), m, True, 12_000, 1, mem.Layout(offload=True))
+    chunked = mem.estimate_peak_bytes(cfg(), m, True, 12_000, 1, mem.Layout(offload=True, mlp_rows=4096))
+    assert whole - chunked == (12_000 - 4096) * 8 * 14336
 
 
 def test_partial_checkpointing_by_tokens_matches_plain_model(monkeypatch):

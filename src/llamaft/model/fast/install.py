@@ -97,9 +97,14 @@ def _install_checkpointing_and_compile(model, plan: "FastPlan", layers) -> None:
         if plan.checkpoint_tokens is not None:
             table = plan.checkpoint_tokens
             policy = lambda index, tokens: index < layers_for(table, tokens)  # noqa: E731
+        wrap = compile_fn if plan.compile else None
+        if plan.mlp_chunk_rows:
+            from .recompute import defer_mlp
+
+            for layer in layers:  # before the layer is wrapped: its compiled body calls this MLP as it is now
+                defer_mlp(layer.mlp, plan.mlp_chunk_rows, wrap_body=wrap)
         # compile goes inside the checkpoint: streams and CPU copies stay out of the graph
-        install(layers, offload=plan.offload_checkpoints, wrap_body=compile_fn if plan.compile else None,
-                policy=policy)
+        install(layers, offload=plan.offload_checkpoints, wrap_body=wrap, policy=policy)
         if hasattr(model, "config"):
             model.config.use_cache = False
         return

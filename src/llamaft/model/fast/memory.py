@@ -50,6 +50,7 @@ class Layout:
     cpu_embeddings: bool = False   # the frozen input embedding table in CPU memory (embed.py)
     cpu_lm_head: bool = False      # the frozen lm_head parked in CPU memory, on the card only for a loss (head.py)
     in_backward: bool = False      # each gradient freed by its own optimizer step in the backward
+    mlp_rows: int = 0              # > 0: a recomputed layer's MLP runs in the backward in chunks of this many tokens
 
 
 # Temporaries the terms below do not name (RMSNorm / RoPE outputs, cuBLAS workspaces in the allocator).
@@ -88,6 +89,8 @@ def estimate_peak_bytes(cfg, model, checkpointing: bool | int, tokens: int | Non
     # others keep all their activations
     ckpts = tokens * 2 * h * (2 if layout.offload else k)
     kept, live = tokens * per_layer * (layers - k), (tokens * per_layer if k else 0)
+    if k and layout.mlp_rows:  # the MLP's [tokens, intermediate] tensors exist one chunk at a time
+        live = tokens * (per_layer - 8 * i) + min(tokens, layout.mlp_rows) * 8 * i
     from .loss import _chunk_rows
 
     # the fused loss holds one chunk of fp32 logits + its bf16 gradient; the plain loss all of them;
@@ -115,11 +118,14 @@ def estimate_peak_bytes(cfg, model, checkpointing: bool | int, tokens: int | Non
 # kernel images loaded on first use (cuBLAS, cuDNN, flash-attention, Triton's compiled kernels) and
 # library workspaces. LATER_OUTSIDE_BYTES is the part not there yet when the plan is made (the model
 # is loaded by then; the backward's kernels and the compiled blocks come later).
-# Measured on the H200 (benchmarks/results/budget_*.json: device peak - reserved peak): see README.
-OUTSIDE_ALLOCATOR_BYTES = int(1.25 * GIB)
-LATER_OUTSIDE_BYTES = int(0.75 * GIB)
-# Reserved-but-unused blocks inside the cap (fragmentation; expandable segments keep it small).
-ALLOCATOR_SLACK = 0.04
+# Measured on the H200, device peak - reserved peak: 0.74-0.81 GiB for LoRA (compiled, 18 GiB card and
+# whole card) and QLoRA (7.5 GiB card) (benchmarks/results/budget_smoke.json); the CUDA context itself
+# (~0.5 GiB) is there before the plan.
+OUTSIDE_ALLOCATOR_BYTES = GIB
+LATER_OUTSIDE_BYTES = GIB // 2
+# Blocks the allocator cannot hand out even after freeing its cache (fragmentation; expandable
+# segments keep it small), and the estimate's own error.
+ALLOCATOR_SLACK = 0.05
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,11 @@ TILE_MLP_ROWS = 16384
 # -> 32 x 1 (~9.6k tokens) 9,944 (run18_w512_qlora32.json), and with the parked lm_head and the NF4
 # op 32 x 1 fits 6.02 GiB (run22/run23_w512_qlora_fast.json).
 QLORA_MICRO_BATCH_TOKENS = 11264
+# Tokens per chunk of a recomputed layer's deferred MLP (recompute.defer_mlp) in the memory-lean plan:
+# [4096, 14336] bf16 gate/up/activation/product = 0.44 GiB live instead of ~1.5 GiB for a 12k-token
+# micro-batch (QLoRA 32 x 1: the MLP's tensors were 1.5 of the 2.1 GiB above the weights at the peak,
+# run22_memory_peak_qlora32_nf4.json), with rows large enough to keep the GEMMs efficient.
+MLP_CHUNK_ROWS = 4096
 # The memory-lean plan's (QLoRA's) fused loss chunk: 256 rows x 128,256 vocab x 6 bytes = 188 MiB live,
 # instead of ~0.8 GiB at the default ~1,046 rows, out of a ~7 GiB budget. A memory choice, not timed on its own.
 QLORA_LOSS_CHUNK_ROWS = 256
@@ -72,6 +77,7 @@ class FastPlan:
     lean: bool = False                        # weights, checkpoints and batches chosen for a small budget
     unpaged_optimizer: bool = False           # paged_adamw_8bit runs unpaged: its states inside the budget
     optimizer_in_backward: bool = False       # full: each parameter stepped as its gradient completes (train/in_backward.py)
+    mlp_chunk_rows: int = 0                   # > 0: recomputed layers' MLPs deferred to the backward, in chunks (recompute.defer_mlp)
 
     def __post_init__(self):
         # frozen all the way down: lists given by callers become tuples
@@ -175,11 +181,12 @@ def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
     cpu_head = log(cpu_lm_head(cfg, fused, lean))
     unpaged = log(unpaged_optimizer(cfg))
     in_bwd = log(optimizer_in_backward(cfg, model, own, tokens_of, facts.distributed))
-    layout = _memory.Layout(offload, cpu_emb, cpu_head, in_bwd)
+    mlp_rows = log(deferred_mlp(cfg, own, lean, in_bwd))
+    layout = _memory.Layout(offload, cpu_emb, cpu_head, in_bwd, mlp_rows)
     mbs, ga = log(micro_batches(cfg, model, lengths, tokens_of, packing, gc, own, lean, layout))
     table, layers = log(partial_checkpointing(cfg, model, own, tokens_of(mbs), ga, lean, layout))
     fused_opt = log(fused_optimizer(cfg))
-    comp = log(compile_blocks(cfg, gc, lean))
+    comp = log(compile_blocks(cfg, gc, lean, own))
     lora = log(fused_lora())
     nf4 = log(nf4_kernel(cfg))
     single = log(single_sequence_sdpa(cfg, attention))
@@ -194,7 +201,7 @@ def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
                     fused_optimizer=fused_opt, tile_mlp_rows=tile, single_sdpa=single, cpu_embeddings=cpu_emb,
                     cpu_lm_head=cpu_head, nf4_kernel=nf4, checkpoint_layers=layers, checkpoint_tokens=table,
                     loss_chunk_rows=loss_chunk_rows(lean)[0], budget=facts.budget, lean=lean,
-                    unpaged_optimizer=unpaged, optimizer_in_backward=in_bwd)
+                    unpaged_optimizer=unpaged, optimizer_in_backward=in_bwd, mlp_chunk_rows=mlp_rows)
 
 
 # ---- the path: fast on CUDA unless switched off; the plain path's own two decisions
@@ -325,6 +332,20 @@ def unpaged_optimizer(cfg):
     return True, "8-bit AdamW unpaged (fast path): its states count in the memory budget; same update as paged"
 
 
+def deferred_mlp(cfg, own: bool, lean: bool, in_backward: bool):
+    """Memory-lean: a recomputed layer's MLP runs in the backward in MLP_CHUNK_ROWS-token chunks
+    (recompute.defer_mlp), no FLOPs added. Not with the optimizer in the backward (a chunked backward
+    accumulates each weight's gradient once per chunk) nor with dropout (a chunk cannot repeat the
+    first forward's masks)."""
+    setting = getattr(cfg.fast, "deferred_mlp", "auto")
+    if not (own and lean) or in_backward or setting == "off":
+        return 0, None
+    if cfg.model.method != "full" and cfg.lora.dropout > 0:
+        return 0, f"MLP recomputed whole (lora.dropout={cfg.lora.dropout:g}: chunks cannot repeat the forward's masks)"
+    return MLP_CHUNK_ROWS, (f"recomputed layers' MLP deferred to the backward, {MLP_CHUNK_ROWS} tokens at a time "
+                            "(fast.deferred_mlp=auto): one chunk's intermediates live, no FLOPs added")
+
+
 def optimizer_in_backward(cfg, model, own: bool, tokens_of, distributed: bool):
     """Full fine-tuning: step each parameter's optimizer the moment its gradient is complete and free
     that gradient (train/in_backward.py), so no whole-model gradient (15 GiB at 8B) ever exists.
@@ -421,15 +442,16 @@ def fused_optimizer(cfg):
     return on, f"torch fused AdamW {'on' if on else 'off'} (fast.fused_optimizer={cfg.fast.fused_optimizer})"
 
 
-def compile_blocks(cfg, gc: bool, lean: bool = False):
+def compile_blocks(cfg, gc: bool, lean: bool = False, own: bool = False):
     """torch.compile of the decoder layers (~60-90 s of compilation); auto: where it was measured to
-    win (the memory-lean lora plan is qlora's, bf16 weights instead of NF4)."""
+    win (the memory-lean lora plan is qlora's, bf16 weights instead of NF4; lora under our own
+    checkpointing is full fine-tuning's partial plan, where compile measured +17%)."""
     setting, method = cfg.fast.compile, cfg.model.method
     if setting != "auto":
         on = setting == "on"
         return on, f"torch.compile {'on' if on else 'off'} (fast.compile={setting})"
-    on = (method == "lora" and not gc) or method in COMPILE_MEASURED_FOR or lean
-    why = "measured to win here" if on else "only measured to win for qlora, full, and lora without checkpointing"
+    on = (method == "lora" and (not gc or own)) or method in COMPILE_MEASURED_FOR or lean
+    why = "measured to win here" if on else "only measured to win for qlora, full, and lora without HF's checkpointing"
     return on, f"torch.compile {'on' if on else 'off'} (auto: {why})"
 
 

@@ -11,7 +11,10 @@ Why our own (HF's `gradient_checkpointing_enable` is the plain reference):
   * partial: a policy may leave a layer un-checkpointed for a given micro-batch (its token count
     decides how many layers must be recomputed to fit: model/fast/memory.py checkpoint_table);
   * long sequences: `tile_mlp` runs the MLP in token chunks, each recomputed on its own, so the
-    [tokens, 14336] intermediates never exist for the whole sequence at once.
+    [tokens, 14336] intermediates never exist for the whole sequence at once;
+  * small cards: `defer_mlp` moves a recomputed layer's MLP into the backward, chunk by chunk, each
+    chunk's backward right after its forward -- the same memory as tiles for no extra FLOPs: the
+    recomputation never reads the MLP's output, only its graph, so its forward is not run there.
 
 The checkpoint is the reentrant kind (forward under no_grad, backward = recompute + backward): its
 inputs here are a hidden state and a constant dummy that requires grad, so the output always needs
@@ -23,8 +26,17 @@ from __future__ import annotations
 
 from typing import Callable
 
+import threading
+
 import torch
 import torch.utils.checkpoint as ckpt
+
+
+class _State(threading.local):
+    recomputing = False  # inside a _Checkpoint's recomputation (its backward re-running the layer)
+
+
+_STATE = _State()
 
 
 class _Chain:
@@ -102,7 +114,11 @@ class _Checkpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.rng[0])
             if cuda:
                 torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
-            out = ctx.run(x)
+            _STATE.recomputing = True
+            try:
+                out = ctx.run(x)
+            finally:
+                _STATE.recomputing = False
         torch.autograd.backward(out, grad)
         return x.grad, None, None, None, None
 
@@ -171,5 +187,56 @@ def tile_mlp(mlp, rows: int) -> None:
         else:
             parts = [body(c) for c in flat.split(rows)]
         return torch.cat(parts).reshape(*x.shape[:-1], -1)
+
+    mlp.forward = forward
+
+
+class _DeferredMLP(torch.autograd.Function):
+    """An MLP inside a checkpoint's recomputation: its output is only added to the residual, whose
+    backward never reads it, so the forward returns zeros and the real work happens in the backward,
+    `rows` tokens at a time: forward a chunk with grad, its backward at once, next chunk."""
+
+    @staticmethod
+    def forward(ctx, x, body, rows):
+        ctx.body, ctx.rows = body, rows
+        ctx.autocast = [(dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) for dev in ("cuda", "cpu")]
+        ctx.save_for_backward(x)
+        return torch.zeros_like(x)  # never read (a Llama MLP maps hidden -> hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        flat_x, flat_g = x.detach().reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        dx = torch.empty_like(flat_x)
+        (_, cuda_on, cuda_dtype), (_, cpu_on, cpu_dtype) = ctx.autocast
+        for start in range(0, flat_x.shape[0], ctx.rows):
+            part = slice(start, start + ctx.rows)
+            xc = flat_x[part].detach().requires_grad_(True)
+            with torch.enable_grad(), torch.autocast("cuda", dtype=cuda_dtype, enabled=cuda_on), \
+                    torch.autocast("cpu", dtype=cpu_dtype, enabled=cpu_on):
+                yc = ctx.body(xc)
+            torch.autograd.backward(yc, flat_g[part])
+            dx[part] = xc.grad
+        return dx.view_as(x), None, None
+
+
+def defer_mlp(mlp, rows: int, wrap_body: Callable[[Callable], Callable] | None = None) -> None:
+    """`mlp` (a hidden -> hidden MLP of a layer checkpointed by `install`) deferred and chunked in
+    its layer's recomputation (_DeferredMLP); without grad (the checkpointed forward, evaluation) it
+    runs in chunks of `rows` tokens too; with grad outside a recomputation (a layer the policy did
+    not checkpoint) it runs whole. Only for parameters stepped after the backward: a chunked backward
+    accumulates each weight's gradient once per chunk (an optimizer in the backward would step on
+    each), and without dropout: a chunk's masks could not repeat the first forward's."""
+    body = mlp.forward
+    run = wrap_body(body) if wrap_body is not None else body
+
+    @torch._dynamo.disable  # a compiled layer calls it as an opaque function; `run` is compiled on its own
+    def forward(x):
+        if torch.is_grad_enabled():
+            return _DeferredMLP.apply(x, run, rows) if _STATE.recomputing else run(x)
+        if x.shape[:-1].numel() <= rows:
+            return run(x)
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.cat([run(c) for c in flat.split(rows)]).reshape(*x.shape[:-1], -1)
 
     mlp.forward = forward
