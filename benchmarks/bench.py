@@ -299,9 +299,9 @@ def train(args):
 
 def in_backward_optimizer(model, targs):
     """The optimizer llamaft.train builds when the plan steps it in the backward (train/in_backward.py)."""
-    from llamaft.train.in_backward import build_in_backward_optimizer
+    from llamaft.train.in_backward import in_backward_optimizer as build
 
-    return build_in_backward_optimizer(model, targs)
+    return build(model, targs)
 
 
 def write_result(args, run, stamps, phase, trainer, load_s, device_peak, others):
