@@ -213,3 +213,26 @@ def test_fused_name_is_torch_adamw_fused_only_on_cuda():
     ib = InBackwardOptimizer(tiny(), "adamw_torch_fused", lr=LR)
     assert {type(o) for o in ib.inner} == {torch.optim.AdamW}
     assert {g["fused"] for g in ib.param_groups} == {None}  # CPU: the per-tensor reference path
+
+
+def test_guard_reads_the_norm_from_the_hooks_and_stops_on_an_applied_update():
+    from transformers import TrainerControl
+
+    from llamaft.train.nonfinite import NonFiniteGuard
+
+    model = tiny()
+    ib = InBackwardOptimizer(model, lr=LR)
+    b = batches(1)[0]
+    poison = model.lm_head.weight.register_hook(lambda g: g * float("nan"))  # a NaN gradient, finite loss
+    ib.begin_backward()
+    loss = model(input_ids=b, labels=b).loss
+    loss.backward()
+    poison.remove()
+    guard, control = NonFiniteGuard("skip", max_skips=3), TrainerControl()
+    guard.add_loss(loss)
+    accelerated = SimpleNamespace(optimizer=ib)  # what the Trainer's callbacks get: accelerate's wrapper
+    guard.on_pre_optimizer_step(SimpleNamespace(fp16=False, device="cpu"), SimpleNamespace(global_step=6), control,
+                                model=model, optimizer=accelerated)
+    assert control.should_training_stop and guard.skipped == []
+    assert guard.stopped.step == 7 and guard.stopped.reason.startswith("the gradient norm is nan; its update was already applied")
+    assert "skip cannot undo it" in guard.stopped.reason
