@@ -1,15 +1,23 @@
 """Optimizer in backward (train/in_backward.py): the same updates as torch AdamW over the whole model,
 no gradient left after the backward, the LR scheduler reaching every inner optimizer, a state dict
-that resumes exactly, and NaN/Inf safety.
+that resumes exactly, NaN/Inf safety, and the recipe training, resuming and stopping with it.
 Tiny random Llama on CPU (fp32: the comparisons are tight)."""
 
 import copy
+import json
+import shutil
 import sys
+from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from llamaft.errors import TrainingDiverged
+from llamaft.train import recipe
 from llamaft.train.in_backward import InBackwardOptimizer, check_run, decay_parameter_names, in_backward_of
+from train_helpers import InjectNaNLoss, run_config, strict_json, tiny_project
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -236,3 +244,128 @@ def test_guard_reads_the_norm_from_the_hooks_and_stops_on_an_applied_update():
     assert control.should_training_stop and guard.skipped == []
     assert guard.stopped.step == 7 and guard.stopped.reason.startswith("the gradient norm is nan; its update was already applied")
     assert "skip cannot undo it" in guard.stopped.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the recipe: a full fine-tune with the plan's optimizer_in_backward on
+
+
+class InBackwardPlan:
+    """The plan the recipe picked, with optimizer_in_backward on (CPU plans never turn it on)."""
+
+    optimizer_in_backward = True
+
+    def __init__(self, plan):
+        self._plan = plan
+
+    def __getattr__(self, name):
+        return getattr(self._plan, name)
+
+
+@pytest.fixture
+def in_backward_plan(monkeypatch):
+    real = recipe.pick_collator_and_plan
+
+    def pick(*args, **kwargs):
+        model, collator, plan = real(*args, **kwargs)
+        return model, collator, InBackwardPlan(plan)
+
+    monkeypatch.setattr(recipe, "pick_collator_and_plan", pick)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_project(tmp_path_factory.mktemp("project"))
+
+
+def _cfg(model_dir, out, **train):
+    """Full fine-tuning, 4 steps of 4 rows, no accumulation, no clipping, weight decay, linear warm-up."""
+    return run_config(model_dir, out, **{
+        "method": "full", "max_steps": 4, "gradient_accumulation": 1, "max_grad_norm": 0.0, "weight_decay": DECAY,
+        "scheduler": "linear", "warmup_steps": 1, "save_every": 2, "eval_every": 0, "save_total_limit": None,
+        "report_to": [], **train})
+
+
+def _weights(run: Path, sub: str = "model") -> dict:
+    return load_file(run / sub / "model.safetensors")
+
+
+def _train_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference_run(model_dir, tmp_path_factory):
+    """The same run with HF's own AdamW (no clipping), for comparison."""
+    return recipe.train(_cfg(model_dir, tmp_path_factory.mktemp("ref") / "run"))
+
+
+def test_recipe_trains_like_hf_adamw_and_resumes_exactly(model_dir, reference_run, tmp_path, in_backward_plan):
+    from transformers import TrainingArguments
+
+    run = recipe.train(_cfg(model_dir, tmp_path / "run"))
+    summary = strict_json((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["optimizer_in_backward"] is True
+    assert "optimizer_in_backward" not in strict_json((reference_run / "summary.json").read_text())
+    ours, ref = _weights(run), _weights(reference_run)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    # losses, learning rates and gradient norms as HF's AdamW logged them (the norm from the hooks)
+    for a, b in zip(_train_rows(run), _train_rows(reference_run), strict=True):
+        assert a["train/learning_rate"] == b["train/learning_rate"]
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4) and a["train/grad_norm"] > 0
+    args = torch.load(run / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
+    assert isinstance(args, TrainingArguments) and args.max_grad_norm == 0.0
+
+    # Resume from checkpoint-2: optimizer.pt (HF's torch.save, loaded back with weights_only=True),
+    # scheduler and data position restored, the last two steps land on the same weights.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    for name in ("model", "checkpoints/checkpoint-4"):
+        shutil.rmtree(resumed / name)
+    (resumed / "summary.json").unlink()
+    recipe.train(_cfg(model_dir, resumed, resume=True))
+    again = _weights(resumed)
+    assert all(torch.equal(again[k], ours[k]) for k in ours)
+    assert strict_json((resumed / "summary.json").read_text())["resumed_from"].endswith("checkpoint-2")
+
+
+def test_recipe_skips_a_nan_loss_before_its_update(model_dir, tmp_path, in_backward_plan):
+    out = tmp_path / "run"
+    recipe.train(_cfg(model_dir, out, on_nonfinite="skip", save_every=1), callbacks=[InjectNaNLoss({2})])
+    summary = strict_json((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["nonfinite_skipped_steps"] == [2]
+    one, two = _weights(out, "checkpoints/checkpoint-1"), _weights(out, "checkpoints/checkpoint-2")
+    assert all(torch.equal(one[k], two[k]) for k in one)  # the NaN loss never reached the weights
+    assert all(torch.isfinite(t).all() for t in _weights(out).values())
+
+
+class PoisonGradient(InjectNaNLoss):
+    """A NaN in one gradient during step `step` while the loss stays finite (a hook before accumulation)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.lm_head.weight.register_hook(lambda g: g * float("nan") if self.active else g)
+
+
+def test_recipe_stops_on_a_nan_gradient_whose_update_was_applied(model_dir, tmp_path, in_backward_plan):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"training stopped at step 3: the gradient norm is nan; its update was "
+                                               r"already applied .* \(train.on_nonfinite=skip cannot undo it\)"):
+        recipe.train(_cfg(model_dir, out, on_nonfinite="skip", save_every=1), callbacks=[PoisonGradient({3})])
+    summary = strict_json((out / "summary.json").read_text())
+    assert summary["status"] == "stopped_nonfinite" and summary["nonfinite_skipped_steps"] == []
+    assert summary["stopped"]["last_good_checkpoint"].endswith("checkpoint-2")
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "model").exists()
+
+
+def test_training_arguments_turn_clipping_off_for_the_plan(tmp_path):
+    from llamaft.train.setup import training_arguments
+
+    cfg = run_config(Path("unused"), tmp_path / "run", max_grad_norm=1.0)
+    args = lambda plan: training_arguments(cfg, tmp_path / "ckpt", bf16=False, fp16=False, has_eval=False, plan=plan)
+    plan = SimpleNamespace(checkpointing="none", reasons=())
+    assert args(plan).max_grad_norm == 1.0
+    assert args(InBackwardPlan(plan)).max_grad_norm == 0.0
