@@ -69,6 +69,35 @@ def test_transformers_training_loop_hooks_used_by_the_nonfinite_guard_and_resume
     assert "logging_nan_inf_filter" in inspect.signature(TrainingArguments).parameters
 
 
+def test_transformers_and_accelerate_pieces_the_optimizer_in_backward_relies_on():
+    """train/in_backward.py + train/checkpoint.py + train/nonfinite.py (optimizer in backward):
+    - `Trainer.get_decay_parameter_names(model)` reads nothing from the Trainer (we call it with
+      self=None, before a Trainer exists, so both optimizers group parameters alike);
+    - `training_step` calls `compute_loss` before `accelerator.backward` (the loss is checked there,
+      before the backward updates the weights);
+    - `_get_grad_norm(model, grad_norm=None)` is where the logged norm comes from (ours: the hooks');
+    - callbacks get the optimizer as the keyword `optimizer` (the guard finds the hooks' norm there);
+    - accelerate's wrapper forwards `param_groups` (the LR scheduler's writes reach the inner
+      optimizers) and `state_dict` / `load_state_dict` (optimizer.pt round-trips);
+    - resume loads optimizer.pt with `weights_only=True` (our state dict holds tensors, numbers, strings)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers import Trainer
+    from transformers.trainer_callback import CallbackHandler
+
+    decay = inspect.getsource(Trainer.get_decay_parameter_names)
+    assert "self." not in decay.split('"""')[-1], decay
+    assert list(inspect.signature(Trainer.get_decay_parameter_names).parameters) == ["self", "model"]
+    step = inspect.getsource(Trainer.training_step)
+    assert step.index("self.compute_loss(") < step.index("self.accelerator.backward(")
+    assert list(inspect.signature(Trainer._get_grad_norm).parameters) == ["self", "model", "grad_norm"]
+    assert "self._get_grad_norm(" in inspect.getsource(Trainer._run_epoch)
+    assert "optimizer=self.optimizer" in inspect.getsource(CallbackHandler.call_event)
+    for name in ("param_groups", "state_dict", "load_state_dict"):
+        assert "self.optimizer." + name in inspect.getsource(getattr(AcceleratedOptimizer, name).fget
+                                                              if name == "param_groups" else getattr(AcceleratedOptimizer, name))
+    assert "weights_only=True" in inspect.getsource(Trainer._load_optimizer_and_scheduler)
+
+
 def test_transformers_checkpoint_rotation_helpers():
     """train/checkpoint.py rotates published checkpoints by step with HF's own helper."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -159,6 +188,17 @@ def test_peft_lora_class_for_bitsandbytes_4bit_bases():
     from peft.tuners.lora.bnb import Linear4bit
 
     assert "base_layer" in inspect.signature(Linear4bit.__init__).parameters
+
+
+def test_bitsandbytes_adamw_takes_state_bits_and_paging_per_optimizer():
+    """train/in_backward.py builds one `bnb.optim.AdamW(params, lr, betas, eps, optim_bits, is_paged)`
+    per parameter (8-bit states, 32 for embeddings, never paged) and loads it back through
+    `load_state_dict`, which replaces the group dicts (we put the scheduler's dicts back)."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the gpu extra) is not installed")
+
+    params = inspect.signature(bnb.optim.AdamW.__init__).parameters
+    assert {"lr", "betas", "eps", "weight_decay", "optim_bits", "is_paged"} <= set(params)
+    assert "param_groups" in inspect.getsource(bnb.optim.optimizer.Optimizer8bit.load_state_dict)
 
 
 # -- llama-cpp-python -----------------------------------------------------------------------------

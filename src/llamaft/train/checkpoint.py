@@ -9,7 +9,8 @@ when finished.
 
 A checkpoint is only written when every trainable weight is finite (a NaN checkpoint would be the
 "latest" one that resume and merge pick up), and a run resumed at the end of its schedule trains no
-further step (HF would train one: it checks max_steps only after a step).
+further step (HF would train one: it checks max_steps only after a step). With the optimizer in the
+backward (in_backward.py) a NaN/Inf loss is caught before its backward, so it never updates a weight.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from ..errors import LlamaftError
 from ..model.finite import first_nonfinite_param
 from ..paths import as_os_error, reason
+from .in_backward import in_backward_of
 from .nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,8 @@ def publish(staged: Path, final: Path) -> None:
 
 class AtomicCheckpointTrainer(Trainer):
     """HF Trainer with the behaviours we change: checkpoints appear only when complete and finite,
-    every step passes the non-finite guard (nonfinite.py), and a resumed run never trains past the
-    end of its schedule."""
+    every step passes the non-finite guard (nonfinite.py), a resumed run never trains past the end of
+    its schedule, and with the optimizer in the backward each loss is checked before its backward."""
 
     _staging_root: str | None = None
 
@@ -92,6 +94,22 @@ class AtomicCheckpointTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite_guard.add_loss(loss)
         return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        in_bwd = in_backward_of(self.optimizer)
+        if in_bwd is not None and model.training and torch.is_grad_enabled():
+            # The backward that follows updates the weights as it goes: the guard's check before
+            # optimizer.step() would come too late. One host sync per micro-batch (accumulation is 1).
+            loss = result[0] if return_outputs else result
+            in_bwd.begin_backward(skip_updates=not bool(torch.isfinite(loss.detach()).all()))
+        return result
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        in_bwd = in_backward_of(self.optimizer)
+        if in_bwd is not None:
+            return in_bwd.grad_norm()  # the gradients are gone; the hooks measured them on the way
+        return super()._get_grad_norm(model, grad_norm)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         super().log(logs, start_time)

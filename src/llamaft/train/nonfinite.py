@@ -12,6 +12,11 @@ losses of its micro-batches (the Trainer hands each one to `add_loss`) and the n
 
 Under fp16 the grad scaler makes Inf gradients on purpose and skips those steps itself, so only the
 loss is checked there (and the scaler, which sees the NaN gradients a NaN loss leaves, drops the update).
+
+With the optimizer in the backward (in_backward.py) the update happens before this check: the
+Trainer skips a NaN/Inf loss's update before its backward (so both policies work as above), and the
+gradient norm comes from the optimizer's hooks. A NaN/Inf gradient under a finite loss is in the
+weights already: training stops, under either policy, and nothing from that step on is saved.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+
+from .in_backward import in_backward_of
 
 ADVICE = (
     "Try a lower train.learning_rate, warm-up (train.warmup_steps), gradient clipping "
@@ -104,15 +111,23 @@ class NonFiniteGuard(TrainerCallback):
         self.stopped = Divergence(step, reason, loss, step_)
         return self.stopped
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step + 1  # the step about to be applied
-        loss, grad_norm = self._read(model, check_grads=not args.fp16)
+        in_bwd = in_backward_of(optimizer)
+        loss, grad_norm = self._read(model, check_grads=not args.fp16, in_bwd=in_bwd)
         if loss is not None and math.isfinite(loss):
             self.last_finite = (step, loss)
         reason = _describe(loss, grad_norm)
         if not _any_process(reason is not None, args.device):
             return
         reason = reason or "a loss or gradient was not finite on another process"
+        if in_bwd is not None and in_bwd.updates_applied:
+            # Neither dropping gradients nor skipping can take this update back.
+            unskippable = " (train.on_nonfinite=skip cannot undo it)" if self.policy == "skip" else ""
+            self.stop(step, f"{reason}; its update was already applied (the optimizer steps inside the backward), "
+                            f"so the weights of this step are not saved{unskippable}")
+            control.should_training_stop = True
+            return
         if model is not None and not args.fp16:
             # No gradient, no update: optimizers skip parameters whose .grad is None entirely
             # (weights, moments and step counts stay as they were). Under fp16 the grad scaler finds
@@ -129,10 +144,14 @@ class NonFiniteGuard(TrainerCallback):
         self.stop(step, reason)
         control.should_training_stop = True
 
-    def _read(self, model, check_grads: bool) -> tuple[float | None, float | None]:
-        """(this step's loss, its gradient norm) as floats, with one device sync."""
+    def _read(self, model, check_grads: bool, in_bwd=None) -> tuple[float | None, float | None]:
+        """(this step's loss, its gradient norm) as floats, with one device sync; the norm from the
+        optimizer's hooks when it stepped in the backward (no gradient is left to measure)."""
         loss, self._loss = self._loss, None
-        norm = _grad_norm(model) if check_grads and model is not None else None
+        if in_bwd is not None:
+            norm = in_bwd.grad_norm()
+        else:
+            norm = _grad_norm(model) if check_grads and model is not None else None
         parts = [t for t in (loss, norm) if t is not None]
         if not parts:
             return None, None

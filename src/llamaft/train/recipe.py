@@ -6,7 +6,7 @@
 setup          hardware and run-dir checks → rows read and split → tokenizer → token examples → eval
                names and model checks on the meta device → run dir created (nothing is written
                before every check passed)
-build_trainer  base model → adapters → fast path / collator → Trainer with its callbacks
+build_trainer  base model → adapters → fast path / collator → (optimizer in backward) → Trainer with its callbacks
 fit            train (or resume); a NaN/Inf stop or an interrupt writes summary.json, then raises
 save           final evaluation → adapter/ or model/ with the tokenizer → summary.json + loss.png + report.md
 
@@ -41,9 +41,11 @@ from ..model.tokenizer import load_tokenizer, save_tokenizer
 from ..paths import check_output_dir, write_text_atomic
 from .callbacks import MetricsJsonlCallback, attach_eval_callback, eval_scope, json_safe, read_metrics, truncate_metrics
 from .checkpoint import AtomicCheckpointTrainer, clean_incomplete, latest_complete, resolve_resume
+from .in_backward import in_backward_optimizer
 from .portable import save_run_config
 from .progress import TrainProgress, find_progress, replace_hf_progress
-from .setup import ListDataset, check_optimizer, gradient_checkpointing, pick_collator_and_plan, training_arguments
+from .setup import (ListDataset, check_optimizer, gradient_checkpointing, optimizer_in_backward, pick_collator_and_plan,
+                    training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +188,13 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
         cfg, run.dir / "checkpoints", bf16=bf16, fp16=fp16, has_eval=bool(eval_sets),
         grad_ckpt=gradient_checkpointing(cfg.train, plan), extra=training_args, plan=plan,
     )
+    # The optimizer in the backward is built here, on the model the plan installed; HF builds the LR
+    # scheduler on it. None: HF's own optimizer from args.optim.
+    optimizer = in_backward_optimizer(model, args) if optimizer_in_backward(plan) else None
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=args,
+        optimizers=(optimizer, None),
         train_dataset=train_set,
         eval_dataset=eval_sets or None,
         data_collator=collator,
@@ -398,6 +404,7 @@ def run_summary(run: Run, trainer, plan, outcome: Outcome, rows: list[dict]) -> 
         "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
         "resumed_from": str(run.resume_from) if run.resume_from else None,
         "fast_path": list(getattr(plan, "reasons", [])),
+        **({"optimizer_in_backward": True} if optimizer_in_backward(plan) else {}),
         "throughput": progress.throughput() if (progress := find_progress(trainer)) else None,
         "data": run.data.stats,
     }

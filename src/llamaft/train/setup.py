@@ -98,6 +98,11 @@ def gradient_checkpointing(train_cfg, plan=None) -> bool:
     return cuda_available()
 
 
+def optimizer_in_backward(plan) -> bool:
+    """Does the plan step each parameter inside the backward (train/in_backward.py)?"""
+    return bool(getattr(plan, "optimizer_in_backward", False))
+
+
 def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval: bool, grad_ckpt: bool | None = None,
                        extra: dict | None = None, plan=None):
     """Build TrainingArguments; `extra` lets tests and callers set fields we do not expose.
@@ -124,7 +129,9 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
         gradient_accumulation_steps=steps.gradient_accumulation,
         optim=steps.optim,
         weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
+        # clipping needs the whole gradient's norm before any update: impossible when each parameter
+        # steps inside the backward (the plan's reason line says so)
+        max_grad_norm=0.0 if optimizer_in_backward(plan) else t.max_grad_norm,
         gradient_checkpointing=grad_ckpt,
         # non-reentrant: works with frozen embeddings (LoRA) without forcing input grads
         gradient_checkpointing_kwargs={"use_reentrant": False} if grad_ckpt else None,
