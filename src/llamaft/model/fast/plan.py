@@ -184,6 +184,8 @@ def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
     mlp_rows = log(deferred_mlp(cfg, own, lean, in_bwd))
     layout = _memory.Layout(offload, cpu_emb, cpu_head, in_bwd, mlp_rows)
     mbs, ga = log(micro_batches(cfg, model, lengths, tokens_of, packing, gc, own, lean, layout))
+    mlp_rows = widest_mlp_chunks(cfg, model, lengths, mbs, ga, layout)
+    layout = _memory.Layout(offload, cpu_emb, cpu_head, in_bwd, mlp_rows)
     table, layers = log(partial_checkpointing(cfg, model, own, tokens_of(mbs), ga, lean, layout))
     fused_opt = log(fused_optimizer(cfg))
     comp = log(compile_blocks(cfg, gc, lean, own))
@@ -344,6 +346,20 @@ def deferred_mlp(cfg, own: bool, lean: bool, in_backward: bool):
         return 0, f"MLP recomputed whole (lora.dropout={cfg.lora.dropout:g}: chunks cannot repeat the forward's masks)"
     return MLP_CHUNK_ROWS, (f"recomputed layers' MLP deferred to the backward, {MLP_CHUNK_ROWS} tokens at a time "
                             "(fast.deferred_mlp=auto): one chunk's intermediates live, no FLOPs added")
+
+
+def widest_mlp_chunks(cfg, model, lengths, mbs: int, ga: int, layout) -> int:
+    """The deferred MLP's chunk, as wide as the budget allows for the chosen micro-batch (fewer
+    chunks: fewer launches, and QLoRA dequantises each weight once per chunk): 16384 or 8192 tokens
+    where the estimate fits, else MLP_CHUNK_ROWS. Not logged (the deferral's line says it is on)."""
+    if not layout.mlp_rows or not _memory.sizable(model):
+        return layout.mlp_rows
+    tokens = _memory.likely_tokens(cfg, lengths)(mbs)
+    for rows in (4 * MLP_CHUNK_ROWS, 2 * MLP_CHUNK_ROWS):
+        wider = _memory.Layout(layout.offload, layout.cpu_embeddings, layout.cpu_lm_head, layout.in_backward, rows)
+        if _memory.fits(cfg, model, True, tokens, ga, wider)[0]:
+            return rows
+    return layout.mlp_rows
 
 
 def optimizer_in_backward(cfg, model, own: bool, tokens_of, distributed: bool):
