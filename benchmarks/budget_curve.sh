@@ -2,7 +2,7 @@
 # Budget curve (issue 16): real tokens/s against whole-device memory for llamaft, Unsloth and the seed
 # recipe (HF Trainer + PEFT + bitsandbytes) on W512, same card, same weights, same invocation.
 #   bash benchmarks/budget_curve.sh [CASE...]          CASE = TOOL:METHOD:BUDGET
-#     TOOL    llamaft | unsloth | seed | plain (bench.py --variant plain, 4 timed steps: loss parity)
+#     TOOL    llamaft | unsloth | seed | plain (bench.py --variant plain, same steps: loss parity)
 #     METHOD  lora | qlora | full
 #     BUDGET  GiB left free on the card (16, 7.5, ...: an emulated smaller card) or none (the whole card)
 #     A CASE holding * picks from the default list ('llamaft:qlora:*', '*:*:none'); no CASE = all of it.
@@ -20,7 +20,7 @@ set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(realpath -m "${OUT:-$ROOT/benchmarks/results/raw}")
 cd "$ROOT"
-GPU=${GPU:-0}; STEPS=${STEPS:-10}; PLAIN_STEPS=4
+GPU=${GPU:-0}; STEPS=${STEPS:-10}; PLAIN_STEPS=$STEPS  # same rows, same batches: the workload's size sets the order
 CASE_TIMEOUT=${CASE_TIMEOUT:-540}; BALLAST_TIMEOUT=${BALLAST_TIMEOUT:-180}; DRY_RUN=${DRY_RUN:-0}
 STAGE=${STAGE:-/tmp/budget_curve_gpu$GPU}   # case files while running (the device returns <= 8 files from $OUT)
 TGZ=budget_cases_gpu${GPU}_$(date +%m%d_%H%M%S).tgz

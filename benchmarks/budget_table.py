@@ -105,9 +105,20 @@ def ratio(rec, ref):
     return rec["tokens_per_s"] / ref["tokens_per_s"]
 
 
+def parity_reference(cases, rec):
+    """The plain HF run of the same method on the same data: `plain` (bench.py --variant plain), else
+    the seed recipe (HF Trainer + PEFT). Only with the same number of steps: the workload's rows (and
+    so the shuffled order of every batch) depend on it."""
+    for tool in ("plain", "seed"):
+        ref = reference(cases, tool, rec["method"])
+        if ref is not None and ref is not rec and ref.get("steps") == rec.get("steps"):
+            return ref
+    return None
+
+
 def loss_parity(rec, plain):
-    """(max |Δloss|, steps compared) against the plain run over their common first steps."""
-    if not ok(rec) or not ok(plain) or rec is plain:
+    """(max |Δloss|, steps compared) against the reference run over their common first steps."""
+    if not ok(rec) or plain is None or not ok(plain) or rec is plain:
         return None, 0
     pairs = [(a, b) for a, b in zip(rec.get("losses") or [], plain.get("losses") or [])
              if a is not None and b is not None]
@@ -120,14 +131,15 @@ def rows(cases):
     out = []
     for rec in cases:
         m = rec["method"]
-        dl, n = loss_parity(rec, reference(cases, "plain", m))
+        ref = parity_reference(cases, rec)
+        dl, n = loss_parity(rec, ref)
         out.append(dict(
             case=rec["case"], tool=rec["tool"], method=m, budget_gib=rec.get("budget_gib"),
             status=rec.get("status"), reason=rec.get("reason"), tokens_per_s=rec.get("tokens_per_s"),
             peak_mem_gib=rec.get("peak_mem_gib"), smi_peak_gib=rec.get("smi_peak_gib"),
             device_peak_gib=rec.get("device_peak_gib"), fits=rec.get("fits"),
             vs_unsloth=ratio(rec, reference(cases, "unsloth", m)), vs_seed=ratio(rec, reference(cases, "seed", m)),
-            max_abs_dloss=dl, loss_steps=n, micro_batch_run=rec.get("micro_batch_run"),
+            max_abs_dloss=dl, loss_steps=n, loss_reference=ref["tool"] if ref is not None and n else None, micro_batch_run=rec.get("micro_batch_run"),
             accumulation_run=rec.get("accumulation_run"), wall_s=rec.get("wall_s"), source=rec["source"]))
     return out
 
@@ -182,9 +194,9 @@ def markdown(table, targets, cases, superseded, d):
            "torch = `torch.cuda.max_memory_allocated`; device = nvidia-smi `memory.used` peak minus the "
            "ballast-only baseline (idle card for budget none); in-proc = bench.py's own device view. "
            "Speed ratios are against Unsloth / the seed recipe on the whole card, same method; "
-           "Δloss is against the plain HF run of the same method.", ""]
+           "Δloss is against the plain HF run of the same method on the same data (`plain`, else the seed recipe, same step count).", ""]
     head = ("| tool | budget GiB | tok/s | torch GiB | device GiB | in-proc GiB | fits | vs Unsloth | vs seed "
-            "| max \\|Δloss\\| vs plain |")
+            "| max \\|Δloss\\| vs plain HF |")
     for m in METHODS:
         mrows = [r for r in table if r["method"] == m]
         mtargets = [t for t in targets if t["method"] == m]
@@ -194,7 +206,8 @@ def markdown(table, targets, cases, superseded, d):
         for r in mrows:
             speed = fmt(r["tokens_per_s"], ",.0f") if r["status"] == "ok" else f"failed ({r['reason'] or '?'})"
             fits = {True: "yes", False: "**no**"}.get(r["fits"], DASH)
-            dloss = DASH if r["max_abs_dloss"] is None else f"{r['max_abs_dloss']:.1e} ({r['loss_steps']} steps)"
+            dloss = (DASH if r["max_abs_dloss"] is None
+                     else f"{r['max_abs_dloss']:.1e} (vs {r['loss_reference']}, {r['loss_steps']} steps)")
             out.append(f"| {r['tool']} | {budget_text(r['budget_gib'])} | {speed} | {fmt(r['peak_mem_gib'], '.2f')} "
                        f"| {fmt(r['smi_peak_gib'], '.2f')} | {fmt(r['device_peak_gib'], '.2f')} "
                        f"| {fits} | {fmt(r['vs_unsloth'], '.2f', '×')} "

@@ -23,7 +23,8 @@ def case(tool, method, budget, tok=None, smi=None, losses=None, status="ok", epo
     rec = dict(case=f"{tool}:{method}:{'none' if budget is None else budget}", tool=tool, method=method,
                budget_gib=budget, status=status, tokens_per_s=tok, smi_peak_gib=smi,
                peak_mem_gib=kw.pop("torch", None), finished_epoch=epoch, gpu_name="Fake H200",
-               fits=None if budget is None or smi is None or status != "ok" else smi <= budget)
+               fits=None if budget is None or smi is None or status != "ok" else smi <= budget,
+               steps=kw.pop("steps", 10))
     if losses is not None:
         rec["losses"] = losses
     rec.update(kw)
@@ -64,7 +65,7 @@ def test_budget_table_rows_targets_loss_parity_and_plot(tmp_path, capsys):
     md = (tmp_path / "budget_table.md").read_text()
     assert md == capsys.readouterr().out
     # rows, grouped by method; the newer of two runs of llamaft:lora:16; the failed case with its reason
-    assert "| llamaft | 16 | 11,000 | 13.00 | 15.20 | 15.00 | yes | 1.47× | 3.67× | 5.0e-04 (4 steps) |" in md
+    assert "| llamaft | 16 | 11,000 | 13.00 | 15.20 | 15.00 | yes | 1.47× | 3.67× | 5.0e-04 (vs plain, 4 steps) |" in md
     assert "| llamaft | 7.5 | failed (out of memory) | — | 7.40 | — | — |" in md
     assert "| unsloth | none | 7,500 |" in md and "| seed | none | 3,000 |" in md
     assert md.index("## LoRA") < md.index("| llamaft | 16 |") < md.index("## QLoRA") < md.index("| llamaft | 7.5 |")
@@ -78,8 +79,19 @@ def test_budget_table_rows_targets_loss_parity_and_plot(tmp_path, capsys):
     status = {t["target"]: t["status"] for t in summary["targets"]}
     assert list(status.values()) == ["met", "met", "missed", "missed", "no data"]
     row = next(r for r in summary["rows"] if r["case"] == "llamaft:lora:16")
-    assert row["max_abs_dloss"] == pytest.approx(5e-4) and row["loss_steps"] == 4
+    assert row["max_abs_dloss"] == pytest.approx(5e-4) and row["loss_steps"] == 4 and row["loss_reference"] == "plain"
     assert (tmp_path / "budget_table.png").stat().st_size > 10_000
+
+
+def test_loss_parity_needs_the_same_workload():
+    """A plain run of another step count trained other batches (the workload's rows set the order):
+    the seed recipe of the same step count is the reference then, or none."""
+    bt = budget_table
+    ours = case("llamaft", "full", 46, 8000.0, 44.0, [12.5, 12.6], steps=10)
+    plain4 = case("plain", "full", None, 5000.0, 90.0, [12.9, 12.9], steps=4)
+    seed10 = case("seed", "full", None, 3800.0, 61.0, [12.5, 12.602], steps=10)
+    assert bt.parity_reference([ours, plain4, seed10], ours) is seed10
+    assert bt.parity_reference([ours, plain4], ours) is None
 
 
 def test_budget_target_wants_the_unsloth_ratio_too():
@@ -121,7 +133,7 @@ def test_budget_curve_case_lists(tmp_path):
     env = dict(DRY_RUN="1", STAGE=str(tmp_path))
     everything = run_curve([], env).stdout
     assert everything.count("# case ") == 23
-    assert "--variant plain" in everything and " full 512 8 4 4 " in everything  # plain: 4 timed steps
+    assert "--variant plain" in everything and " full 512 8 4 10 " in everything  # plain: same steps, same batches
     picked = run_curve(["llamaft:qlora:*"], env).stdout
     assert [ln.split()[-1] for ln in picked.splitlines() if ln.startswith("# case")] == [
         "llamaft:qlora:7.5", "llamaft:qlora:8", "llamaft:qlora:12", "llamaft:qlora:none"]
