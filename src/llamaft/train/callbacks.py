@@ -250,3 +250,17 @@ def attach_eval_callback(trainer, cfg, tokenizer, rules, sets: dict[str, list]) 
     cb = make_eval_callback(cfg, tokenizer, rules, log=trainer.log, sets=sets)
     trainer.add_callback(cb)
     return cb
+
+
+def tensorboard_callbacks(run_dir: Path, report_to: list[str]) -> list:
+    if "tensorboard" not in report_to:
+        return []
+    # Late: transformers.integrations probes every logging integration on import (seconds), and
+    # tensorboard itself is optional.
+    from transformers.integrations import TensorBoardCallback
+
+    cb = TensorBoardCallback()
+    # HF 5 has no logging_dir argument; the callback (re)opens its writer here, also for the final
+    # evaluate() after on_train_end closed it.
+    cb.logging_dir = str(run_dir / "tb")
+    return [cb]

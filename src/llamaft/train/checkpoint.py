@@ -190,6 +190,15 @@ def write_failure(err: BaseException) -> str | None:
     return None
 
 
+def out_of_memory_message(err: BaseException, plan, step: int) -> str:
+    """One line for a CUDA out-of-memory: where, within which budget, and what to change."""
+    budget = getattr(plan, "budget", None)
+    within = f" within the run's memory budget ({budget.describe()})" if budget is not None else ""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory"
+    return (f"out of GPU memory at step {step}{within}: {first[:200]}; lower train.micro_batch_size or "
+            "data.max_seq_length, raise fast.memory_gib if the card has more free, or use model.method=qlora")
+
+
 def is_complete(path: Path) -> bool:
     return path.is_dir() and (path / STATE_FILE).is_file()
 

@@ -39,8 +39,9 @@ from ..model.load import load_base, quantization_config, resolve_precision
 from ..model.preflight import check_model
 from ..model.tokenizer import load_tokenizer, save_tokenizer
 from ..paths import check_output_dir, write_text_atomic
-from .callbacks import MetricsJsonlCallback, attach_eval_callback, eval_scope, json_safe, read_metrics, truncate_metrics
-from .checkpoint import AtomicCheckpointTrainer, clean_incomplete, latest_complete, resolve_resume
+from .callbacks import (MetricsJsonlCallback, attach_eval_callback, eval_scope, json_safe, read_metrics,
+                        tensorboard_callbacks, truncate_metrics)
+from .checkpoint import AtomicCheckpointTrainer, clean_incomplete, latest_complete, out_of_memory_message, resolve_resume
 from .in_backward import in_backward_optimizer
 from .portable import save_run_config
 from .progress import TrainProgress, find_progress, replace_hf_progress
@@ -200,7 +201,7 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
         data_collator=collator,
         # TrainProgress first: it adds tokens/s, step time and memory to the log events the next ones write
         callbacks=[TrainProgress(run.set_names), MetricsJsonlCallback(run.metrics_path, run.set_names),
-                   *_tensorboard(run.dir, cfg.train.report_to), *(callbacks or [])],
+                   *tensorboard_callbacks(run.dir, cfg.train.report_to), *(callbacks or [])],
         on_nonfinite=cfg.train.on_nonfinite,
         max_nonfinite_skips=cfg.train.max_nonfinite_skips,
     )
@@ -220,20 +221,6 @@ def build_model(cfg, tokenizer, rules, dtype):
         # Trainer would move it only later). qlora bases are placed by bitsandbytes already.
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
     return model
-
-
-def _tensorboard(run_dir: Path, report_to: list[str]) -> list:
-    if "tensorboard" not in report_to:
-        return []
-    # Late: transformers.integrations probes every logging integration on import (seconds), and
-    # tensorboard itself is optional.
-    from transformers.integrations import TensorBoardCallback
-
-    cb = TensorBoardCallback()
-    # HF 5 has no logging_dir argument; the callback (re)opens its writer here, also for the final
-    # evaluate() after on_train_end closed it.
-    cb.logging_dir = str(run_dir / "tb")
-    return [cb]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,15 +285,6 @@ def fit(run: Run, trainer, plan):
         finish(run, trainer, plan, Outcome("stopped_nonfinite", result, stopped=guard.stopped.as_dict(last_good)))
         raise TrainingDiverged(guard.stopped.message(last_good))
     return result
-
-
-def out_of_memory_message(err: BaseException, plan, step: int) -> str:
-    """One line for a CUDA out-of-memory: where, within which budget, and what to change."""
-    budget = getattr(plan, "budget", None)
-    within = f" within the run's memory budget ({budget.describe()})" if budget is not None else ""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory"
-    return (f"out of GPU memory at step {step}{within}: {first[:200]}; lower train.micro_batch_size or "
-            "data.max_seq_length, raise fast.memory_gib if the card has more free, or use model.method=qlora")
 
 
 # ---------------------------------------------------------------------------------------------
