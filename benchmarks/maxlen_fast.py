@@ -4,11 +4,13 @@ projections, PagedAdamW8bit): fused LoRA, fused loss, layer checkpointing with t
 offloaded to pinned CPU memory, MLP tiled in 16k-token chunks, input embeddings in CPU memory; a
 single-example row runs causal SDPA (cuDNN). No torch.compile (each new length would recompile).
 
-    python benchmarks/maxlen_fast.py DIR L1,L2,... OUT.json [ATTN[,ATTN...]] [--no-offload] [--repeat N]
+    python benchmarks/maxlen_fast.py DIR L1,L2,... OUT.json [ATTN[,ATTN...]] [--no-offload] [--repeat N] [--deferred]
         (lengths ascending; per attention kernel, stops at the first failure). ATTN: varlen = torch's
         varlen_attn (FA2, the default), sdpa = HF's SDPA path (causal, one sequence), cudnn = the
         same forced onto cuDNN attention. --repeat N: N steps per length; s_per_step is the first (as
         ../shared/bench/maxlen.py times it), s_per_step_all lists every step (later ones: steady state).
+        --deferred: the MLP deferred to the backward in 16k-token chunks (recompute.defer_mlp, what the
+        plan now chooses for qlora) instead of the 16k tiles, which recompute each tile's MLP forward once more.
 """
 
 import contextlib
@@ -34,15 +36,17 @@ def main():
     offload = "--no-offload" not in sys.argv
     repeat = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 1
     args = type("A", (), {"dir": d, "mode": "qlora"})()
+    deferred = "--deferred" in sys.argv
     plan = FastPlan(True, "varlen", True, True, False, [], fused_lora=True,
-                    own_checkpointing=True, offload_checkpoints=offload, tile_mlp_rows=16384, loss_chunk_rows=1024,
+                    own_checkpointing=True, offload_checkpoints=offload, tile_mlp_rows=0 if deferred else 16384,
+                    mlp_chunk_rows=16384 if deferred else 0, loss_chunk_rows=1024,
                     cpu_embeddings=True, cpu_lm_head=True, nf4_kernel=True)  # as choose_plan does for qlora
     model = apply_fast_path(load_model(args), plan)
     model.train()
     import bitsandbytes as bnb
 
     opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    res = {"tool": "llamaft-fast", "offload_checkpoints": offload, "device": torch.cuda.get_device_name(0),
+    res = {"tool": "llamaft-fast", "offload_checkpoints": offload, "deferred_mlp": deferred, "device": torch.cuda.get_device_name(0),
            "versions": versions(), "command": "python " + " ".join(sys.argv), "runs": []}
     for attn in attns:
         install_attention(model, "sdpa" if attn == "cudnn" else attn)

@@ -110,6 +110,7 @@ def run_curve(args, env=None, cwd=ROOT):
 def test_budget_curve_is_valid_bash():
     subprocess.run(["bash", "-n", str(BENCH / "budget_curve.sh")], check=True)
     subprocess.run(["bash", "-n", str(BENCH / "run_w512.sh")], check=True)
+    subprocess.run(["bash", "-n", str(BENCH / "long_context.sh")], check=True)
 
 
 def test_budget_curve_dry_run_prints_the_commands(tmp_path):

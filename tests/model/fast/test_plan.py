@@ -300,6 +300,8 @@ def test_partial_checkpointing_decider(monkeypatch):
 def test_tile_optimizer_compile_lora_nf4_deciders():
     assert P.tile_mlp(cfg(data__max_seq_length=131072, train__micro_batch_size=1))[0] == P.TILE_MLP_ROWS
     assert P.tile_mlp(cfg(data__max_seq_length=16384, train__micro_batch_size=1)) == (0, None)
+    # the deferred MLP chunks long micro-batches already, without the tiles' second MLP forward
+    assert P.tile_mlp(cfg(data__max_seq_length=131072, train__micro_batch_size=1), 16384) == (0, None)
     assert P.fused_optimizer(cfg()) == (True, "torch fused AdamW on (fast.fused_optimizer=auto)")
     assert P.fused_optimizer(cfg(fast__fused_optimizer="off"))[0] is False
     assert P.fused_optimizer(cfg(train__optimizer="paged_adamw_8bit")) == (False, None)

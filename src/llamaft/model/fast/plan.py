@@ -188,7 +188,7 @@ def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
     lora = log(fused_lora())
     nf4 = log(nf4_kernel(cfg))
     single = log(single_sequence_sdpa(cfg, attention))
-    tile = log(tile_mlp(cfg))
+    tile = log(tile_mlp(cfg, mlp_rows))
     # what this model allows comes last (its lines close the list), so nothing changes after freezing
     cpu_emb = log(embeddings_fit(cpu_emb, facts.fits))
     fused = log(fused_loss_fits(fused, facts.fits))

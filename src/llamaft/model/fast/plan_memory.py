@@ -201,8 +201,11 @@ def partial_checkpointing(cfg, model, own: bool, worst: int, accumulation: int, 
     return (tuple(table), _memory.layers_for(table, worst)), reason
 
 
-def tile_mlp(cfg):
-    """MLP in TILE_MLP_ROWS-token chunks when a configured micro-batch can be longer (long context)."""
+def tile_mlp(cfg, mlp_rows: int = 0):
+    """MLP in TILE_MLP_ROWS-token chunks when a configured micro-batch can be longer (long context);
+    not where the deferred MLP chunks it already (without the tiles' second MLP forward)."""
     if cfg.fast.tile_mlp != "auto" or cfg.data.max_seq_length * cfg.train.micro_batch_size <= TILE_MLP_ROWS:
+        return 0, None
+    if mlp_rows:
         return 0, None
     return TILE_MLP_ROWS, f"MLP in chunks of {TILE_MLP_ROWS} tokens when a micro-batch is longer (fast.tile_mlp=auto)"
