@@ -11,6 +11,10 @@ A checkpoint is only written when every trainable weight is finite (a NaN checkp
 "latest" one that resume and merge pick up), and a run resumed at the end of its schedule trains no
 further step (HF would train one: it checks max_steps only after a step). With the optimizer in the
 backward (in_backward.py) a NaN/Inf loss is caught before its backward, so it never updates a weight.
+
+Several processes: rank 0 empties the staging directory, every rank writes its part (rank 0 the
+weights, optimizer and trainer state; each rank its rng_state_<rank>.pth), and once all are done
+rank 0 alone publishes and rotates; the others wait for it at each step (distributed.barrier).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from ..errors import LlamaftError
 from ..model.finite import first_nonfinite_param
 from ..paths import as_os_error, reason
+from . import distributed
 from .in_backward import in_backward_of
 from .nonfinite import NonFiniteGuard
 
@@ -141,13 +146,16 @@ class AtomicCheckpointTrainer(Trainer):
             return
         root = Path(super()._get_output_dir(trial))
         staging = root / STAGING
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        if self.args.should_save:  # rank 0 (HF's own rule for who writes a checkpoint)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        distributed.barrier()  # staging is empty before any rank writes its RNG state into it
         self._staging_root = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         except BaseException as err:  # also an interrupt (Ctrl-C, SIGTERM) in the middle of the save
-            shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
             why = write_failure(err) if isinstance(err, Exception) else None
             if why is None:
                 raise
@@ -158,6 +166,7 @@ class AtomicCheckpointTrainer(Trainer):
                                f"nothing was published, {then}") from None
         finally:
             self._staging_root = None
+        distributed.barrier()  # every rank's files are in staging
         if not self.args.should_save:
             return
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
