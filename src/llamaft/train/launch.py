@@ -68,7 +68,7 @@ def launch(argv: list[str], n: int) -> int:
 
     # Threads per process: the cores shared out (torchrun would set 1 and print a banner about it).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    _silence_launcher_log()
     try:
         run(parse_args(["--standalone", f"--nproc-per-node={n}", "--module", "llamaft", *argv]))
     except ChildFailedError as err:
@@ -76,6 +76,13 @@ def launch(argv: list[str], n: int) -> int:
     except SignalException as err:  # Ctrl-C / SIGTERM here: the launcher passed it on to every process
         return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(err.sigval, 128 + int(err.sigval))
     return 0
+
+
+def _silence_launcher_log() -> None:
+    """torch's elastic modules give each logger its own level (LOGLEVEL, default WARNING): the parent's
+    level would not reach them, so every one that exists once torch.distributed.run is imported is set."""
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _exit_code(err) -> int:

@@ -305,7 +305,9 @@ def fit(run: Run, trainer, plan):
             finish(run, trainer, plan, Outcome("interrupted"))
         except Exception as err:  # never let bookkeeping hide the interrupt
             log.warning("could not write summary.json for the interrupted run: %s", err)
-        say(f"interrupted; continue with: llamaft train {run.dir / 'config.yaml'} train.resume=true")
+        size = distributed.world().size
+        say(f"interrupted; continue with: llamaft train {run.dir / 'config.yaml'} train.resume=true"
+            + (f" --nproc {size}" if size > 1 else ""))
         raise
     except LlamaftError as err:  # the machine failed the run (e.g. a checkpoint on a full disk)
         _close_progress_bar(trainer)
