@@ -99,6 +99,12 @@ class SharedError(LlamaftError):
         self.exit_code = exit_code
 
 
+def nproc_flag() -> str:
+    """` --nproc N` for a command line that continues this run (empty for one process)."""
+    size = world().size
+    return f" --nproc {size}" if size > 1 else ""
+
+
 def once(err: LlamaftError) -> LlamaftError:
     """err, printed by rank 0 only: for an error every rank raises alike (e.g. a non-finite stop,
     decided together)."""

@@ -42,8 +42,8 @@ from ..model.load import load_base, quantization_config, resolve_precision
 from ..model.preflight import check_model
 from ..model.tokenizer import load_tokenizer, save_tokenizer
 from ..paths import check_output_dir, write_text_atomic
-from .callbacks import MetricsJsonlCallback, attach_eval_callback, eval_scope, json_safe, read_metrics, truncate_metrics
 from . import distributed
+from .callbacks import MetricsJsonlCallback, attach_eval_callback, eval_scope, json_safe, read_metrics, truncate_metrics
 from .checkpoint import AtomicCheckpointTrainer, clean_incomplete, latest_complete, resolve_resume
 from .in_backward import in_backward_optimizer
 from .portable import save_run_config
@@ -305,9 +305,7 @@ def fit(run: Run, trainer, plan):
             finish(run, trainer, plan, Outcome("interrupted"))
         except Exception as err:  # never let bookkeeping hide the interrupt
             log.warning("could not write summary.json for the interrupted run: %s", err)
-        size = distributed.world().size
-        say(f"interrupted; continue with: llamaft train {run.dir / 'config.yaml'} train.resume=true"
-            + (f" --nproc {size}" if size > 1 else ""))
+        say(f"interrupted; continue with: llamaft train {run.dir / 'config.yaml'} train.resume=true{distributed.nproc_flag()}")
         raise
     except LlamaftError as err:  # the machine failed the run (e.g. a checkpoint on a full disk)
         _close_progress_bar(trainer)
