@@ -107,6 +107,46 @@ def test_transformers_checkpoint_rotation_helpers():
     assert {"output_dir", "save_total_limit", "use_mtime"} <= set(params), list(params)
 
 
+def test_transformers_and_accelerate_ddp_behaviour_the_batch_split_relies_on(tmp_path):
+    """train/distributed.py gives each of N processes gradient_accumulation / N micro-batches and expects
+    N processes to train what one trains: that holds while (1) accelerate's data loader shards the one
+    seeded shuffle into micro-batches handed out round-robin (seedable sampler on by default, batches
+    not split), (2) HF normalises each loss by the label tokens of every process's micro-batches of the
+    step (average_tokens_across_devices) and scales it by the process count against DDP's averaging,
+    (3) every rank writes its own rng_state_<rank>.pth and rank 0 the rest (checkpoint.py publishes)."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_pt_utils import AcceleratorConfig
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    assert args.average_tokens_across_devices is True
+    assert AcceleratorConfig().use_seedable_sampler is True and AcceleratorConfig().split_batches is False
+    assert "loss *= loss_scale" in inspect.getsource(Trainer.compute_loss)
+    assert "self.accelerator.gather(num_items_in_batch" in inspect.getsource(Trainer._get_num_items_in_batch)
+    assert 'f"rng_state_{self.args.process_index}.pth"' in inspect.getsource(Trainer._save_rng_state)
+    assert "if self.args.should_save:" in inspect.getsource(Trainer._save_checkpoint)
+
+
+def test_torch_launcher_reports_failures_per_rank():
+    """train/launch.py runs torch.distributed.run's `parse_args` + `run` in-process and reads the exit
+    code from `ChildFailedError.failures` (rank -> ProcessFailure with exitcode, timestamp, pid) and a
+    signal from `SignalException.sigval`; workers start in sessions of their own (a terminal's Ctrl-C
+    reaches the launcher only, which passes it on)."""
+    import dataclasses
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+    from torch.distributed.run import parse_args, run
+
+    assert callable(run)
+    args = parse_args(["--standalone", "--nproc-per-node=2", "--module", "llamaft", "train", "x.yaml"])
+    assert (args.standalone, args.nproc_per_node, args.module, args.training_script) == (True, "2", True, "llamaft")
+    assert {"exitcode", "timestamp", "pid"} <= {f.name for f in dataclasses.fields(ProcessFailure)}
+    assert "failures" in inspect.signature(ChildFailedError.__init__).parameters
+    assert "sigval" in inspect.signature(SignalException.__init__).parameters
+    assert 'kwargs["start_new_session"] = True' in inspect.getsource(subprocess_handler.SubprocessHandler._popen)
+
+
 def test_transformers_attention_and_mask_registries():
     """model/fast/attention.py registers our kernels by name and falls back to HF's SDPA pieces."""
     from transformers import AttentionInterface

@@ -1,6 +1,7 @@
 """`llamaft` in a child process, optionally killed with SIGKILL at a chosen moment (fault-injection tests).
 
-    python tests/train_child.py [--kill PHASE:STEP] train run.yaml key=value ...
+    python tests/train_child.py [--kill PHASE:STEP[@RANK]] train run.yaml key=value ...
+    torchrun --nproc-per-node 2 tests/train_child.py --kill train:4@1 train run.yaml   # rank 1 only
 
 PHASE (STEP = the optimizer step, 1-based):
   train       in the middle of step STEP (after its first forward/backward, before the update)
@@ -8,6 +9,7 @@ PHASE (STEP = the optimizer step, 1-based):
   publish     checkpoint-STEP complete in .staging, just before it is renamed into place
   final       after the last step: adapter weights written, tokenizer files not yet (STEP ignored)
 
+@RANK: only the process of that rank (RANK, set by the launcher) is killed; without it, every one.
 SIGKILL (not an exception): no finally blocks, no atexit, nothing flushed - like `kill -9` or the OOM
 killer. One torch thread so runs in different processes compute bit for bit the same.
 """
@@ -68,8 +70,10 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(1)
     if argv[:1] == ["--kill"]:
-        phase, _, step = argv[1].partition(":")
-        install_kill(phase, int(step or 0))
+        spec, _, rank = argv[1].partition("@")
+        phase, _, step = spec.partition(":")
+        if not rank or rank == os.environ.get("RANK", "0"):
+            install_kill(phase, int(step or 0))
         argv = argv[2:]
     from llamaft.cli import main as cli_main
 

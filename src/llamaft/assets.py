@@ -194,6 +194,9 @@ def convert_llama_gguf_reference(gguf: Path, out: Path) -> None:
     _save_tokenizer(gguf, out)
 
 
-def resolve_model_name(name: str, console=None) -> str:
-    """`embedded:smollm2` names the embedded demo model in any config; everything else is unchanged."""
-    return str(prepare_smollm2(console)) if name == EMBEDDED_SMOLLM2 else name
+def resolve_model_name(name: str, console=None, prepare: bool = True) -> str:
+    """`embedded:smollm2` names the embedded demo model in any config; everything else is unchanged.
+    prepare=False: its directory only (another process of the same run prepares it)."""
+    if name != EMBEDDED_SMOLLM2:
+        return name
+    return str(prepare_smollm2(console) if prepare else cache_dir() / DEMO_MODEL_DIRNAME)

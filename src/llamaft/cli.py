@@ -2,6 +2,7 @@
 
     llamaft demo
     llamaft train configs/llama-3.1-8b-lora.yaml lora.r=32 train.learning_rate=2e-4
+    llamaft train configs/llama-3.1-8b-lora.yaml --nproc 2     # two processes (DDP; gloo on CPU)
     llamaft data configs/llama-3.1-8b-lora.yaml --dump examples.jsonl
     llamaft eval runs/demo --compare-base
     llamaft merge runs/demo --out runs/demo/merged
@@ -43,7 +44,9 @@ def _load(a: argparse.Namespace):
     from .config import load_config
 
     cfg = load_config(a.config, a.overrides)
-    cfg.model.name = resolve_model_name(cfg.model.name)
+    # Several processes: each machine's first one prepares the embedded model, the others only need
+    # its path (they load it after rank 0 has checked it).
+    cfg.model.name = resolve_model_name(cfg.model.name, prepare=os.environ.get("LOCAL_RANK", "0") == "0")
     return cfg
 
 
@@ -53,12 +56,24 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     run_demo(out_dir=a.out, steps=a.steps, chat=not a.no_chat, export=not a.no_export)
 
 
-def _cmd_train(a: argparse.Namespace) -> None:
+def _cmd_train(a: argparse.Namespace) -> int | None:
     from .train import train
+    from .train.distributed import check
+    from .train.launch import launch, processes
 
     cfg = _load(a)
+    n = processes(a.nproc)
+    if n > 1:
+        check(cfg, n)  # a batch that does not divide among them: one line here, before n processes start
+        return launch(["train", a.config, *a.overrides], n)
     run_dir = train(cfg)
-    print(f"run directory: {run_dir}")
+    if _rank() == 0:
+        print(f"run directory: {run_dir}")
+    return None
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
 
 
 def _cmd_data(a: argparse.Namespace) -> None:
@@ -122,6 +137,14 @@ def _count(text: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
     return n
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--nproc", type=_count, default=None, metavar="N",
+                   help="processes to train in (DDP; gloo on CPU): the same command through torch.distributed.run, "
+                        "the configured batch shared out among them (default: every visible GPU when there are several, "
+                        "else 1; under torchrun / accelerate launch: the processes they started)")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -199,7 +222,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class Command:
-    run: Callable[[argparse.Namespace], None]     # called with the parsed arguments
+    run: Callable[[argparse.Namespace], int | None]  # called with the parsed arguments; an int: the exit code
     help: str                                     # one line in `llamaft --help`, the description in `llamaft CMD --help`
     options: Callable[[argparse.ArgumentParser], None]  # declares the command's arguments
     epilog: str | None = None
@@ -208,7 +231,8 @@ class Command:
 TRAIN_EXIT_CODES = (
     "exit codes: 0 trained (or the run was already complete: nothing to do); 2 bad config, data or "
     "paths; 3 stopped because the loss or gradients were not finite (train.on_nonfinite), nothing "
-    "after the last good checkpoint saved; 130 interrupted / 143 terminated by SIGTERM (resume with train.resume=true)."
+    "after the last good checkpoint saved; 130 interrupted / 143 terminated by SIGTERM (resume with train.resume=true). "
+    "With --nproc: the code of the process that failed first (128 + N: it was killed by signal N)."
 )
 
 
@@ -219,7 +243,7 @@ def commands() -> dict[str, Command]:
         "demo": Command(_cmd_demo, "Offline demo: LoRA-tune the embedded SmolLM2-135M-Instruct (model.name: embedded:smollm2) "
                         "to answer table bookings as JSON, evaluate base vs tuned, merge, export and chat "
                         "(about 3 minutes on a 2-core CPU).", _demo_args),
-        "train": Command(_cmd_train, "Fine-tune from a YAML config (+ dotted key=value overrides).", _config_args,
+        "train": Command(_cmd_train, "Fine-tune from a YAML config (+ dotted key=value overrides).", _train_args,
                          epilog=TRAIN_EXIT_CODES),
         "data": Command(_cmd_data, "Show what will be trained: rendered examples with trained spans marked, "
                         "token-length statistics, truncated/dropped rows; --dump writes the exact token ids and labels.",
@@ -291,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()  # after parsing: --help and --version stay instant (it imports transformers' logging)
     try:
         with _stop_on_sigterm():
-            table[args.command].run(args)
+            code = table[args.command].run(args)
     except LlamaftError as err:
-        print(f"llamaft {args.command}: error: {err}", file=sys.stderr)
+        if not err.quiet:  # quiet: another process of the same run printed it
+            print(f"llamaft {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
     except OSError as err:  # a full disk or unwritable place that no command anticipated: still one line
         from .paths import ENVIRONMENT_ERRNOS, reason
@@ -303,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llamaft {args.command}: error: {err.filename or 'write'}: {reason(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        print("terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted", file=sys.stderr)
+        if _rank() == 0:  # several processes: each got the signal; one line
+            print("terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted", file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
-    return 0
+    return code or 0
 
 
 class Terminated(KeyboardInterrupt):

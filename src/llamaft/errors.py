@@ -4,6 +4,8 @@ Every problem a user can fix (bad config, bad data, missing file, wrong hardware
 `LlamaftError` with a one-line message that says what is wrong, where, and how to fix it. The CLI
 prints it without a traceback and exits with its `exit_code`: 2 for bad input, 3 when training
 stopped because the loss or gradients were not finite. Internal bugs stay ordinary exceptions.
+In a run of several processes an error that every rank raises alike is printed by rank 0 only: the
+other ranks' copies are `quiet`.
 """
 
 
@@ -11,6 +13,7 @@ class LlamaftError(Exception):
     """A problem in the user's input or environment; the message is shown as-is."""
 
     exit_code = 2
+    quiet = False  # True: the same error is printed by another process (train/distributed.py)
 
 
 class DataError(LlamaftError):

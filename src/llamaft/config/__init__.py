@@ -5,16 +5,16 @@
 Unknown keys and wrong types raise `ConfigError` naming the dotted key (and the closest valid key).
 Our config names what users choose; `train/` maps it onto HF `TrainingArguments`.
 
-    sections.py   the sections (model, lora, quantization, data, train, fast, eval) and RunConfig
+    sections.py   the sections (model, lora, quantization, data, train, fast, distributed, eval) and RunConfig
     load.py       YAML reading, overrides, error messages, relative paths (a run's: against the run), save_config
 """
 
 from .load import RUN_SOURCES, apply_overrides, config_from_dict, load_config, read_sources, resolve_paths, save_config
-from .sections import (ColumnsConfig, DataConfig, EvalConfig, Every, FastConfig, GenerationEvalConfig, LoraConfig,
-                       ModelConfig, QuantizationConfig, RunConfig, TrainConfig)
+from .sections import (ColumnsConfig, DataConfig, DistributedConfig, EvalConfig, Every, FastConfig, GenerationEvalConfig,
+                       LoraConfig, ModelConfig, QuantizationConfig, RunConfig, TrainConfig)
 
 __all__ = [
     "load_config", "config_from_dict", "save_config", "apply_overrides", "resolve_paths", "read_sources", "RUN_SOURCES",
     "RunConfig", "ModelConfig", "LoraConfig", "QuantizationConfig", "ColumnsConfig", "DataConfig", "TrainConfig",
-    "FastConfig", "GenerationEvalConfig", "EvalConfig", "Every",
+    "FastConfig", "DistributedConfig", "GenerationEvalConfig", "EvalConfig", "Every",
 ]

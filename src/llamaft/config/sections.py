@@ -129,8 +129,11 @@ class TrainConfig(_Section):
     scheduler: Literal["linear", "cosine", "constant"] = Field("cosine")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warm-up as a share of all steps.")
     warmup_steps: int = Field(0, ge=0, description="Warm-up steps (wins over warmup_ratio when > 0).")
-    micro_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
-    gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    micro_batch_size: int = Field(4, gt=0, description="Examples per process (device) per forward pass.")
+    gradient_accumulation: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step, over all processes: with N processes each runs "
+        "gradient_accumulation / N, so an optimizer step trains micro_batch_size x gradient_accumulation sequences whatever N."
+    )
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw_torch")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
@@ -205,6 +208,15 @@ class FastConfig(_Section):
     )
 
 
+class DistributedConfig(_Section):
+    """Several processes (`llamaft train --nproc N`, torchrun, accelerate launch); one process ignores it."""
+
+    strategy: Literal["auto", "ddp"] = Field(
+        "auto", description="ddp: every process holds the whole model and trains its share of each optimizer step's "
+        "sequences, the gradients averaged across processes (auto: ddp when several processes run)."
+    )
+
+
 class GenerationEvalConfig(_Section):
     """Generation-based metrics for one validation set."""
 
@@ -237,4 +249,5 @@ class RunConfig(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     fast: FastConfig = Field(default_factory=FastConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -9,6 +9,7 @@ qlora differs from lora only by `prepare_quantized` (freeze; no fp32 upcasts) on
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from ..errors import LlamaftError
@@ -60,7 +61,8 @@ def apply_adapters(model, model_cfg, lora_cfg):
     trainable, total = count_parameters(model)
     msg = f"{model_cfg.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
     log.info(msg)
-    print(msg)
+    if os.environ.get("RANK", "0") == "0":  # several processes (DDP): one line per run, not one per process
+        print(msg)
     return model
 
 

@@ -11,10 +11,17 @@ A checkpoint is only written when every trainable weight is finite (a NaN checkp
 "latest" one that resume and merge pick up), and a run resumed at the end of its schedule trains no
 further step (HF would train one: it checks max_steps only after a step). With the optimizer in the
 backward (in_backward.py) a NaN/Inf loss is caught before its backward, so it never updates a weight.
+
+Several processes: rank 0 empties the staging directory, every rank writes its part (rank 0 the
+weights, optimizer and trainer state; each rank its rng_state_<rank>.pth), and once all are done
+rank 0 alone publishes and rotates; the others wait for it at each step (distributed.barrier).
+
+Where a run starts: `prepare_run_dir(cfg)` -> (run directory, checkpoint to resume from or None).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -27,7 +34,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..errors import LlamaftError
 from ..model.finite import first_nonfinite_param
-from ..paths import as_os_error, reason
+from ..paths import as_os_error, check_output_dir, reason
+from . import distributed
 from .in_backward import in_backward_of
 from .nonfinite import NonFiniteGuard
 
@@ -141,13 +149,16 @@ class AtomicCheckpointTrainer(Trainer):
             return
         root = Path(super()._get_output_dir(trial))
         staging = root / STAGING
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        if self.args.should_save:  # rank 0 (HF's own rule for who writes a checkpoint)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        distributed.barrier()  # staging is empty before any rank writes its RNG state into it
         self._staging_root = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         except BaseException as err:  # also an interrupt (Ctrl-C, SIGTERM) in the middle of the save
-            shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
             why = write_failure(err) if isinstance(err, Exception) else None
             if why is None:
                 raise
@@ -158,6 +169,7 @@ class AtomicCheckpointTrainer(Trainer):
                                f"nothing was published, {then}") from None
         finally:
             self._staging_root = None
+        distributed.barrier()  # every rank's files are in staging
         if not self.args.should_save:
             return
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -249,3 +261,29 @@ def resolve_resume(resume: bool | str, ckpt_root: Path) -> Path | None:
     if not is_complete(path):
         raise LlamaftError(f"train.resume: {resume} is not a complete checkpoint (no {STATE_FILE}); pick another")
     return path
+
+
+def prepare_run_dir(cfg) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint to resume from); refuses to mix a fresh run into an old one.
+    Creates nothing: setup() makes the directory only once every check has passed."""
+    run_dir = check_output_dir(cfg.train.output_dir, "train.output_dir")  # a file, under a file, read-only: one line
+    ckpt_dir = run_dir / "checkpoints"
+    clean_incomplete(ckpt_dir)
+    resume_from = resolve_resume(cfg.train.resume, ckpt_dir)
+    # A run stopped or interrupted before its first checkpoint left only a summary: start it afresh.
+    if resume_from is None and (completed(run_dir) or any(ckpt_dir.glob("checkpoint-*"))):
+        raise LlamaftError(
+            f"train.output_dir={run_dir} already holds a run; set train.resume=true to continue it "
+            "or choose another train.output_dir"
+        )
+    return run_dir, resume_from
+
+
+def completed(run_dir: Path) -> bool:
+    """Did a run here end with status completed? (Summaries from before `status` existed were only
+    written by completed runs.)"""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return summary.get("status", "completed") == "completed"

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from .distributed import is_main
 from .in_backward import in_backward_of
 
 ADVICE = (
@@ -136,8 +137,9 @@ class NonFiniteGuard(TrainerCallback):
             model.zero_grad(set_to_none=True)
         if self.policy == "skip" and len(self.skipped) < self.max_skips:
             self.skipped.append(step)
-            print(f"step {step}: {reason}; update skipped ({len(self.skipped)} of train.max_nonfinite_skips="
-                  f"{self.max_skips})", flush=True)
+            if is_main():  # every rank skips alike: one line
+                print(f"step {step}: {reason}; update skipped ({len(self.skipped)} of train.max_nonfinite_skips="
+                      f"{self.max_skips})", flush=True)
             return
         if self.policy == "skip":
             reason += f" (after {self.max_skips} skipped steps, the most train.max_nonfinite_skips allows)"

@@ -12,6 +12,9 @@ save           final evaluation → adapter/ or model/ with the tokenizer → su
 
 Output: one progress bar in a terminal, one plain line per logging step in a log (train/progress.py);
 library noise is filtered in one place (llamaft/console.py).
+
+Several processes (DDP, train/distributed.py): rank 0 runs setup's checks and reads the data, the
+others receive it; every rank trains; rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ from ..model.finite import first_nonfinite_param
 from ..model.load import load_base, quantization_config, resolve_precision
 from ..model.preflight import check_model
 from ..model.tokenizer import load_tokenizer, save_tokenizer
-from ..paths import check_output_dir, write_text_atomic
+from ..paths import write_text_atomic
+from . import distributed
 from .callbacks import (MetricsJsonlCallback, attach_eval_callback, eval_scope, json_safe, read_metrics,
                         tensorboard_callbacks, truncate_metrics)
-from .checkpoint import AtomicCheckpointTrainer, clean_incomplete, latest_complete, out_of_memory_message, resolve_resume
+from .checkpoint import (AtomicCheckpointTrainer, clean_incomplete, completed, latest_complete, out_of_memory_message,
+                         prepare_run_dir)
 from .in_backward import in_backward_optimizer
 from .portable import save_run_config
 from .progress import TrainProgress, find_progress, replace_hf_progress
@@ -98,18 +103,22 @@ def train(cfg, *, callbacks: list | None = None, training_args: dict | None = No
     quiet_libraries()  # also for Python callers that never went through the CLI
     run = setup(cfg)
     trainer, plan, eval_cb = build_trainer(run, callbacks, training_args)
-    if _already_finished(run, trainer):
+    if distributed.from_main(_already_finished(run, trainer)):
+        distributed.close()
         return run.dir
     _start_outputs(run)
     result = fit(run, trainer, plan)
     save(run, trainer, plan, result, eval_cb)
+    distributed.close()  # every rank returns once the run directory is complete
     say(f"run saved to {run.dir} (summary.json, report.md)")
     return run.dir
 
 
 def say(text: str) -> None:
-    """One line of the run's own output: never wrapped, never read as rich markup (paths hold [ ])."""
-    make_console().print(text, markup=False, highlight=False)
+    """One line of the run's own output: never wrapped, never read as rich markup (paths hold [ ]).
+    Several processes: rank 0's only."""
+    if distributed.is_main():
+        make_console().print(text, markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,18 +127,27 @@ def say(text: str) -> None:
 
 def setup(cfg) -> Run:
     """Every check that needs no weights, then the run directory (only now: a bad input never
-    leaves an empty run directory behind)."""
+    leaves an empty run directory behind). Several processes: rank 0 checks and reads, the others
+    receive its rows and examples (or its error), then load the tokenizer it has already fetched."""
     started = time.time()
-    check_hardware(cfg)
-    run_dir, resume_from = prepare_run_dir(cfg)
-    splits = split_conversations(cfg.data)  # bad rows fail here, in seconds, before any tokenizer/model load
-    tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
-    data = build_datasets(cfg.data, tokenizer, rules, splits=splits)
-    if not data.train:
-        raise LlamaftError("data.train: no training examples left after filtering; check data.max_seq_length")
-    check_generation_sets(cfg.eval, list(data.validation))  # eval.generation names and metrics
-    check_model(cfg.model, cfg.lora, tokenizer, rules)  # source, vocabulary, lora.target_modules on the meta device
-    run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.init()
+    loaded = {}
+
+    def checked_inputs():
+        check_hardware(cfg)
+        run_dir, resume_from = prepare_run_dir(cfg)
+        splits = split_conversations(cfg.data)  # bad rows fail here, in seconds, before any tokenizer/model load
+        tokenizer, rules = loaded["tokenizer"] = load_tokenizer(cfg.model, cfg.data)
+        data = build_datasets(cfg.data, tokenizer, rules, splits=splits)
+        if not data.train:
+            raise LlamaftError("data.train: no training examples left after filtering; check data.max_seq_length")
+        check_generation_sets(cfg.eval, list(data.validation))  # eval.generation names and metrics
+        check_model(cfg.model, cfg.lora, tokenizer, rules)  # source, vocabulary, lora.target_modules on the meta device
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, resume_from, splits, data
+
+    run_dir, resume_from, splits, data = distributed.on_main(checked_inputs, "checking the config and reading the data")
+    tokenizer, rules = loaded.get("tokenizer") or load_tokenizer(cfg.model, cfg.data)
     return Run(cfg, run_dir, resume_from, splits, data, tokenizer, rules, started)
 
 
@@ -139,32 +157,7 @@ def check_hardware(cfg) -> None:
         quantization_config(cfg.quantization, cfg.model.method)
     check_optimizer(cfg.train)
     resolve_precision(cfg.train, cfg.model)
-
-
-def prepare_run_dir(cfg) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint to resume from); refuses to mix a fresh run into an old one.
-    Creates nothing: setup() makes the directory only once every check has passed."""
-    run_dir = check_output_dir(cfg.train.output_dir, "train.output_dir")  # a file, under a file, read-only: one line
-    ckpt_dir = run_dir / "checkpoints"
-    clean_incomplete(ckpt_dir)
-    resume_from = resolve_resume(cfg.train.resume, ckpt_dir)
-    # A run stopped or interrupted before its first checkpoint left only a summary: start it afresh.
-    if resume_from is None and (_completed(run_dir) or any(ckpt_dir.glob("checkpoint-*"))):
-        raise LlamaftError(
-            f"train.output_dir={run_dir} already holds a run; set train.resume=true to continue it "
-            "or choose another train.output_dir"
-        )
-    return run_dir, resume_from
-
-
-def _completed(run_dir: Path) -> bool:
-    """Did a run here end with status completed? (Summaries from before `status` existed were only
-    written by completed runs.)"""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return summary.get("status", "completed") == "completed"
+    distributed.check(cfg)  # several processes: the batch divides among them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +167,7 @@ def _completed(run_dir: Path) -> bool:
 def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     """(trainer, fast-path plan, eval callback or None): the model with adapters and fast path, the
     Trainer over the examples, metrics.jsonl / TensorBoard / per-set eval metrics attached."""
-    cfg = run.cfg
+    cfg = distributed.per_process(run.cfg)  # several processes: each its share of the accumulation
     dtype, bf16, fp16 = resolve_precision(cfg.train, cfg.model)
     # Seed before the adapters are initialised (the Trainer seeds only later): same config, same
     # LoRA init, so reruns and resumed runs start from identical weights.
@@ -208,6 +201,9 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     replace_hf_progress(trainer)  # no tqdm bars (nested ones for every evaluation) nor printed log dicts
     # Perplexity + generation metrics per validation set at every evaluation, on the rows read in setup.
     eval_cb = attach_eval_callback(trainer, cfg, run.tokenizer, run.rules, run.splits.validation) if eval_sets else None
+    if args.world_size > 1:
+        trainer.add_callback(distributed.wait_for_main())  # the others wait while rank 0 generates
+        say(distributed.batch_line(args, cfg.distributed.strategy))
     return trainer, plan, eval_cb
 
 
@@ -231,7 +227,7 @@ def _already_finished(run: Run, trainer) -> bool:
     """A resumed run at the end of its schedule: True when its outputs exist (change nothing)."""
     if run.resume_from is None or trainer.steps_left(run.resume_from) > 0:
         return False
-    if _completed(run.dir) and run.out.is_dir() and any(run.out.glob("*.safetensors")):
+    if completed(run.dir) and run.out.is_dir() and any(run.out.glob("*.safetensors")):
         # HF would train one more step and every output would be rewritten: change nothing.
         say(f"nothing to do: {run.dir} already finished its schedule at {run.resume_from.name}; "
             "raise train.max_steps or train.epochs to train further")
@@ -241,7 +237,9 @@ def _already_finished(run: Run, trainer) -> bool:
 
 
 def _start_outputs(run: Run) -> None:
-    """Only now is the run directory written to: a run that is already complete stays untouched."""
+    """Only now is the run directory written to (by rank 0): a run that is already complete stays untouched."""
+    if not distributed.is_main():
+        return
     save_run_config(run.cfg, run.dir, run.splits)  # paths that hold from anywhere; eval data copied in (portable.py)
     if run.resume_from is not None:
         truncate_metrics(run.metrics_path, _step_of(run.resume_from))
@@ -264,11 +262,12 @@ def fit(run: Run, trainer, plan):
         # interrupt cut short (even between its staging and its publish) leaves nothing behind.
         _close_progress_bar(trainer)
         try:
-            clean_incomplete(run.dir / "checkpoints")
+            if distributed.is_main():
+                clean_incomplete(run.dir / "checkpoints")
             finish(run, trainer, plan, Outcome("interrupted"))
         except Exception as err:  # never let bookkeeping hide the interrupt
             log.warning("could not write summary.json for the interrupted run: %s", err)
-        say(f"interrupted; continue with: llamaft train {run.dir / 'config.yaml'} train.resume=true")
+        say(f"interrupted; continue with: llamaft train {run.dir / 'config.yaml'} train.resume=true{distributed.nproc_flag()}")
         raise
     except LlamaftError as err:  # the machine failed the run (e.g. a checkpoint on a full disk)
         _close_progress_bar(trainer)
@@ -283,7 +282,7 @@ def fit(run: Run, trainer, plan):
     if guard.stopped is not None:
         last_good = latest_complete(run.dir / "checkpoints")
         finish(run, trainer, plan, Outcome("stopped_nonfinite", result, stopped=guard.stopped.as_dict(last_good)))
-        raise TrainingDiverged(guard.stopped.message(last_good))
+        raise distributed.once(TrainingDiverged(guard.stopped.message(last_good)))  # decided by all ranks alike
     return result
 
 
@@ -294,9 +293,10 @@ def fit(run: Run, trainer, plan):
 def save(run: Run, trainer, plan, result, eval_cb) -> None:
     """Final evaluation, the trained weights with the tokenizer, then summary.json + loss.png."""
     restore_parked(trainer.model)  # fast.cpu_lm_head: the head back on the GPU for the final eval and saving
-    final_eval = final_evaluation(run, trainer, eval_cb)
-    save_trained(trainer.model, run.out)
-    save_tokenizer(run.tokenizer, run.rules, run.out)
+    final_eval = final_evaluation(run, trainer, eval_cb)  # every rank: HF evaluates on all of them
+    if distributed.is_main():
+        save_trained(trainer.model, run.out)
+        save_tokenizer(run.tokenizer, run.rules, run.out)
     finish(run, trainer, plan, Outcome("completed", result, final_eval))
 
 
@@ -332,8 +332,10 @@ def _last_step_eval(trainer, set_names) -> dict | None:
 
 def finish(run: Run, trainer, plan, outcome: Outcome) -> None:
     """summary.json + loss.png + report.md for every way a run ends (completed, stopped, interrupted;
-    a failed run, whose disk refused a write, gets the summary only)."""
+    a failed run, whose disk refused a write, gets the summary only). Rank 0 only."""
     _close_progress_bar(trainer)  # the final evaluation's lines are out; the token hook is off
+    if not distributed.is_main():
+        return
     rows = read_metrics(run.metrics_path)
     plot_losses(rows, run.set_names, run.dir / "loss.png", title=f"{run.cfg.model.name} ({run.cfg.model.method})")
     summary = run_summary(run, trainer, plan, outcome, rows)
@@ -382,6 +384,7 @@ def run_summary(run: Run, trainer, plan, outcome: Outcome, rows: list[dict]) -> 
         "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
         "resumed_from": str(run.resume_from) if run.resume_from else None,
         "fast_path": list(getattr(plan, "reasons", [])),
+        "batch": distributed.batch_summary(trainer.args, cfg.distributed.strategy),  # sequences per optimizer step
         **({"optimizer_in_backward": True} if optimizer_in_backward(plan) else {}),
         "throughput": progress.throughput() if (progress := find_progress(trainer)) else None,
         "data": run.data.stats,

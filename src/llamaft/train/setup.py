@@ -156,6 +156,9 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
         dataloader_num_workers=0,  # tokenised lists in memory: workers only add fork cost on small CPUs
         dataloader_pin_memory=cuda,
         use_cpu=not cuda,
+        # DDP: every trainable weight takes part in every forward (HF would search for unused ones each
+        # step: a PEFT model is no PreTrainedModel to ask)
+        ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
     kwargs.update(extra or {})
