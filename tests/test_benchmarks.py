@@ -111,6 +111,19 @@ def test_budget_curve_is_valid_bash():
     subprocess.run(["bash", "-n", str(BENCH / "budget_curve.sh")], check=True)
     subprocess.run(["bash", "-n", str(BENCH / "run_w512.sh")], check=True)
     subprocess.run(["bash", "-n", str(BENCH / "long_context.sh")], check=True)
+    subprocess.run(["bash", "-n", str(BENCH / "budget_curve_all.sh")], check=True)
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 3])
+def test_budget_curve_all_runs_every_default_case_once_over_the_gpus(tmp_path, gpus):
+    """One command for the whole curve: each default case exactly once, each method's comparison on one card."""
+    p = subprocess.run(["bash", "benchmarks/budget_curve_all.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "DRY_RUN": "1", "NGPU": str(gpus), "STAGE": str(tmp_path)})
+    out = p.stdout
+    cases = [line.split()[-1] for line in out.splitlines() if line.startswith("# case ")]
+    assert len(cases) == len(set(cases)) == 23
+    assert {f"CUDA_VISIBLE_DEVICES={i}" for i in range(gpus)} <= set(out.split())
+    assert f"CUDA_VISIBLE_DEVICES={gpus}" not in out.split()
 
 
 def test_budget_curve_dry_run_prints_the_commands(tmp_path):
