@@ -18,8 +18,8 @@ Real tokens are counted from the batches the model actually receives (a forward 
 from an estimate. Memory, three ways: torch.cuda.max_memory_allocated over the whole training (also
 split: forward incl. the loss vs backward + optimizer step), max_memory_reserved (the allocator's
 cache), and the DEVICE peak: the card's used memory (torch.cuda.mem_get_info, i.e. the driver's
-view) sampled every 20 ms from a thread during load and training, less what other processes held
-before this one started (nvidia-smi, e.g. ballast.py emulating a smaller card) -- what decides
+view) sampled every 20 ms from a thread during load and training (train/progress.MemoryPeak), less
+what other processes held before this one started (nvidia-smi, e.g. ballast.py emulating a smaller card) -- what decides
 whether a run fits a card. Full fine-tuning runs without gradient clipping (max_grad_norm 0) in both
 variants: the optimizer in the backward cannot clip, and parity needs the same update.
 """
@@ -33,7 +33,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 
 import torch
@@ -94,29 +93,6 @@ def others_used_bytes() -> int | None:
         return int(out.split()[0]) << 20
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
-
-
-class DevicePeak:
-    """The card's used memory (driver view: total - free) sampled every 20 ms in a thread; the max."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            free, total = torch.cuda.mem_get_info()
-            self.peak = max(self.peak, total - free)
-            self._stop.wait(0.02)
-
-    def __enter__(self):
-        torch.cuda.init()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def load_model(args):
@@ -249,9 +225,15 @@ def main():
         from llamaft.model.fast import configure_allocator
 
         configure_allocator()  # what llamaft.train does before loading (expandable segments)
-    with DevicePeak() as device:
+    from llamaft.train.progress import MemoryPeak
+
+    device = MemoryPeak("cuda", interval=0.02)  # the driver's view, sampled from a thread, as training reports it
+    device.start()
+    try:
         run, stamps, phase, trainer, load_s = train(args)
-    write_result(args, run, stamps, phase, trainer, load_s, device.peak, others)
+    finally:
+        device.stop()
+    write_result(args, run, stamps, phase, trainer, load_s, device.peak_bytes, others)
 
 
 def train(args):

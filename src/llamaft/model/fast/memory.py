@@ -51,6 +51,7 @@ class Layout:
     cpu_lm_head: bool = False      # the frozen lm_head parked in CPU memory, on the card only for a loss (head.py)
     in_backward: bool = False      # each gradient freed by its own optimizer step in the backward
     mlp_rows: int = 0              # > 0: a recomputed layer's MLP runs in the backward in chunks of this many tokens
+    loss_rows: int | None = None   # the fused loss's rows per chunk (plan.loss_chunk_rows; None: loss.py's default)
 
 
 # Temporaries the terms below do not name (RMSNorm / RoPE outputs, cuBLAS workspaces in the allocator).
@@ -59,7 +60,7 @@ ESTIMATE_SLACK_BYTES = GIB // 4
 
 def optimizer_bytes_per_param(optimizer: str) -> int:
     """8-bit AdamW: two uint8 moments; AdamW: two fp32 moments. Paged states count too: on the fast
-    path they run unpaged (plan.paged_states), inside the budget."""
+    path they run unpaged (plan.unpaged_optimizer), inside the budget."""
     return 2 if "8bit" in optimizer else 8
 
 
@@ -95,8 +96,7 @@ def estimate_peak_bytes(cfg, model, checkpointing: bool | int, tokens: int | Non
 
     # the fused loss holds one chunk of fp32 logits + its bf16 gradient; the plain loss all of them;
     # a parked lm_head is on the card for the loss
-    lean = layout.cpu_lm_head or cfg.model.method == "qlora"  # plan.loss_chunk_rows
-    rows = cfg.fast.fused_loss != "off" and min(tokens, 256 if lean else _chunk_rows(c.vocab_size))
+    rows = cfg.fast.fused_loss != "off" and min(tokens, layout.loss_rows or _chunk_rows(c.vocab_size))
     loss_bytes = (rows * c.vocab_size * 6 if rows else tokens * c.vocab_size * 10) + table * layout.cpu_lm_head
     # full fine-tuning: the fused loss hands over the trained lm_head's gradient (bf16, beside the
     # accumulated one), and the optimizer step needs temporaries of the largest tensors
@@ -122,7 +122,7 @@ def estimate_peak_bytes(cfg, model, checkpointing: bool | int, tokens: int | Non
 # library workspaces. LATER_OUTSIDE_BYTES is the part not there yet when the plan is made (the model
 # is loaded by then; the backward's kernels and the compiled blocks come later).
 # Measured on the H200, device peak - reserved peak: 0.74-0.81 GiB for LoRA (compiled, 18 GiB card and
-# whole card) and QLoRA (7.5 GiB card) (benchmarks/results/budget_smoke.json); the CUDA context itself
+# whole card) and QLoRA (7.5 GiB card) (benchmarks/results/budget_h200/call1_*.tgz); the CUDA context itself
 # (~0.5 GiB) is there before the plan.
 OUTSIDE_ALLOCATOR_BYTES = GIB
 LATER_OUTSIDE_BYTES = GIB // 2

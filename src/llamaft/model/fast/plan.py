@@ -14,7 +14,7 @@ name the benchmark they came from (benchmarks/README.md, benchmarks/results/*.js
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -178,17 +178,17 @@ def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
     unpaged = log(unpaged_optimizer(cfg))
     in_bwd = log(optimizer_in_backward(cfg, model, own, tokens_of, facts.distributed))
     mlp_rows = log(deferred_mlp(cfg, own, lean, in_bwd))
-    layout = _memory.Layout(offload, cpu_emb, cpu_head, in_bwd, mlp_rows)
+    loss_rows = loss_chunk_rows(lean)[0]
+    layout = _memory.Layout(offload, cpu_emb, cpu_head, in_bwd, mlp_rows, loss_rows)
     mbs, ga = log(micro_batches(cfg, model, lengths, tokens_of, packing, gc, own, lean, layout))
-    mlp_rows = widest_mlp_chunks(cfg, model, lengths, mbs, ga, layout)
-    layout = _memory.Layout(offload, cpu_emb, cpu_head, in_bwd, mlp_rows)
+    layout = replace(layout, mlp_rows=widest_mlp_chunks(cfg, model, lengths, mbs, ga, layout))
     table, layers = log(partial_checkpointing(cfg, model, own, tokens_of(mbs), ga, lean, layout))
     fused_opt = log(fused_optimizer(cfg))
     comp = log(compile_blocks(cfg, gc, lean, own))
     lora = log(fused_lora())
     nf4 = log(nf4_kernel(cfg))
     single = log(single_sequence_sdpa(cfg, attention))
-    tile = log(tile_mlp(cfg, mlp_rows))
+    tile = log(tile_mlp(cfg, layout.mlp_rows))
     # what this model allows comes last (its lines close the list), so nothing changes after freezing
     cpu_emb = log(embeddings_fit(cpu_emb, facts.fits))
     fused = log(fused_loss_fits(fused, facts.fits))
@@ -198,8 +198,8 @@ def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
                     offload_checkpoints=offload, micro_batch_size=mbs, gradient_accumulation=ga,
                     fused_optimizer=fused_opt, tile_mlp_rows=tile, single_sdpa=single, cpu_embeddings=cpu_emb,
                     cpu_lm_head=cpu_head, nf4_kernel=nf4, checkpoint_layers=layers, checkpoint_tokens=table,
-                    loss_chunk_rows=loss_chunk_rows(lean)[0], budget=facts.budget, lean=lean,
-                    unpaged_optimizer=unpaged, optimizer_in_backward=in_bwd, mlp_chunk_rows=mlp_rows)
+                    loss_chunk_rows=loss_rows, budget=facts.budget, lean=lean,
+                    unpaged_optimizer=unpaged, optimizer_in_backward=in_bwd, mlp_chunk_rows=layout.mlp_rows)
 
 
 # ---- the path: fast on CUDA unless switched off; the plain path's own two decisions

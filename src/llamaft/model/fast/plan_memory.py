@@ -7,6 +7,8 @@ decisions; numbers that came from measurements name the benchmark they came from
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from . import memory as _memory
 
 __all__ = ["MLP_CHUNK_ROWS", "QLORA_MICRO_BATCH_TOKENS", "TILE_MLP_ROWS", "checkpointing", "deferred_mlp", "lean_memory",
@@ -98,10 +100,9 @@ def deferred_mlp(cfg, own: bool, lean: bool, in_backward: bool):
     (recompute.defer_mlp), no FLOPs added. Not with the optimizer in the backward (a chunked backward
     accumulates each weight's gradient once per chunk) nor with dropout (a chunk cannot repeat the
     first forward's masks)."""
-    setting = getattr(cfg.fast, "deferred_mlp", "auto")
-    if not (own and lean) or in_backward or setting == "off":
+    if not (own and lean) or in_backward or cfg.fast.deferred_mlp == "off":
         return 0, None
-    if cfg.model.method != "full" and cfg.lora.dropout > 0:
+    if cfg.lora.dropout > 0:  # memory-lean is lora / qlora only
         return 0, f"MLP recomputed whole (lora.dropout={cfg.lora.dropout:g}: chunks cannot repeat the forward's masks)"
     return MLP_CHUNK_ROWS, (f"recomputed layers' MLP deferred to the backward, {MLP_CHUNK_ROWS} tokens at a time "
                             "(fast.deferred_mlp=auto): one chunk's intermediates live, no FLOPs added")
@@ -115,8 +116,7 @@ def widest_mlp_chunks(cfg, model, lengths, mbs: int, ga: int, layout) -> int:
         return layout.mlp_rows
     tokens = _memory.likely_tokens(cfg, lengths)(mbs)
     for rows in (4 * MLP_CHUNK_ROWS, 2 * MLP_CHUNK_ROWS):
-        wider = _memory.Layout(layout.offload, layout.cpu_embeddings, layout.cpu_lm_head, layout.in_backward, rows)
-        if _memory.fits(cfg, model, True, tokens, ga, wider)[0]:
+        if _memory.fits(cfg, model, True, tokens, ga, replace(layout, mlp_rows=rows))[0]:
             return rows
     return layout.mlp_rows
 
@@ -125,7 +125,7 @@ def optimizer_in_backward(cfg, model, own: bool, tokens_of, distributed: bool):
     """Full fine-tuning: step each parameter's optimizer the moment its gradient is complete and free
     that gradient (train/in_backward.py), so no whole-model gradient (15 GiB at 8B) ever exists.
     auto: only when the budget needs it. One micro-batch per step; no global gradient clipping."""
-    setting = getattr(cfg.fast, "optimizer_in_backward", "auto")
+    setting = cfg.fast.optimizer_in_backward
     if cfg.model.method != "full" or setting == "off":
         return False, None
     after = "gradient clipping (train.max_grad_norm) is not applied; one micro-batch per optimizer step"
