@@ -416,7 +416,7 @@ def test_memory_cap_is_installed_and_lifted(monkeypatch):
     assert calls == []  # on the CPU
     import llamaft.model.fast.install as inst
 
-    monkeypatch.setattr(inst, "_device", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(inst, "model_device", lambda m: torch.device("cuda", 0))
     monkeypatch.setattr(inst, "install_attention", lambda *a: None)
     apply_fast_path(tiny(), plan)
     assert calls == [(budget.cap_bytes / budget.total_bytes, torch.device("cuda", 0))]

@@ -45,7 +45,8 @@ def model_fits(model) -> "ModelFits":
                      park_head=loss.fusable(lm) and head.parkable(lm, layers))
 
 
-def _device(model) -> torch.device | None:
+def model_device(model) -> torch.device | None:
+    """The device of `model`'s first parameter (None: no model or no parameters to tell)."""
     try:
         return next(model.parameters()).device
     except (StopIteration, AttributeError, TypeError):
@@ -59,7 +60,7 @@ def _require(ok: bool, what: str) -> None:
 
 def apply_fast_path(model, plan: "FastPlan"):
     """Install the plan on a (PEFT-wrapped or plain) HF causal LM; returns the same model object."""
-    device = _device(model)
+    device = model_device(model)
     if plan.budget is not None and device is not None and device.type == "cuda":
         _memory.enforce(plan.budget, device)  # the device-level budget holds: the allocator cannot grow past it
     install_attention(model, plan.attention, plan.single_sdpa)

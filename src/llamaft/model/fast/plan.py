@@ -127,10 +127,9 @@ def read_facts(cfg, model) -> Facts:
 
 def _cuda_target(model) -> bool:
     """The model is (or, on the meta device / not given, will be) on a CUDA device."""
-    try:
-        dev = next(model.parameters()).device if model is not None else None
-    except (StopIteration, AttributeError, TypeError):  # no parameters to tell
-        dev = None
+    from .install import model_device
+
+    dev = model_device(model)
     if dev is not None and dev.type == "meta":  # not placed yet: decide for where it will go
         dev = None
     return torch.cuda.is_available() and (dev is None or dev.type == "cuda")
