@@ -76,7 +76,9 @@ def _grad_norm(model) -> torch.Tensor | None:
     if not norms:
         return None
     device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
+    total = torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
+    # FSDP: each process holds shards (DTensors) and the norm is a partial one; one all-reduce makes it whole
+    return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
 def _any_process(bad: bool, device) -> bool:

@@ -47,6 +47,8 @@ from .callbacks import (MetricsJsonlCallback, attach_eval_callback, eval_scope, 
                         tensorboard_callbacks, truncate_metrics)
 from .checkpoint import (AtomicCheckpointTrainer, clean_incomplete, completed, latest_complete, out_of_memory_message,
                          prepare_run_dir)
+from .fsdp import full_state_dict, resolve_strategy, resume_check
+from .fsdp import plan_line as fsdp_plan_line
 from .in_backward import in_backward_optimizer
 from .portable import save_run_config
 from .progress import TrainProgress, find_progress, replace_hf_progress
@@ -172,7 +174,10 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     # Seed before the adapters are initialised (the Trainer seeds only later): same config, same
     # LoRA init, so reruns and resumed runs start from identical weights.
     set_seed(cfg.train.seed)
-    model = build_model(cfg, run.tokenizer, run.rules, dtype)
+    model = build_model(cfg, run.tokenizer, run.rules, dtype, place=False)
+    strategy = settle_strategy(cfg, model, run.resume_from)
+    if strategy != "fsdp":  # FSDP2 moves each process's shard to its GPU itself: the whole model never goes there
+        model = place_on_gpu(cfg, model)
     train_set = ListDataset(run.data.train)
     model, collator, plan = pick_collator_and_plan(cfg, model, run.rules.pad_id, train_set.lengths())
     for reason in getattr(plan, "reasons", []):
@@ -180,7 +185,7 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     eval_sets = {n: ListDataset(run.data.validation[n]) for n in run.set_names}
     args = training_arguments(
         cfg, run.dir / "checkpoints", bf16=bf16, fp16=fp16, has_eval=bool(eval_sets),
-        grad_ckpt=gradient_checkpointing(cfg.train, plan), extra=training_args, plan=plan,
+        grad_ckpt=gradient_checkpointing(cfg.train, plan), extra=training_args, plan=plan, strategy=strategy,
     )
     # The optimizer in the backward is built here, on the model the plan installed; HF builds the LR
     # scheduler on it. None: HF's own optimizer from args.optim.
@@ -200,23 +205,46 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     )
     replace_hf_progress(trainer)  # no tqdm bars (nested ones for every evaluation) nor printed log dicts
     # Perplexity + generation metrics per validation set at every evaluation, on the rows read in setup.
-    eval_cb = attach_eval_callback(trainer, cfg, run.tokenizer, run.rules, run.splits.validation) if eval_sets else None
+    # Under FSDP every rank takes part in each forward, generation's too: every rank generates, rank 0 logs.
+    eval_cb = (attach_eval_callback(trainer, cfg, run.tokenizer, run.rules, run.splits.validation,
+                                    every_rank=strategy == "fsdp") if eval_sets else None)
     if args.world_size > 1:
         trainer.add_callback(distributed.wait_for_main())  # the others wait while rank 0 generates
         say(distributed.batch_line(args, cfg.distributed.strategy))
     return trainer, plan, eval_cb
 
 
-def build_model(cfg, tokenizer, rules, dtype):
+def build_model(cfg, tokenizer, rules, dtype, place: bool = True):
     if cfg.fast.enabled:
         configure_allocator()  # before the weights land: every segment expandable (model/fast/memory.py)
     model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype)
     model = apply_adapters(model, cfg.model, cfg.lora)
+    return place_on_gpu(cfg, model) if place else model
+
+
+def place_on_gpu(cfg, model):
     if torch.cuda.is_available() and cfg.model.method != "qlora":
         # On the GPU before the fast-path plan is chosen: the plan reads the model's device (the
         # Trainer would move it only later). qlora bases are placed by bitsandbytes already.
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
     return model
+
+
+def settle_strategy(cfg, model, resume_from) -> str:
+    """DDP or FSDP2 (train/fsdp.py) for several processes, "single" for one; the per-process cfg copy
+    records it, so that the fast-path plan and the summary read the strategy that runs."""
+    strategy, why = resolve_strategy(cfg, model)
+    if strategy == "single":
+        return strategy
+    cfg.distributed.strategy = strategy
+    for line in (why, fsdp_plan_line(cfg, strategy)):
+        if line:
+            say(line)
+    try:
+        resume_check(resume_from, strategy)
+    except LlamaftError as err:
+        raise distributed.once(err) from None
+    return strategy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,8 +322,10 @@ def save(run: Run, trainer, plan, result, eval_cb) -> None:
     """Final evaluation, the trained weights with the tokenizer, then summary.json + loss.png."""
     restore_parked(trainer.model)  # fast.cpu_lm_head: the head back on the GPU for the final eval and saving
     final_eval = final_evaluation(run, trainer, eval_cb)  # every rank: HF evaluates on all of them
+    # FSDP: the weights are shards; every rank takes part in gathering them whole for rank 0
+    state = full_state_dict(trainer) if trainer.is_fsdp_enabled else None
     if distributed.is_main():
-        save_trained(trainer.model, run.out)
+        save_trained(trainer.model, run.out, state)
         save_tokenizer(run.tokenizer, run.rules, run.out)
     finish(run, trainer, plan, Outcome("completed", result, final_eval))
 

@@ -13,6 +13,7 @@ import torch
 
 from ..model.fast import apply_fast_path, choose_plan, make_collator
 from ..model.load import cuda_available, require_bitsandbytes
+from .fsdp import trainer_arguments
 
 _OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 
@@ -104,10 +105,10 @@ def optimizer_in_backward(plan) -> bool:
 
 
 def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval: bool, grad_ckpt: bool | None = None,
-                       extra: dict | None = None, plan=None):
+                       extra: dict | None = None, plan=None, strategy: str = "single"):
     """Build TrainingArguments; `extra` lets tests and callers set fields we do not expose.
     Batch shape, optimizer and HF's checkpointing come from `resolve_steps(cfg.train, plan)`;
-    `grad_ckpt` overrides the checkpointing flag when given."""
+    `grad_ckpt` overrides the checkpointing flag when given; `strategy` "fsdp" adds FSDP2's fields (train/fsdp.py)."""
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -161,6 +162,7 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
+    kwargs.update(trainer_arguments(cfg, strategy))
     kwargs.update(extra or {})
     return TrainingArguments(**kwargs)
 
