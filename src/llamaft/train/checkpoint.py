@@ -37,7 +37,7 @@ from ..model.adapters import save_trained
 from ..model.finite import first_nonfinite_param
 from ..paths import as_os_error, check_output_dir, reason
 from . import distributed
-from .fsdp import full_state_dict
+from .fsdp import full_state_dict, load_whole
 from .in_backward import in_backward_of
 from .nonfinite import NonFiniteGuard
 
@@ -114,6 +114,11 @@ class AtomicCheckpointTrainer(Trainer):
         if self.args.should_save:
             save_trained(self.model, output_dir or self.args.output_dir, state)
         return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        return load_whole(self.model, Path(resume_from_checkpoint))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

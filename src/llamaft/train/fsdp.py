@@ -105,13 +105,19 @@ def plan_line(cfg, strategy: str) -> str | None:
 
 
 def resume_check(checkpoint: Path | None, strategy: str) -> None:
-    """An FSDP checkpoint resumes only under FSDP (HF reads its model and optimizer files only then), with
-    any number of processes (whole tensors); a DDP or one-process checkpoint resumes under any strategy."""
-    if checkpoint is None or strategy == "fsdp" or not (checkpoint / FSDP_MODEL_FILE).is_file():
+    """A checkpoint resumes under the strategy that wrote it: HF reads an FSDP checkpoint's model and
+    optimizer files (accelerate's, keyed by tensor name) only under FSDP, and under FSDP reads nothing else.
+    The process count may differ (DDP: tested 2 -> 1; FSDP: whole tensors, so any count of 2 or more)."""
+    if checkpoint is None:
         return
-    raise ConfigError(f"train.resume: {checkpoint} was written by FSDP (distributed.strategy=fsdp) and this run is "
-                      f"{'one process' if strategy == 'single' else strategy}; resume it with distributed.strategy=fsdp "
-                      "and --nproc 2 or more (any count: its tensors are whole)")
+    written_by_fsdp = (checkpoint / FSDP_MODEL_FILE).is_file()
+    if written_by_fsdp and strategy != "fsdp":
+        raise ConfigError(f"train.resume: {checkpoint} was written by FSDP (distributed.strategy=fsdp) and this run is "
+                          f"{'one process' if strategy == 'single' else strategy}; resume it with "
+                          "distributed.strategy=fsdp and --nproc 2 or more")
+    if strategy == "fsdp" and not written_by_fsdp:
+        raise ConfigError(f"train.resume: {checkpoint} was written without FSDP and this run is fsdp; resume it with "
+                          "distributed.strategy=ddp (or in one process)")
 
 
 def full_state_dict(trainer) -> dict | None:
@@ -125,3 +131,19 @@ def full_state_dict(trainer) -> dict | None:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=is_peft(model))
     state = get_model_state_dict(model, options=options)
     return state if distributed.is_main() else None
+
+
+def load_whole(model, checkpoint: Path) -> None:
+    """A checkpoint's trained tensors (accelerate's FULL_STATE_DICT file: whole tensors) into the sharded
+    model: every rank reads the file and keeps its own shards. accelerate 1.15's own loader broadcasts from
+    rank 0 instead, and with torch 2.13 rank 0 waits in that broadcast while the others have gone on (a
+    resumed 2-process CPU run hung there); reading on every rank needs no collective at all."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = torch.load(checkpoint / FSDP_MODEL_FILE, map_location="cpu", weights_only=True)
+    wanted = set(state)
+    result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    if result.unexpected_keys or not wanted:
+        raise ConfigError(f"train.resume: {checkpoint / FSDP_MODEL_FILE} does not fit this model "
+                          f"(unexpected tensors: {sorted(result.unexpected_keys)[:3]})")

@@ -234,16 +234,16 @@ def settle_strategy(cfg, model, resume_from) -> str:
     """DDP or FSDP2 (train/fsdp.py) for several processes, "single" for one; the per-process cfg copy
     records it, so that the fast-path plan and the summary read the strategy that runs."""
     strategy, why = resolve_strategy(cfg, model)
+    try:
+        resume_check(resume_from, strategy)  # an FSDP checkpoint under another strategy: one line
+    except LlamaftError as err:
+        raise distributed.once(err) from None
     if strategy == "single":
         return strategy
     cfg.distributed.strategy = strategy
     for line in (why, fsdp_plan_line(cfg, strategy)):
         if line:
             say(line)
-    try:
-        resume_check(resume_from, strategy)
-    except LlamaftError as err:
-        raise distributed.once(err) from None
     return strategy
 
 
