@@ -227,10 +227,10 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(one_process, two_processes
     import shutil
 
     run = tmp_path / "run"
-    shutil.copytree(two_processes.run / "checkpoints" / "checkpoint-5", run / "checkpoints" / "checkpoint-5")
-    cfg = yaml.safe_load((two_processes.run / "config.yaml").read_text())
-    cfg["train"]["output_dir"] = str(run)
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["train", str(tmp_path / "run.yaml"), "train.resume=true"]) == 0
-    assert sorted(_losses(run, "train/loss")) == [6]
+    shutil.copytree(two_processes.run, run)  # config.yaml names its data from RUN/data (portable)
+    shutil.rmtree(run / "checkpoints" / "checkpoint-6")
+    assert main(["train", str(run / "config.yaml"), "train.resume=true", f"train.output_dir={run}"]) == 0
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # 1-5 kept from the 2-process run, 6 trained by one process
     assert abs(_losses(run, "train/loss")[6] - _losses(one_process, "train/loss")[6]) < 1e-5
+    assert strict_json((run / "summary.json").read_text())["batch"]["processes"] == 1
