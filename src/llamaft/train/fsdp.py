@@ -44,6 +44,9 @@ def _auto(cfg, model) -> tuple[str, str]:
 
     if not torch.cuda.is_available():
         return "ddp", "strategy: ddp (auto: no GPU, every process holds the model in host memory)"
+    if cfg.model.method == "qlora":  # its 4-bit storage is chosen at load time, before any estimate (load.bnb_arguments)
+        return "ddp", ("strategy: ddp (auto: qlora is sized for one GPU; distributed.strategy=fsdp shards its 4-bit "
+                       "base, stored in the compute dtype)")
     from ..model.fast.memory import fits
 
     ok, why = fits(cfg, model, True, cfg.train.micro_batch_size * cfg.data.max_seq_length)

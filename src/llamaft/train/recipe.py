@@ -217,7 +217,9 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
 def build_model(cfg, tokenizer, rules, dtype, place: bool = True):
     if cfg.fast.enabled:
         configure_allocator()  # before the weights land: every segment expandable (model/fast/memory.py)
-    model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype)
+    # FSDP + QLoRA: the 4-bit base is loaded in a storage FSDP can shard (model/load.bnb_arguments)
+    sharded = distributed.world().size > 1 and cfg.distributed.strategy == "fsdp"
+    model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype, sharded=sharded)
     model = apply_adapters(model, cfg.model, cfg.lora)
     return place_on_gpu(cfg, model) if place else model
 
