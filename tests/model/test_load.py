@@ -6,7 +6,7 @@ import torch
 
 from llamaft.config import config_from_dict
 from llamaft.model import load
-from llamaft.train import recipe
+from llamaft.train import setup
 
 
 class Loaded(Exception):
@@ -58,9 +58,9 @@ def test_the_recipe_loads_a_sharded_base_only_under_fsdp_with_several_processes(
         seen.append(sharded)
         raise Loaded
 
-    monkeypatch.setattr(recipe, "load_base", load_base)
+    monkeypatch.setattr(setup, "load_base", load_base)
     for world, strategy, sharded in (("2", "fsdp", True), ("2", "ddp", False), ("2", "auto", False), ("1", "fsdp", False)):
         monkeypatch.setenv("WORLD_SIZE", world)
         with pytest.raises(Loaded):
-            recipe.build_model(_cfg(strategy=strategy), None, None, torch.bfloat16)
+            setup.build_model(_cfg(strategy=strategy), None, None, torch.bfloat16)
         assert seen.pop() is sharded, (world, strategy)

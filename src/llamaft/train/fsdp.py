@@ -39,6 +39,21 @@ def resolve_strategy(cfg, model) -> tuple[str, str | None]:
     return distributed.from_main(_auto(cfg, model))
 
 
+def settle_strategy(cfg, model, resume_from: Path | None) -> tuple[str, list[str]]:
+    """(strategy, lines for the run's output): `resolve_strategy`, a checkpoint of the other strategy refused
+    (`resume_check`, printed by rank 0 only), and the per-process cfg copy told the strategy that runs, so
+    the fast-path plan and summary.json read it (one process: cfg is the user's own, left as it is)."""
+    strategy, why = resolve_strategy(cfg, model)
+    try:
+        resume_check(resume_from, strategy)
+    except ConfigError as err:
+        raise distributed.once(err) from None
+    if strategy == "single":
+        return strategy, []
+    cfg.distributed.strategy = strategy
+    return strategy, [line for line in (why, plan_line(cfg, strategy)) if line]
+
+
 def _auto(cfg, model) -> tuple[str, str]:
     import torch
 

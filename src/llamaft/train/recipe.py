@@ -13,7 +13,7 @@ save           final evaluation → adapter/ or model/ with the tokenizer → su
 Output: one progress bar in a terminal, one plain line per logging step in a log (train/progress.py);
 library noise is filtered in one place (llamaft/console.py).
 
-Several processes (DDP, train/distributed.py): rank 0 runs setup's checks and reads the data, the
+Several processes (DDP or FSDP2, train/distributed.py, fsdp.py): rank 0 runs setup's checks and reads the data, the
 others receive it; every rank trains; rank 0 alone writes the run directory.
 """
 
@@ -35,10 +35,10 @@ from ..errors import LlamaftError, TrainingDiverged
 from ..eval.generation import check_generation_sets
 from ..eval.plots import plot_losses
 from ..eval.report import write_report
-from ..model.adapters import apply_adapters, count_parameters, save_trained
-from ..model.fast import configure_allocator, restore_parked
+from ..model.adapters import count_parameters, save_trained
+from ..model.fast import restore_parked
 from ..model.finite import first_nonfinite_param
-from ..model.load import load_base, quantization_config, resolve_precision
+from ..model.load import quantization_config, resolve_precision
 from ..model.preflight import check_model
 from ..model.tokenizer import load_tokenizer, save_tokenizer
 from ..paths import write_text_atomic
@@ -47,13 +47,12 @@ from .callbacks import (MetricsJsonlCallback, attach_eval_callback, eval_scope, 
                         tensorboard_callbacks, truncate_metrics)
 from .checkpoint import (AtomicCheckpointTrainer, clean_incomplete, completed, latest_complete, out_of_memory_message,
                          prepare_run_dir)
-from .fsdp import full_state_dict, resolve_strategy, resume_check
-from .fsdp import plan_line as fsdp_plan_line
+from .fsdp import full_state_dict, settle_strategy
 from .in_backward import in_backward_optimizer
 from .portable import save_run_config
 from .progress import TrainProgress, find_progress, replace_hf_progress
-from .setup import (ListDataset, check_optimizer, gradient_checkpointing, optimizer_in_backward, pick_collator_and_plan,
-                    training_arguments)
+from .setup import (ListDataset, build_model, check_optimizer, gradient_checkpointing, optimizer_in_backward,
+                    pick_collator_and_plan, place_on_gpu, training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +173,10 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     # Seed before the adapters are initialised (the Trainer seeds only later): same config, same
     # LoRA init, so reruns and resumed runs start from identical weights.
     set_seed(cfg.train.seed)
-    model = build_model(cfg, run.tokenizer, run.rules, dtype, place=False)
-    strategy = settle_strategy(cfg, model, run.resume_from)
+    model = build_model(cfg, run.tokenizer, run.rules, dtype)
+    strategy, lines = settle_strategy(cfg, model, run.resume_from)  # DDP or FSDP2 (fsdp.py): the plan reads it
+    for line in lines:
+        say(line)
     if strategy != "fsdp":  # FSDP2 moves each process's shard to its GPU itself: the whole model never goes there
         model = place_on_gpu(cfg, model)
     train_set = ListDataset(run.data.train)
@@ -205,48 +206,13 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     )
     replace_hf_progress(trainer)  # no tqdm bars (nested ones for every evaluation) nor printed log dicts
     # Perplexity + generation metrics per validation set at every evaluation, on the rows read in setup.
-    # Under FSDP every rank takes part in each forward, generation's too: every rank generates, rank 0 logs.
-    eval_cb = (attach_eval_callback(trainer, cfg, run.tokenizer, run.rules, run.splits.validation,
-                                    every_rank=strategy == "fsdp") if eval_sets else None)
+    # Under FSDP every rank takes part in each forward: every rank generates, rank 0 logs.
+    eval_cb = attach_eval_callback(trainer, cfg, run.tokenizer, run.rules, run.splits.validation,
+                                   every_rank=strategy == "fsdp") if eval_sets else None
     if args.world_size > 1:
         trainer.add_callback(distributed.wait_for_main())  # the others wait while rank 0 generates
         say(distributed.batch_line(args, cfg.distributed.strategy))
     return trainer, plan, eval_cb
-
-
-def build_model(cfg, tokenizer, rules, dtype, place: bool = True):
-    if cfg.fast.enabled:
-        configure_allocator()  # before the weights land: every segment expandable (model/fast/memory.py)
-    # FSDP + QLoRA: the 4-bit base is loaded in a storage FSDP can shard (model/load.bnb_arguments)
-    sharded = distributed.world().size > 1 and cfg.distributed.strategy == "fsdp"
-    model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype, sharded=sharded)
-    model = apply_adapters(model, cfg.model, cfg.lora)
-    return place_on_gpu(cfg, model) if place else model
-
-
-def place_on_gpu(cfg, model):
-    if torch.cuda.is_available() and cfg.model.method != "qlora":
-        # On the GPU before the fast-path plan is chosen: the plan reads the model's device (the
-        # Trainer would move it only later). qlora bases are placed by bitsandbytes already.
-        model = model.to(torch.device("cuda", torch.cuda.current_device()))
-    return model
-
-
-def settle_strategy(cfg, model, resume_from) -> str:
-    """DDP or FSDP2 (train/fsdp.py) for several processes, "single" for one; the per-process cfg copy
-    records it, so that the fast-path plan and the summary read the strategy that runs."""
-    strategy, why = resolve_strategy(cfg, model)
-    try:
-        resume_check(resume_from, strategy)  # an FSDP checkpoint under another strategy: one line
-    except LlamaftError as err:
-        raise distributed.once(err) from None
-    if strategy == "single":
-        return strategy
-    cfg.distributed.strategy = strategy
-    for line in (why, fsdp_plan_line(cfg, strategy)):
-        if line:
-            say(line)
-    return strategy
 
 
 # ---------------------------------------------------------------------------------------------

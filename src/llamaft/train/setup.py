@@ -11,8 +11,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..model.fast import apply_fast_path, choose_plan, make_collator
-from ..model.load import cuda_available, require_bitsandbytes
+from ..model.adapters import apply_adapters
+from ..model.fast import apply_fast_path, choose_plan, configure_allocator, make_collator
+from ..model.load import cuda_available, load_base, require_bitsandbytes
+from . import distributed
 from .fsdp import trainer_arguments
 
 _OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
@@ -162,8 +164,7 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
-    kwargs.update(trainer_arguments(cfg, strategy))
-    kwargs.update(extra or {})
+    kwargs.update({**trainer_arguments(cfg, strategy), **(extra or {})})  # FSDP2's fields (fsdp.py), then the caller's
     return TrainingArguments(**kwargs)
 
 
@@ -173,3 +174,22 @@ def pick_collator_and_plan(cfg, model, pad_id: int, lengths: list[int] | None = 
     token counts (the plan sizes micro-batches with them)."""
     plan = choose_plan(cfg, model, lengths)
     return apply_fast_path(model, plan), make_collator(plan, pad_id), plan
+
+
+def build_model(cfg, tokenizer, rules, dtype):
+    """The base model with its adapters (or all weights trainable), in CPU memory unless bitsandbytes placed it."""
+    if cfg.fast.enabled:
+        configure_allocator()  # before the weights land: every segment expandable (model/fast/memory.py)
+    # FSDP + QLoRA: the 4-bit base is loaded in a storage FSDP can shard (model/load.bnb_arguments)
+    sharded = distributed.world().size > 1 and cfg.distributed.strategy == "fsdp"
+    model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype, sharded=sharded)
+    return apply_adapters(model, cfg.model, cfg.lora)
+
+
+def place_on_gpu(cfg, model):
+    """The model on this process's GPU (not under FSDP2, which moves each shard there itself)."""
+    if torch.cuda.is_available() and cfg.model.method != "qlora":
+        # On the GPU before the fast-path plan is chosen: the plan reads the model's device (the
+        # Trainer would move it only later). qlora bases are placed by bitsandbytes already.
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    return model
