@@ -115,22 +115,27 @@ def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(tmp_path):
 
 @pytest.fixture(scope="module")
 def fsdp_processes(tmp_path_factory):
-    """The project in 2 FSDP2 processes; then checkpoint-6 removed and the run resumed from checkpoint-5,
-    again in 2 processes (the second run trains one step)."""
+    """The project trained in 2 FSDP2 processes (~30 s), what it wrote read back at once."""
     root = tmp_path_factory.mktemp("fsdp")
     cfg = _project(root)
     first = _llamaft("train", str(cfg), "--nproc", "2", "distributed.strategy=fsdp", marker=str(cfg))
     assert first.returncode == 0, first.stderr[-3000:]
     run = root / "run"
-    saved = {"adapter": _adapter(run), "checkpoint": _checkpoint_tensors(run / "checkpoints" / "checkpoint-6"),
-             "losses": _losses(run, "train/loss"), "eval": _losses(run, "eval/val/loss"),
-             "summary": strict_json((run / "summary.json").read_text()), "stdout": first.stdout}
+    return SimpleNamespace(run=run, cfg=cfg, adapter=_adapter(run),
+                           checkpoint=_checkpoint_tensors(run / "checkpoints" / "checkpoint-6"),
+                           losses=_losses(run, "train/loss"), eval=_losses(run, "eval/val/loss"),
+                           summary=strict_json((run / "summary.json").read_text()), stdout=first.stdout)
+
+
+@pytest.fixture(scope="module")
+def fsdp_resumed(fsdp_processes):
+    """That run with checkpoint-6 removed, resumed from checkpoint-5 in 2 FSDP2 processes (one step; ~30 s)."""
     import shutil
 
-    shutil.rmtree(run / "checkpoints" / "checkpoint-6")
-    resumed = _llamaft("train", str(cfg), "--nproc", "2", "distributed.strategy=fsdp", "train.resume=true",
-                       marker=str(cfg))
-    return SimpleNamespace(run=run, cfg=cfg, resumed=resumed, **saved)
+    r = fsdp_processes
+    shutil.rmtree(r.run / "checkpoints" / "checkpoint-6")
+    return _llamaft("train", str(r.cfg), "--nproc", "2", "distributed.strategy=fsdp", "train.resume=true",
+                    marker=str(r.cfg))
 
 
 def _checkpoint_tensors(ckpt: Path) -> dict:
@@ -172,9 +177,10 @@ def test_fsdp_trains_what_one_process_trains_and_saves_every_tensor_whole(one_pr
 
 
 @pytest.mark.multiprocess
-def test_an_fsdp_checkpoint_resumes_under_fsdp_and_not_in_one_process(one_process, fsdp_processes, capsys):
+def test_an_fsdp_checkpoint_resumes_under_fsdp_and_not_in_one_process(one_process, fsdp_processes, fsdp_resumed,
+                                                                      capsys):
     r = fsdp_processes
-    assert r.resumed.returncode == 0, r.resumed.stderr[-3000:]
+    assert fsdp_resumed.returncode == 0, fsdp_resumed.stderr[-3000:]
     assert abs(_losses(r.run, "train/loss")[6] - _losses(one_process, "train/loss")[6]) < 1e-5
     assert strict_json((r.run / "summary.json").read_text())["resumed_from"].endswith("checkpoint-5")
     capsys.readouterr()
