@@ -244,4 +244,3 @@ def test_budget_curve_runs_cases_against_fake_tools(tmp_path):
         [tgz.name, "budget_log_gpu0.txt", "budget_table.md", "budget_table.json"])
     assert "| llamaft | 16 | 12,346 |" in (out / "budget_table.md").read_text()
     assert "no matplotlib here, plot skipped" in log
-
