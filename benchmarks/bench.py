@@ -147,7 +147,8 @@ def parse_args(argv=None):
     ap.add_argument("--optim", default=None, help="default: adamw_torch (lora), paged_adamw_8bit (qlora, full)")
     ap.add_argument("--fixed-len", type=int, default=0, help="every sequence this long (seq 2048/8192 workloads)")
     ap.add_argument("--profile", action="store_true",
-                    help="one extra optimizer step after the timed ones under torch.profiler: kernel time by kind")
+                    help="one extra optimizer step after the timed ones under torch.profiler: kernel time by kind "
+                         "(env BENCH_TRACE=FILE.json also writes its chrome trace)")
     args = ap.parse_args(argv)
     # full: paged 8-bit AdamW, as the seed recipe and Unsloth were measured (../shared/bench)
     args.optim = args.optim or {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "paged_adamw_8bit"}[args.mode]
@@ -319,6 +320,8 @@ def step_profile(at, out):
                 wall = time.time() - self.t0
                 self.prof.__exit__(None, None, None)
                 out["profile"] = summarize_profile(self.prof, at, wall)
+                if os.environ.get("BENCH_TRACE"):  # the whole step's timeline, for chrome://tracing / Perfetto
+                    self.prof.export_chrome_trace(os.environ["BENCH_TRACE"])
                 self.prof = None
 
     return StepProfile()
