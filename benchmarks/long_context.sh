@@ -7,10 +7,10 @@
 #     TOOLS default "llamaft unsloth" (also: llamaft-tiles = the 16k MLP tiles instead of the deferred MLP, seed)
 # Results: $OUT/long_<tool>.json (per length: ok, s/step of the first and second step, torch peak) and
 # $OUT/long_context_log_gpu$GPU.txt; nvidia-smi memory.used is sampled every 100 ms per tool (long_<tool>.smi.txt).
-# env: GPU (index, 0; a two-GPU machine can run this beside another driver on the other card).
+# env: GPU (index, 0; a two-GPU machine can run this beside another driver on the other card), REPEAT (2).
 # Needs .bench/{seed_baseline,maxlen,save_tok}.py (copies of ../shared/bench) and the wheels in .whl/.
 set -u
-GPU=${GPU:-0}
+GPU=${GPU:-0}; REPEAT=${REPEAT:-2}   # llamaft steps per length (the first is timed as maxlen.py times it)
 export CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=$GPU   # CUDA's index = nvidia-smi's index
 source benchmarks/_prelude.sh
 OUT=${OUT:-benchmarks/results/raw}; mkdir -p "$OUT"
@@ -24,8 +24,8 @@ prelude_locked prelude_tokenizer | tee -a "$LOG"
 prelude_gpu_line "$GPU" | tee -a "$LOG"
 for tool in $TOOLS; do
   case $tool in
-    llamaft)       cmd="python3 benchmarks/maxlen_fast.py $M $LENGTHS $OUT/long_llamaft.json varlen --deferred --repeat 2" ;;
-    llamaft-tiles) cmd="python3 benchmarks/maxlen_fast.py $M $LENGTHS $OUT/long_llamaft-tiles.json varlen --repeat 2" ;;
+    llamaft)       cmd="python3 benchmarks/maxlen_fast.py $M $LENGTHS $OUT/long_llamaft.json varlen --deferred --repeat $REPEAT" ;;
+    llamaft-tiles) cmd="python3 benchmarks/maxlen_fast.py $M $LENGTHS $OUT/long_llamaft-tiles.json varlen --repeat $REPEAT" ;;
     unsloth|seed)  cmd="python3 .bench/maxlen.py $M $tool $LENGTHS $OUT/long_$tool.json" ;;
     *) echo "long_context: unknown tool $tool (llamaft, llamaft-tiles, unsloth, seed)" | tee -a "$LOG"; continue ;;
   esac
