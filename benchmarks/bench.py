@@ -240,7 +240,9 @@ def main():
 
 
 def train(args):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
+
+    from llamaft.train.checkpoint import AtomicCheckpointTrainer as Trainer  # llamaft's (per-step guard included)
 
     torch.manual_seed(0)
     cfg = run_config(args)
@@ -271,7 +273,8 @@ def train(args):
         gradient_accumulation_steps=ga, optim=args.optim, learning_rate=cfg.train.learning_rate,
         bf16=True, max_steps=args.steps + 2 + args.profile, logging_steps=1, save_strategy="no", report_to=[],
         warmup_steps=1, lr_scheduler_type="linear", dataloader_drop_last=True,
-        remove_unused_columns=False, seed=0, max_grad_norm=0.0 if args.mode == "full" else 1.0)
+        remove_unused_columns=False, seed=0, max_grad_norm=0.0 if args.mode == "full" else 1.0,
+        logging_nan_inf_filter=False)  # as llamaft.train: its non-finite guard checks each step instead
     optimizers = (in_backward_optimizer(model, targs), None) if in_backward else (None, None)
     prof_out = {}
     callbacks = [Clock()] + ([step_profile(args.steps + 2, prof_out)] if args.profile else [])
