@@ -200,12 +200,10 @@ def _said(study, trial) -> None:
 
 
 def _free_memory(_study, _trial) -> None:
-    """The next trial in this process starts with the memory the last one held given back."""
-    gc.collect()
-    try:
-        import torch
+    """On a GPU, the next trial in this process starts with the memory the last one held given back
+    (on CPU a full collection costs more than it frees: the next trial's allocations reuse it)."""
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()

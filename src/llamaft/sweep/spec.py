@@ -168,10 +168,13 @@ def parse_param(key: str, value: Any, base: dict, where: str) -> Param:
     _check_key(key, where)
     if isinstance(value, list):
         value = {"values": value}
-    if not isinstance(value, dict) or len(set(value) & set(_KINDS)) != 1:
+    kinds = set(value) & set(_KINDS) if isinstance(value, dict) else set()
+    if "factor_of" in kinds:
+        kinds.discard("values")  # factor_of comes with its values
+    if len(kinds) != 1:
         raise ConfigError(f"{where}: bad distribution {value!r}: use a list of values, {{log_uniform: [lo, hi]}}, "
                           "{uniform: [lo, hi]}, {int: [lo, hi]} or {factor_of: KEY, values: [...]}")
-    kind = next(k for k in _KINDS if k in value)
+    kind = kinds.pop()
     extra = set(value) - {kind, "values", "step"}
     if extra:
         raise ConfigError(f"{where}: unknown option '{sorted(extra)[0]}' of a {kind} distribution")
@@ -272,7 +275,10 @@ def _objective(raw: dict, base: dict, where: str) -> tuple[str, str]:
         raise ConfigError(f"{where}.objective: '{text}' is not eval/<validation set>/<metric> [min|max]")
     name, metric = m.groups()
     cfg = config_from_dict(base, "config")
-    sets = list(validation_sets(cfg.data.validation)) or (["validation"] if cfg.data.val_ratio > 0 else [])
+    spec_sets = cfg.data.validation
+    # a mapping names its sets itself; a file, list or directory is read for the names (missing: one line)
+    named = list(spec_sets) if isinstance(spec_sets, dict) else list(validation_sets(spec_sets))
+    sets = named or (["validation"] if cfg.data.val_ratio > 0 else [])
     if name not in sets:
         raise ConfigError(f"{where}.objective: no validation set named '{name}' (sets: {', '.join(sets) or 'none'})")
     gen = gen_config_for(cfg.eval, name)
