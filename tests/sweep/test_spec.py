@@ -71,3 +71,17 @@ def test_cli_bad_spec_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys):
     assert err == [f"llamaft sweep: error: {cfg}: sweep.space.train.epoch: unknown config key 'train.epoch' "
                    "(did you mean 'train.epochs'?)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_the_example_spec_parses_against_the_example_config():
+    from pathlib import Path
+
+    from llamaft.config import load_config
+    from llamaft.sweep.spec import read_spec_file
+
+    root = Path(__file__).resolve().parents[2]
+    base = load_config(root / "configs" / "llama-3.1-8b-lora.yaml").model_dump(mode="json")
+    base["data"]["validation"] = {"small_val": "data/val/small_val.jsonl"}  # the directory's sets, without the files
+    spec = parse_spec(read_spec_file(root / "configs" / "sweeps" / "lr-epochs-rank.yaml"), base, "lr-epochs-rank.yaml")
+    assert [p.key for p in spec.params] == ["train.learning_rate", "train.epochs", "lora.r", "lora.alpha"]
+    assert spec.start_with == [{"train.learning_rate": 2e-4, "train.epochs": 2, "lora.r": 16, "lora.alpha/lora.r": 1}]

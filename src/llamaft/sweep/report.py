@@ -19,7 +19,7 @@ from .results import BEST, table
 
 log = logging.getLogger(__name__)
 
-MIN_FOR_IMPORTANCE = 4
+MIN_FOR_IMPORTANCE = 3
 
 
 def _plt():
@@ -103,7 +103,7 @@ def importance(sweep, study) -> dict[str, float] | None:
         return None
     try:
         return optuna.importance.get_param_importances(study)
-    except (RuntimeError, ValueError) as err:  # e.g. every completed trial has the same values
+    except (RuntimeError, ValueError, ImportError) as err:  # e.g. every completed trial has the same values
         log.info("no parameter importance: %s", err)
         return None
 
