@@ -148,10 +148,8 @@ def _kill_a_worker_mid_trial(sweep: Path, seen: dict, limit: float = 300) -> Non
     """SIGKILL the worker of a running trial once another trial has completed (a watcher thread)."""
     start = time.time()
     while time.time() - start < limit:
-        try:
-            trials = _trials(sweep) if (sweep / "study.db").is_file() else []
-        except Exception:  # noqa: BLE001 - the study is being created
-            trials = []
+        # only once trials run: opening a study that is being created would race its table creation
+        trials = _trials(sweep) if any(sweep.glob("trial-*")) else []
         seen["workers"] = {t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}
         running = [t for t in trials if t.state.name == "RUNNING" and "worker" in t.user_attrs]
         if running and any(t.state.name == "COMPLETE" for t in trials):
@@ -193,5 +191,8 @@ def test_parallel_workers_then_kill_9_then_resume_repeats_no_finished_trial(tmp_
     assert len(retries) == 1 and retries[0].params == killed.params and retries[0].state.name == "COMPLETE"
     assert sum(t.state.name == "COMPLETE" for t in trials) == 3 and len(trials) == 4
     assert len({t.user_attrs["run_dir"] for t in trials}) == 4
+    fresh = [t.params["train.learning_rate"] for t in trials if "retry_of" not in t.user_attrs]
+    assert len(set(fresh)) == len(fresh), "workers (and the resumed sweep) drew values of their own"
+    assert (sweep / "plots" / "importance.png").read_bytes()[:4] == b"\x89PNG"  # 3 completed, 2 keys
     rows = strict_json((sweep / "results.json").read_text())["trials"]
     assert [r["state"] for r in rows] == ["completed"] * 3 + ["interrupted"]

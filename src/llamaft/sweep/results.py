@@ -20,6 +20,7 @@ from ..paths import write_text_atomic
 from .spec import apply_params, get_key
 
 BEST = "best.yaml"
+_BOOKKEEPING = ("samples", "prompts_truncated")  # how many rows were generated for: in summary.json, not the table
 
 
 def trial_rows(sweep, study) -> list[dict]:
@@ -39,8 +40,8 @@ def trial_rows(sweep, study) -> list[dict]:
             "trial": t.number, "state": state,
             "config": {p.key: get_key(apply_params(sweep.base, sweep.spec.params, t.params), p.key) for p in sweep.spec.params},
             # a pruned trial: its last reported value (Optuna's value of a pruned trial), at that step
-            "objective": t.value if t.state == TrialState.COMPLETE else (last[1] if last else None),
-            "objective_step": summary.get("steps") if t.state == TrialState.COMPLETE else (last[0] if last else None),
+            "objective": t.value if state == "completed" else (last[1] if last and state == "pruned" else None),
+            "objective_step": summary.get("steps") if state == "completed" else (last[0] if last and state == "pruned" else None),
             "eval": summary.get("eval") or {},
             "seconds": t.user_attrs.get("seconds", summary.get("runtime_s")),
             "tokens_per_s": (summary.get("throughput") or {}).get("tokens_per_s"),
@@ -107,7 +108,7 @@ def table(rows: list[dict], spec) -> str:
     """The markdown table: the swept keys, the objective, every other final metric, time, tokens/s."""
     keys = [p.key for p in spec.params]
     metrics = sorted({f"{s}/{m}" for r in rows for s, ms in r["eval"].items() for m in ms
-                      if f"eval/{s}/{m}" != spec.objective and isinstance(ms[m], (int, float))})
+                      if f"eval/{s}/{m}" != spec.objective and isinstance(ms[m], (int, float)) and m not in _BOOKKEEPING})
     head = ["trial", "state", *keys, f"{spec.objective} ({spec.direction[:3]})", *metrics, "s", "tokens/s", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -115,8 +115,14 @@ def _run(sweep: Sweep, workers: int | None) -> Path:
             run_workers(sweep.dir, devices)
         else:
             work(sweep)
-    finally:
-        write_results(sweep)  # also after Ctrl-C: what finished is ranked
+    except KeyboardInterrupt:
+        write_results(sweep)  # what finished is ranked
+        say(f"sweep interrupted; continue it with: llamaft sweep --resume {sweep.dir}")
+        raise
+    except BaseException:
+        write_results(sweep)
+        raise
+    write_results(sweep)
     return sweep.dir
 
 
@@ -179,11 +185,11 @@ class locked:
 # the trial loop (in this process, or in each worker process)
 
 
-def work(sweep: Sweep) -> None:
-    """Run trials until the budget (or the grid, or the time) is used up."""
+def work(sweep: Sweep, worker: int = 0) -> None:
+    """Run trials until the budget (or the grid, or the time) is used up; `worker`: this process's index."""
     from .trial import run_trial
 
-    study = open_study(sweep.dir, sweep.spec)
+    study = open_study(sweep.dir, sweep.spec, worker=worker)
     if counted(study) + running(study) >= sweep.spec.trials:
         return
     set_names = sweep.set_names

@@ -30,14 +30,17 @@ def _optuna():
     return optuna
 
 
-def sampler(spec: Spec):
+def sampler(spec: Spec, offset: int = 0):
+    """offset: added to the seed, so that parallel workers and a resumed sweep do not draw the values
+    the first process drew (the same seed twice would propose the same random trials again)."""
     optuna = _optuna()
+    seed = spec.seed + offset
     if spec.method == "grid":
-        return optuna.samplers.GridSampler(spec.grid(), seed=spec.seed)
+        return optuna.samplers.GridSampler(spec.grid(), seed=seed)
     if spec.method == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     # few trials: start modelling early (Optuna's default waits 10 random trials)
-    return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(10, max(2, spec.trials // 3)))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, spec.trials // 3)))
 
 
 def pruner(spec: Spec):
@@ -56,8 +59,9 @@ def storage_url(sweep_dir: Path) -> str:
     return f"sqlite:///{(Path(sweep_dir) / STUDY_DB).resolve()}"
 
 
-def open_study(sweep_dir: Path, spec: Spec, *, create: bool = False):
-    """The sweep's study (created with `create`); several processes share it through SQLite."""
+def open_study(sweep_dir: Path, spec: Spec, *, create: bool = False, worker: int = 0):
+    """The sweep's study (created with `create`); several processes share it through SQLite. Its
+    sampler is seeded with the spec's seed, shifted by the worker's index and the trials so far."""
     optuna = _optuna()
     from optuna.storages import RDBStorage
 
@@ -66,7 +70,9 @@ def open_study(sweep_dir: Path, spec: Spec, *, create: bool = False):
     if create:
         return optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=spec.direction,
                                    sampler=sampler(spec), pruner=pruner(spec), load_if_exists=False)
-    return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler(spec), pruner=pruner(spec))
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler(spec), pruner=pruner(spec))
+    study.sampler = sampler(spec, offset=1000 * worker + len(study.get_trials(deepcopy=False)))
+    return study
 
 
 def counted(study) -> int:

@@ -1,5 +1,10 @@
-"""One worker process of a parallel sweep (started by workers.py): runs trials of SWEEP until the
-budget is used up. Exit codes as `llamaft`: 0, 2 (its error printed as one line), 130 / 143 interrupted."""
+"""One worker process of a parallel sweep, started by workers.py as
+
+    python -m llamaft.sweep.worker SWEEP INDEX
+
+runs trials of SWEEP until the budget is used up (INDEX shifts its sampler's seed: workers do not
+propose the same values). Exit codes as `llamaft`: 0, 2 (its error printed as one line), 130 / 143
+interrupted."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _terminated)
     quiet_libraries()
     try:
-        work(load_sweep(argv[0]))
+        work(load_sweep(argv[0]), worker=int(argv[1]))
     except LlamaftError as err:
         print(f"llamaft sweep: error: {err}", file=sys.stderr)
         return err.exit_code

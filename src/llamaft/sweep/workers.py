@@ -1,7 +1,7 @@
 """Trials in parallel: one worker process per GPU (CUDA_VISIBLE_DEVICES=i), all sharing the study in
 SWEEP/study.db (Optuna over SQLite hands each worker its own next trial).
 
-    python -m llamaft.sweep.worker SWEEP      # what each worker runs (run.work in that process)
+    python -m llamaft.sweep.worker SWEEP I    # what worker I runs (run.work in that process)
 
 A worker dies with the coordinator (Linux: PR_SET_PDEATHSIG), so `kill -9` of `llamaft sweep` leaves
 no orphan training on a GPU; Ctrl-C reaches every worker (one process group), each marks its trial
@@ -47,11 +47,11 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 def run_workers(sweep_dir: Path, devices: list[str | None]) -> None:
     """Start one worker per device and wait for all; a worker that failed is one LlamaftError."""
     procs = []
-    for dev in devices:
+    for i, dev in enumerate(devices):
         env = dict(os.environ)
         if dev is not None:
             env["CUDA_VISIBLE_DEVICES"] = dev
-        procs.append(subprocess.Popen([sys.executable, "-m", "llamaft.sweep.worker", str(sweep_dir)], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "llamaft.sweep.worker", str(sweep_dir), str(i)], env=env,
                                       preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
     try:
         codes = [p.wait() for p in procs]
