@@ -85,3 +85,18 @@ def test_the_example_spec_parses_against_the_example_config():
     spec = parse_spec(read_spec_file(root / "configs" / "sweeps" / "lr-epochs-rank.yaml"), base, "lr-epochs-rank.yaml")
     assert [p.key for p in spec.params] == ["train.learning_rate", "train.epochs", "lora.r", "lora.alpha"]
     assert spec.start_with == [{"train.learning_rate": 2e-4, "train.epochs": 2, "lora.r": 16, "lora.alpha/lora.r": 1}]
+
+
+def test_pruners_and_samplers_are_optunas():
+    import optuna
+
+    from llamaft.sweep.study import pruner, sampler
+
+    base = _base()
+    halving = parse_spec(_spec({"lora.r": [8, 16]}, pruner={"halving": {"reduction_factor": 2}}), base, "s")
+    assert isinstance(pruner(halving), optuna.pruners.SuccessiveHalvingPruner)
+    assert isinstance(sampler(halving), optuna.samplers.TPESampler)
+    median = parse_spec(_spec({"lora.r": [8, 16]}, method="grid"), base, "s")
+    assert isinstance(pruner(median), optuna.pruners.MedianPruner) and isinstance(sampler(median), optuna.samplers.GridSampler)
+    none = parse_spec(_spec({"lora.r": [8, 16]}, method="random", pruner="none"), base, "s")
+    assert isinstance(pruner(none), optuna.pruners.NopPruner) and isinstance(sampler(none), optuna.samplers.RandomSampler)

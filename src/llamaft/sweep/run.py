@@ -63,7 +63,7 @@ def run_sweep(cfg, spec_raw, source: str, out: str | None = None, workers: int |
     base = absolute_paths(cfg)
     spec = parse_spec(spec_raw, base, source)
     sweep_dir = check_output_dir(out or spec.output_dir or f"{cfg.train.output_dir.rstrip('/')}-sweep",
-                                 "--out" if out else "sweep.output_dir")
+                                 "--out" if out else "sweep.output_dir").resolve()  # trials record it: from any directory
     if sweep_dir.exists() and any(sweep_dir.iterdir()):
         hint = f"continue it with: llamaft sweep --resume {sweep_dir}" if (sweep_dir / STATE).is_file() else "choose another --out"
         raise LlamaftError(f"{sweep_dir} is not empty; {hint}")
@@ -82,6 +82,8 @@ def run_sweep(cfg, spec_raw, source: str, out: str | None = None, workers: int |
         for values in spec.start_with:
             study.enqueue_trial(values)
         say(f"sweep {sweep_dir}: {spec.method}, {spec.trials} trials, objective {spec.objective} ({spec.direction})")
+        if spec.pruner["kind"] != "none" and cfg.train.eval_every == 0:
+            say(f"note: pruner {spec.pruner['kind']} has nothing to act on: train.eval_every=0 evaluates only at the end")
         return _run(sweep, workers)
 
 
@@ -96,7 +98,7 @@ def resume_sweep(sweep_dir: str | Path, workers: int | None = None) -> Path:
 
 
 def load_sweep(sweep_dir: str | Path) -> Sweep:
-    d = Path(sweep_dir)
+    d = Path(sweep_dir).expanduser().resolve()
     try:
         state = json.loads((d / STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
