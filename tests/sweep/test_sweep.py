@@ -101,6 +101,7 @@ def test_median_pruner_stops_a_trial_that_blows_up(grid_sweep):
     summary = strict_json((Path(row["run_dir"]) / "summary.json").read_text())
     assert summary["status"] == "pruned" and summary["steps"] == 2
     assert summary["pruned"]["reason"] == row["reason"]
+    assert "| status | pruned |" in (Path(row["run_dir"]) / "report.md").read_text()
 
 
 def test_a_diverging_trial_is_recorded_with_its_reason_and_the_sweep_goes_on(grid_sweep):

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from ..config import config_from_dict
 from ..errors import LlamaftError, TrainingDiverged
+from ..eval.report import write_report
 from ..paths import write_text_atomic
 from ..train import train
 from ..train.callbacks import rename_logs
@@ -135,8 +136,10 @@ def objective_value(run_dir: Path, spec: Spec, trial) -> float:
 
 
 def mark_pruned(run_dir: Path, pruned: dict) -> None:
-    """summary.json of a pruned trial says so: status "pruned", and the step, value and reason."""
+    """summary.json of a pruned trial says so: status "pruned", and the step, value and reason (and
+    report.md, which shows the summary's status, is written again)."""
     path = Path(run_dir) / "summary.json"
     summary = json.loads(path.read_text(encoding="utf-8"))
     summary.update({"status": "pruned", "pruned": pruned})
     write_text_atomic(path, json.dumps(summary, indent=2, allow_nan=False))
+    write_report(Path(run_dir))
