@@ -91,7 +91,7 @@ def resume_sweep(sweep_dir: str | Path, workers: int | None = None) -> Path:
     sweep = load_sweep(sweep_dir)
     with locked(sweep.dir):
         study = open_study(sweep.dir, sweep.spec)
-        again = recover_interrupted(study)
+        again = recover_interrupted(sweep.dir, study)
         say(f"resuming {sweep.dir}: {counted(study)} of {sweep.spec.trials} trials done"
             + (f"; running interrupted trial(s) {', '.join(map(str, again))} again" if again else ""))
         return _run(sweep, workers)

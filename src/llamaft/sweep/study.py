@@ -59,14 +59,18 @@ def storage_url(sweep_dir: Path) -> str:
     return f"sqlite:///{(Path(sweep_dir) / STUDY_DB).resolve()}"
 
 
+def rdb_storage(sweep_dir: Path):
+    from optuna.storages import RDBStorage
+
+    # SQLite locks the whole file: workers wait for each other's writes (seconds at most) instead of failing
+    return RDBStorage(storage_url(sweep_dir), engine_kwargs={"connect_args": {"timeout": 60}})
+
+
 def open_study(sweep_dir: Path, spec: Spec, *, create: bool = False, worker: int = 0):
     """The sweep's study (created with `create`); several processes share it through SQLite. Its
     sampler is seeded with the spec's seed, shifted by the worker's index and the trials so far."""
     optuna = _optuna()
-    from optuna.storages import RDBStorage
-
-    # SQLite locks the whole file: workers wait for each other's writes (seconds at most) instead of failing
-    storage = RDBStorage(storage_url(sweep_dir), engine_kwargs={"connect_args": {"timeout": 60}})
+    storage = rdb_storage(sweep_dir)
     if create:
         return optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=spec.direction,
                                    sampler=sampler(spec), pruner=pruner(spec), load_if_exists=False)
@@ -89,15 +93,18 @@ def running(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
-def recover_interrupted(study) -> list[int]:
+def recover_interrupted(sweep_dir: Path, study) -> list[int]:
     """Trials a killed sweep left RUNNING are failed as interrupted, and every interrupted trial not
     yet retried is queued again with its values (Optuna's enqueue_trial). Only while no other process
     of the sweep runs (run.py holds the sweep's lock). Returns the numbers queued again."""
     from optuna.trial import TrialState
 
+    db = rdb_storage(sweep_dir)
+    study_id = db.get_study_id_from_name(STUDY_NAME)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study._storage.set_trial_user_attr(t._trial_id, "reason", "interrupted: the sweep stopped during this trial")
+        trial_id = db.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        db.set_trial_user_attr(trial_id, "interrupted", True)
+        db.set_trial_user_attr(trial_id, "reason", "interrupted: the sweep stopped during this trial")
         study.tell(t.number, state=TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
