@@ -197,3 +197,26 @@ def test_parallel_workers_then_kill_9_then_resume_repeats_no_finished_trial(tmp_
     assert (sweep / "plots" / "importance.png").read_bytes()[:4] == b"\x89PNG"  # 3 completed, 2 keys
     rows = strict_json((sweep / "results.json").read_text())["trials"]
     assert [r["state"] for r in rows] == ["completed"] * 3 + ["interrupted"]
+
+
+def test_ctrl_c_marks_the_trial_interrupted_ranks_what_finished_and_resume_runs_it(tmp_path, capsys, monkeypatch):
+    from llamaft.sweep import trial as trial_module
+
+    base = _project(tmp_path, max_steps=2, eval_every=0)
+    spec = _write(tmp_path / "sweep.yaml", {"objective": "eval/alpha/loss", "method": "grid", "pruner": "none",
+                                            "space": {"train.learning_rate": [0.1]}})
+
+    def interrupted(cfg, **kw):  # Ctrl-C as the trial starts (train writes its interrupted summary itself)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trial_module, "train", interrupted)
+    assert main(["sweep", str(base), str(spec), "--out", str(tmp_path / "sweep")]) == 130
+    out = capsys.readouterr().out
+    assert f"sweep interrupted; continue it with: llamaft sweep --resume {tmp_path / 'sweep'}" in out
+    rows = strict_json((tmp_path / "sweep" / "results.json").read_text())["trials"]
+    assert [(r["state"], r["reason"]) for r in rows] == [("interrupted", "interrupted: the sweep stopped during this trial")]
+    monkeypatch.undo()
+    assert main(["sweep", "--resume", str(tmp_path / "sweep")]) == 0
+    rows = strict_json((tmp_path / "sweep" / "results.json").read_text())["trials"]
+    assert [(r["trial"], r["state"], r["retry_of"]) for r in rows] == [(1, "completed", 0), (0, "interrupted", None)]
+    assert (tmp_path / "sweep" / "best.yaml").is_file()
