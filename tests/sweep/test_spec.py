@@ -38,6 +38,7 @@ def _spec(space, **more):
     (_spec({"lora.r": [8]}, pruner="hyperband"), "sweep.pruner: expected one of median, halving, none"),
     (_spec({"lora.r": [8]}, methd="tpe"), "sweep.methd: unknown key (did you mean 'method'?)"),
     (_spec({"lora.r": [8]}, start_with=[{"lora.r": 16}]), "sweep.start_with[0].lora.r: 16 is not one of [8]"),
+    (_spec({"train.output_dir": ["a", "b"]}), "sweep.space.train.output_dir: train.output_dir is set by the sweep for each trial"),
 ])
 def test_bad_specs_name_the_key(spec, message):
     with pytest.raises(ConfigError) as err:
@@ -59,6 +60,8 @@ def test_a_good_spec_and_the_values_it_applies():
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 32, ["q_proj", "v_proj"])
     assert parse_spec(_spec({"lora.r": [8]}, objective="eval/small_val/loss max", timeout="30m"), base, "s").direction == "maximize"
     assert parse_spec(_spec({"lora.r": [8]}, timeout="30m"), base, "s").timeout == 1800
+    held_out = dict(base, data={**base["data"], "validation": None})  # val_ratio holds out the set "validation"
+    assert parse_spec(_spec({"lora.r": [8]}, objective="eval/validation/perplexity"), held_out, "s").direction == "minimize"
 
 
 def test_cli_bad_spec_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys):

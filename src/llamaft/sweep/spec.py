@@ -39,6 +39,7 @@ SPEC_KEYS = ("objective", "direction", "method", "trials", "timeout", "seed", "p
              "start_with", "output_dir")
 _GEN_EXTRA = ("stops_on_eos", "mean_new_tokens")
 _KINDS = ("values", "log_uniform", "uniform", "int", "factor_of")
+_PER_TRIAL = ("train.output_dir", "train.resume")
 
 
 @dataclass
@@ -166,6 +167,8 @@ def parse_spec(raw: Any, base: dict, source: str) -> Spec:
 
 def parse_param(key: str, value: Any, base: dict, where: str) -> Param:
     _check_key(key, where)
+    if key in _PER_TRIAL:
+        raise ConfigError(f"{where}: {key} is set by the sweep for each trial (SWEEP/trial-NNNN, a fresh run); it cannot be swept")
     if isinstance(value, list):
         value = {"values": value}
     kinds = set(value) & set(_KINDS) if isinstance(value, dict) else set()
