@@ -30,7 +30,8 @@ import torch
 from transformers import set_seed
 
 from ..console import make_console, quiet_libraries
-from ..data.pipeline import Datasets, Splits, build_datasets, split_conversations
+from ..data.cache import cached_datasets, cached_splits
+from ..data.pipeline import Datasets, Splits
 from ..errors import LlamaftError, TrainingDiverged
 from ..eval.generation import check_generation_sets
 from ..eval.plots import plot_losses
@@ -94,14 +95,15 @@ class Outcome:
     stopped: dict | None = None  # stopped_nonfinite / failed: step, reason (+ last finite loss, last good checkpoint)
 
 
-def train(cfg, *, callbacks: list | None = None, training_args: dict | None = None) -> Path:
+def train(cfg, *, callbacks: list | None = None, training_args: dict | None = None, data_cache=None) -> Path:
     """Fine-tune as `cfg` says; returns the run directory (see docs/ARCHITECTURE.md for its layout).
 
     callbacks / training_args: extra HF callbacks and TrainingArguments fields (tests, advanced use).
+    data_cache: a directory of rows and token examples keyed by content (data/cache.py; a sweep's trials share one).
     Raises TrainingDiverged (after writing summary.json) when a loss or gradient was not finite.
     """
     quiet_libraries()  # also for Python callers that never went through the CLI
-    run = setup(cfg)
+    run = setup(cfg, data_cache)
     trainer, plan, eval_cb = build_trainer(run, callbacks, training_args)
     if distributed.from_main(_already_finished(run, trainer)):
         distributed.close()
@@ -125,7 +127,7 @@ def say(text: str) -> None:
 # setup: cheap checks first, so config / hardware / data errors never wait for a model load
 
 
-def setup(cfg) -> Run:
+def setup(cfg, data_cache=None) -> Run:
     """Every check that needs no weights, then the run directory (only now: a bad input never
     leaves an empty run directory behind). Several processes: rank 0 checks and reads, the others
     receive its rows and examples (or its error), then load the tokenizer it has already fetched."""
@@ -136,9 +138,9 @@ def setup(cfg) -> Run:
     def checked_inputs():
         check_hardware(cfg)
         run_dir, resume_from = prepare_run_dir(cfg)
-        splits = split_conversations(cfg.data)  # bad rows fail here, in seconds, before any tokenizer/model load
+        splits = cached_splits(cfg.data, data_cache)  # bad rows fail here, in seconds, before any tokenizer/model load
         tokenizer, rules = loaded["tokenizer"] = load_tokenizer(cfg.model, cfg.data)
-        data = build_datasets(cfg.data, tokenizer, rules, splits=splits)
+        data = cached_datasets(cfg.data, tokenizer, rules, splits, data_cache)
         if not data.train:
             raise LlamaftError("data.train: no training examples left after filtering; check data.max_seq_length")
         check_generation_sets(cfg.eval, list(data.validation))  # eval.generation names and metrics
