@@ -150,7 +150,7 @@ def _check_duplicate_keys(node, path: list[str], source: str) -> None:
         _check_duplicate_keys(value_node, path + [key], source)
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
     try:
         node = loader.get_single_node()
@@ -182,7 +182,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, snapsho
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = _read_yaml(path) or {}
+        raw = read_yaml(path) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

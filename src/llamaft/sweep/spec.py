@@ -357,12 +357,12 @@ def _yaml(p: Path) -> Any:
     """The file as YAML, read by the config's own reader (a key written twice is an error there too)."""
     import yaml
 
-    from ..config.load import _read_yaml
+    from ..config.load import read_yaml
 
     if not p.is_file():
         raise ConfigError(f"{p}: file not found")
     try:
-        return _read_yaml(p)
+        return read_yaml(p)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise ConfigError(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML ({getattr(err, 'problem', err)})") from None
