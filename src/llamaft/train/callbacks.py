@@ -154,8 +154,10 @@ class GenerationEvalCallback(TrainerCallback):
     """Adds perplexity and generation metrics for every named validation set at each evaluation."""
 
     def __init__(self, eval_cfg, tokenizer, rules, sets: dict[str, list], *, log: Callable[[dict], None] | None = None,
-                 metrics_path: str | Path | None = None, generate: Callable | None = None):
-        """sets: validation set name -> conversations (`split_conversations(...).validation`); log: e.g. trainer.log."""
+                 metrics_path: str | Path | None = None, generate: Callable | None = None, perplexity: bool = True):
+        """sets: validation set name -> conversations (`split_conversations(...).validation`); log: e.g. trainer.log;
+        perplexity: False for preference objectives, whose eval loss is the DPO / ORPO loss, no token NLL."""
+        self.perplexity = perplexity
         self.eval_cfg = eval_cfg
         self.tokenizer = tokenizer
         self.rules = rules
@@ -173,12 +175,13 @@ class GenerationEvalCallback(TrainerCallback):
             loss = logged_loss(metrics, name, len(self.sets))
             if loss is None:
                 continue  # this on_evaluate call is for another set
-            values = {metric_key(name, "perplexity"): perplexity(loss) if math.isfinite(loss) else float("nan")}
+            values = {metric_key(name, "perplexity"): perplexity(loss) if math.isfinite(loss) else float("nan")} if self.perplexity else {}
             if name in self.plan and model is not None:
                 gen_metrics = self._generate_for(model, name)
                 values.update({metric_key(name, k): v for k, v in gen_metrics.items()})
             self.last[name] = values
-            self._emit(values, state.global_step, args)
+            if values:
+                self._emit(values, state.global_step, args)
 
     def _generate_for(self, model, name: str) -> dict:
         was_training = model.training
@@ -242,7 +245,8 @@ def make_eval_callback(cfg, tokenizer, rules, *, log: Callable[[dict], None] | N
         else:  # perplexity only: the names are enough
             names = list(validation_sets(cfg.data.validation)) or (["validation"] if cfg.data.val_ratio > 0 else [])
             sets = {name: [] for name in names}
-    return GenerationEvalCallback(cfg.eval, tokenizer, rules, sets, log=log, metrics_path=metrics_path)
+    return GenerationEvalCallback(cfg.eval, tokenizer, rules, sets, log=log, metrics_path=metrics_path,
+                                  perplexity=cfg.train.objective == "sft")
 
 
 def attach_eval_callback(trainer, cfg, tokenizer, rules, sets: dict[str, list]) -> GenerationEvalCallback:
