@@ -20,7 +20,7 @@ LAYERS = [
     {"train"},
     {"export"},
     {"chat"},
-    {"demo", "demo_data", "cli", "__main__", "__init__"},
+    {"demo", "demo_data", "demo_dpo", "cli", "__main__", "__init__"},
 ]
 
 

@@ -106,8 +106,7 @@ def optimizer_in_backward(plan) -> bool:
 
 def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval: bool, grad_ckpt: bool | None = None,
                        extra: dict | None = None, plan=None, cls=None):
-    """Build TrainingArguments (or `cls`, a subclass: TRL's DPOConfig / ORPOConfig for preference objectives);
-    `extra` lets tests and callers set fields we do not expose.
+    """Build TrainingArguments (or `cls`: TRL's DPOConfig / ORPOConfig); `extra`: fields we do not expose.
     Batch shape, optimizer and HF's checkpointing come from `resolve_steps(cfg.train, plan)`;
     `grad_ckpt` overrides the checkpointing flag when given."""
     from transformers import TrainingArguments
