@@ -19,9 +19,9 @@ def test_demo_pairs_are_disjoint_and_concise_is_chosen():
 
 
 def test_dpo_on_smollm2_raises_validation_preference_accuracy(tmp_path):
-    run = run_dpo_demo(str(tmp_path / "demo-dpo"), steps=4, n_val=4, micro_batch_size=2, gen_samples=0)
+    run = run_dpo_demo(str(tmp_path / "demo-dpo"), steps=2, n_val=4, micro_batch_size=2, gen_samples=0)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     acc = {r["step"]: r["eval/concise_val/preference_accuracy"] for r in rows if "eval/concise_val/preference_accuracy" in r}
-    assert acc[0] == 0.0 and acc[4] >= 0.75, acc
+    assert acc[0] == 0.0 and acc[2] >= 0.75, acc
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval"]["concise_val"]["reward_margin"] > 0 and summary["status"] == "completed"
