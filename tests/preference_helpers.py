@@ -29,6 +29,7 @@ def preference_project(root: Path) -> Path:
 
 def preference_config(model_dir: Path, out_dir: Path, objective: str = "dpo", **train):
     data = Path(model_dir).parent / "data"
+    dpo = train.pop("dpo", {})
     raw = {
         "model": {"name": str(model_dir), "method": train.pop("method", "lora")},
         "lora": {"r": 4, "alpha": 8},
@@ -36,7 +37,7 @@ def preference_config(model_dir: Path, out_dir: Path, objective: str = "dpo", **
         "train": {"output_dir": str(out_dir), "objective": objective, "max_steps": 12, "micro_batch_size": 8,
                   "learning_rate": 2e-2, "scheduler": "constant", "save_every": 6, "eval_every": 6,
                   "logging_every": 1, "report_to": [], **train},
-        "dpo": train.pop("dpo", {}) if "dpo" in train else {},
+        "dpo": dpo,
         "fast": {"enabled": False},
     }
     return config_from_dict(raw)

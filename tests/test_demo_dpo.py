@@ -1,7 +1,7 @@
 """`llamaft demo --dpo` on the embedded SmolLM2 (slow): validation preference accuracy rises.
 
-A few DPO steps on two pairs each; the run evaluates at step 0 (the policy is the reference: reward
-0, accuracy 0) and at the end, where the concise answers of held-out questions must be preferred."""
+Two DPO steps on two pairs each, evaluated at the end: the concise answers of held-out questions
+must be preferred (at step 0 every reward is 0, so the accuracy is 0)."""
 
 import json
 
@@ -19,9 +19,10 @@ def test_demo_pairs_are_disjoint_and_concise_is_chosen():
 
 
 def test_dpo_on_smollm2_raises_validation_preference_accuracy(tmp_path):
-    run = run_dpo_demo(str(tmp_path / "demo-dpo"), steps=2, n_val=4, micro_batch_size=2, gen_samples=0)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    acc = {r["step"]: r["eval/concise_val/preference_accuracy"] for r in rows if "eval/concise_val/preference_accuracy" in r}
-    assert acc[0] == 0.0 and acc[2] >= 0.75, acc
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["eval"]["concise_val"]["reward_margin"] > 0 and summary["status"] == "completed"
+    # quick: two steps of two pairs, one evaluation at the end (CPU budget). At step 0 DPO's reward is 0
+    # for every pair by definition (policy = reference), so the accuracy starts at 0 (the tiny-model
+    # test in tests/train/test_preference.py evaluates step 0 to show it).
+    run = run_dpo_demo(str(tmp_path / "demo-dpo"), steps=2, n_val=4, micro_batch_size=2, quick=True)
+    val = json.loads((run / "summary.json").read_text())["eval"]["concise_val"]
+    assert val["preference_accuracy"] >= 0.75 and val["reward_margin"] > 0, val
+    assert val["logps_chosen"] > val["logps_rejected"]

@@ -89,9 +89,10 @@ def dpo_demo_config(model_dir: Path, data: dict[str, Path], out_dir: Path, steps
 
 
 def run_dpo_demo(out_dir: str = "runs/demo-dpo", steps: int | None = None, *, n_val: int = 8, micro_batch_size: int = 4,
-                 gen_samples: int = 4) -> Path:
-    """Write the pairs, DPO-train SmolLM2 (LoRA), then base vs tuned on the held-out questions
-    (gen_samples=0: the training run alone, with its evaluations at step 0 and after)."""
+                 gen_samples: int = 4, quick: bool = False) -> Path:
+    """Write the pairs, DPO-train SmolLM2 (LoRA), then base vs tuned on the held-out questions.
+    quick (the slow test's CPU budget): the training run alone, evaluated once at its end; at step 0
+    every DPO reward is 0 by definition (the policy is the reference), so accuracy starts at 0."""
     console = make_console()
     out = fresh_demo_dir(Path(out_dir))
     model_dir = prepare_smollm2(console)
@@ -101,9 +102,12 @@ def run_dpo_demo(out_dir: str = "runs/demo-dpo", steps: int | None = None, *, n_
                   f"  chosen:   {example['chosen']!r}\n  rejected: {example['rejected']!r}", highlight=False)
     from .train import train
 
-    cfg = dpo_demo_config(model_dir, data, out, steps, micro_batch_size=micro_batch_size, gen_samples=gen_samples)
-    run_dir = Path(train(cfg, training_args={"eval_on_start": True}))  # step 0: the base's numbers, for before -> after
-    if gen_samples:
+    cfg = dpo_demo_config(model_dir, data, out, steps, micro_batch_size=micro_batch_size, gen_samples=0 if quick else gen_samples)
+    if quick:
+        cfg.train.eval_every = 0
+    # step 0 evaluated: the base's numbers, for before -> after
+    run_dir = Path(train(cfg, training_args={"eval_on_start": not quick}))
+    if not quick:
         from .eval.evaluate import evaluate_run
 
         evaluate_run(run_dir, compare_base=True, console=console, max_samples=gen_samples)

@@ -73,6 +73,8 @@ def test_summary_and_tensorboard_names(dpo_run):
     assert summary["fast_path"][0].startswith("fast path off for train.objective=dpo")
     assert "train/preference_accuracy" in _rows(run)[1]
     assert summary["data"]["train"]["examples"] == 48 and (run / "adapter" / "adapter_model.safetensors").is_file()
+    report = (run / "report.md").read_text()
+    assert "| preference_accuracy | 0 (step 0) |" in report and (run / "plots" / "eval_val.png").is_file()
 
 
 def test_lora_reference_is_the_adapter_disabled_not_a_copy(dpo_run):
@@ -102,6 +104,23 @@ def test_full_finetuning_against_a_frozen_copy_and_orpo(model_dir, tmp_path):
     orpo = train(preference_config(model_dir, tmp_path / "orpo", objective="orpo", max_steps=2, eval_every=0, save_every=0))
     val = json.loads((orpo / "summary.json").read_text())["eval"]["val"]
     assert {"preference_accuracy", "nll_loss", "log_odds_ratio"} <= set(val)
+
+
+def test_a_model_path_as_reference(model_dir, tmp_path, monkeypatch):
+    import llamaft.train.preference as preference
+
+    made, real = [], preference.reference_model
+    monkeypatch.setattr(preference, "reference_model", lambda *a: made.append(real(*a)) or made[-1])
+    spy = _Spy()
+    run = train(preference_config(model_dir, tmp_path / "ref", max_steps=1, eval_every=0, save_every=0,
+                                  dpo={"reference": str(model_dir), "beta": 0.2}),
+                callbacks=[spy], training_args={"eval_on_start": True})
+    start = next(r for r in _rows(run) if r["step"] == 0)
+    # The reference is a second copy of the same base: at step 0 every reward is exactly 0.
+    assert start["eval/val/reward_margin"] == 0.0 and start["eval/val/preference_accuracy"] == 0.0
+    assert list(spy.models[-1].peft_config) == ["default"]
+    (ref,) = made  # a frozen model loaded from the path, not the adapter switched off
+    assert type(ref).__name__ == "LlamaForCausalLM" and not any(p.requires_grad for p in ref.parameters())
 
 
 def test_objective_needs_its_rows_before_any_run_dir(model_dir, tmp_path):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.preference import check_objective_formats
-from ..model.load import load_base
+from ..model.load import cuda_available, load_base
 from .checkpoint import AtomicCheckpointTrainer
 from .setup import ListDataset, pick_collator_and_plan
 
@@ -109,8 +109,12 @@ def pick_plan(cfg, model, pad_id: int, lengths: list[int]):
     first reason line says why."""
     if cfg.train.objective == "sft":
         return pick_collator_and_plan(cfg, model, pad_id, lengths)
+    gc = cfg.train.gradient_checkpointing
+    if gc == "auto":  # the plain path's rule (setup.gradient_checkpointing): on for GPUs, off on CPU
+        gc = "on" if cuda_available() else "off"
     plain = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"enabled": False}),
-                                   "data": cfg.data.model_copy(update={"packing": "off"})})
+                                   "data": cfg.data.model_copy(update={"packing": "off"}),
+                                   "train": cfg.train.model_copy(update={"gradient_checkpointing": gc})})
     model, collator, plan = pick_collator_and_plan(plain, model, pad_id, lengths)
     why = FAST_PATH_OFF.format(cfg.train.objective)
     return model, collator, dataclasses.replace(plan, reasons=(f"fast path {why}", *plan.reasons[1:]))
