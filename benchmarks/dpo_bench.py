@@ -1,8 +1,8 @@
 """Plain TRL DPO vs llamaft DPO (LoRA) on a random Llama of 8B shape: tokens/s, device memory, losses.
 
     python benchmarks/dpo_bench.py --out benchmarks/results/dpo_bench_h200.json            # 8B shape, GPU
-    python benchmarks/dpo_bench.py --layers 1 --hidden 64 --inter 128 --heads 4 --kv-heads 2 --steps 2 --pairs 8 \
-        --prompt-words 20 --answer-words 10 --out /tmp/dpo_dry.json                          # CPU dry run (tests)
+    python benchmarks/dpo_bench.py --layers 1 --hidden 16 --inter 32 --heads 2 --kv-heads 1 --steps 2 --pairs 4 --batch 2 \
+        --prompt-words 6 --answer-words 3 --out /tmp/dpo_dry.json    # CPU dry run (~20 s; not in the test suite)
 
 Both tools get the same random model directory (Llama 3.1 tokenizer and chat template), the same
 conversational pairs, LoRA r=16 on every linear layer, the same batch, steps, learning rate and
