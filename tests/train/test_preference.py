@@ -71,6 +71,7 @@ def test_summary_and_tensorboard_names(dpo_run):
     last = [r for r in _rows(run) if "eval/val/preference_accuracy" in r][-1]
     assert val["preference_accuracy"] == last["eval/val/preference_accuracy"]
     assert summary["fast_path"][0].startswith("fast path off for train.objective=dpo")
+    assert summary["eval_during_training"]["sets"]["val"]["note"].startswith("dpo loss and preference metrics only")
     assert "train/preference_accuracy" in _rows(run)[1]
     assert summary["data"]["train"]["examples"] == 48 and (run / "adapter" / "adapter_model.safetensors").is_file()
     report = (run / "report.md").read_text()
@@ -121,6 +122,16 @@ def test_a_model_path_as_reference(model_dir, tmp_path, monkeypatch):
     assert list(spy.models[-1].peft_config) == ["default"]
     (ref,) = made  # a frozen model loaded from the path, not the adapter switched off
     assert type(ref).__name__ == "LlamaForCausalLM" and not any(p.requires_grad for p in ref.parameters())
+
+
+def test_a_dpo_run_resumes_from_its_checkpoint(model_dir, tmp_path):
+    out = tmp_path / "resume"
+    train(preference_config(model_dir, out, max_steps=2, eval_every=0, save_every=1))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]  # no model card
+    train(preference_config(model_dir, out, max_steps=4, eval_every=0, save_every=2, resume=True))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 4
+    assert [r["step"] for r in _rows(out) if "train/loss" in r] == [1, 2, 3, 4]
 
 
 def test_objective_needs_its_rows_before_any_run_dir(model_dir, tmp_path):

@@ -214,9 +214,10 @@ DURING_TRAINING_NOTE = (
 )
 
 
-def eval_scope(eval_cfg, rows: dict[str, int], examples: dict[str, int]) -> dict:
+def eval_scope(eval_cfg, rows: dict[str, int], examples: dict[str, int], objective: str = "sft") -> dict:
     """summary.json's `eval_during_training`: what each set's numbers in `eval` were computed on.
-    rows: set -> its rows (conversations); examples: set -> its token examples (what the loss covers)."""
+    rows: set -> its rows (conversations); examples: set -> its token examples (what the loss covers);
+    objective: dpo / orpo sets are scored by the preference loss and metrics, not perplexity."""
     plan = check_generation_sets(eval_cfg, list(rows))
     sets = {}
     for name, n_rows in rows.items():
@@ -227,7 +228,8 @@ def eval_scope(eval_cfg, rows: dict[str, int], examples: dict[str, int]) -> dict
             entry["note"] = (f"generation metrics on all {n} rows" if n == n_rows
                              else f"generation metrics on a fixed sample of {n} of {n_rows} rows")
         else:
-            entry["note"] = "loss and perplexity only (eval.generation does not name this set)"
+            scored = "loss and perplexity" if objective == "sft" else f"{objective} loss and preference metrics"
+            entry["note"] = f"{scored} only (eval.generation does not name this set)"
         sets[name] = entry
     return {"note": DURING_TRAINING_NOTE, "sets": sets}
 

@@ -146,6 +146,10 @@ class _PerSetMetrics:
 
     _eval_prefix = "eval"
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """TRL writes a model card (README.md) into checkpoints/ at every save, outside the atomic
+        staging; the run directory describes itself (summary.json, report.md): none is written."""
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         if isinstance(eval_dataset, str):  # HF evaluates a dict of sets one by one, by name
             metric_key_prefix = metric_key_prefix if metric_key_prefix.endswith(f"_{eval_dataset}") else f"eval_{eval_dataset}"

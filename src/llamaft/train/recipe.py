@@ -364,7 +364,8 @@ def run_summary(run: Run, trainer, plan, outcome: Outcome, rows: list[dict]) -> 
         "eval": outcome.final_eval,
         # how many rows each number in `eval` stands for (generation: a sample; `llamaft eval`: every row)
         **({"eval_during_training": eval_scope(cfg.eval, {n: len(run.splits.validation.get(n, [])) for n in run.set_names},
-                                               {n: len(run.data.validation[n]) for n in run.set_names})}
+                                               {n: len(run.data.validation[n]) for n in run.set_names},
+                                               objective=cfg.train.objective)}
            if run.set_names else {}),
         "steps": state.global_step,
         "epochs": state.epoch,
