@@ -7,8 +7,14 @@ question! The answer is 12. I hope this helps!"). Held-out questions are facts n
 in training. After a short LoRA DPO run:
 - validation preference accuracy (the DPO reward of chosen above rejected) rises from 0 (step 0:
   the policy is the reference) towards 1, per the trainer's own evaluations;
-- the answers shrink: `llamaft eval --compare-base` generates for the held-out questions with the
-  base and the tuned model and shows mean_new_tokens and a few answers side by side.
+- `llamaft eval --compare-base` generates for the held-out questions with the base and the tuned
+  model and shows mean_new_tokens and a few answers side by side.
+
+Measured once (2-core CPU, 8 steps, about 3 minutes): preference accuracy 0 -> 1 and
+chosen_preferred 0 -> 1 on the 8 held-out pairs; on the 4 generated answers mean_new_tokens 40 -> 32
+and stops_on_eos 0 -> 0.25. The generated answers are still wordy: the rejected answers are written
+by us, not by the model, so DPO mostly learns to avoid *that* filler. (lr 1e-3 for 16 steps gave
+13.75 tokens and 0.75 stops, but half-broken answers such as "capital.": over-optimised.)
 
     llamaft demo --dpo --out runs/demo-dpo
 """
