@@ -21,7 +21,7 @@ LAYERS = [
     {"export"},
     {"chat"},
     {"sweep"},  # calls train and eval; only the CLI imports it
-    {"demo", "demo_data", "cli", "__main__", "__init__"},
+    {"demo", "demo_data", "demo_dpo", "cli", "__main__", "__init__"},
 ]
 
 

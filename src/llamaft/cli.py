@@ -51,9 +51,14 @@ def _load(a: argparse.Namespace):
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:
+    if a.dpo:
+        from .demo_dpo import run_dpo_demo
+
+        run_dpo_demo(out_dir=a.out or "runs/demo-dpo", steps=a.steps)
+        return
     from .demo import run_demo
 
-    run_demo(out_dir=a.out, steps=a.steps, chat=not a.no_chat, export=not a.no_export)
+    run_demo(out_dir=a.out or "runs/demo", steps=a.steps, chat=not a.no_chat, export=not a.no_export)
 
 
 def _cmd_train(a: argparse.Namespace) -> int | None:
@@ -172,10 +177,12 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo); a previous demo run there is replaced, any other directory is refused")
+    p.add_argument("--out", default=None, help="run directory (default: runs/demo, with --dpo runs/demo-dpo); a previous demo run there is replaced, any other directory is refused")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
     p.add_argument("--no-chat", action="store_true", help="skip the closing chat sample")
     p.add_argument("--no-export", action="store_true", help="skip the GGUF export")
+    p.add_argument("--dpo", action="store_true", help="preference alignment instead: DPO teaches SmolLM2 to prefer concise "
+                   "answers to rambling ones (validation preference accuracy, then base vs tuned answers)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:

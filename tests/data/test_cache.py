@@ -83,3 +83,17 @@ def test_key_follows_content_settings_tokenizer_and_template_not_paths_or_mtime(
     tok2, rules2 = _tok(model_dir, data_cfg)
     tok2.add_tokens(["brandnew"])
     assert tokens_key(data_cfg, tok2, rules2) != key
+
+
+def test_preference_rows_bypass_the_cache_and_encode_as_without_it(model_dir, tmp_path):
+    from preference_helpers import pair_rows
+
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair_rows(8, 1)))
+    cfg = DataConfig(train=[str(tmp_path / "pairs.jsonl")], val_ratio=0.25, max_seq_length=64)
+    cache = tmp_path / "cache"
+    tok, rules = _tok(model_dir, cfg)
+    got = cached_datasets(cfg, tok, rules, cached_splits(cfg, cache), cache)
+    want = build_datasets(cfg, tok, rules, splits=split_conversations(cfg))
+    assert [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in got.train] == \
+        [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in want.train] and got.train
+    assert not cache.exists() or not any(cache.iterdir())  # nothing half-supported written

@@ -64,6 +64,16 @@ def test_a_good_spec_and_the_values_it_applies():
     assert parse_spec(_spec({"lora.r": [8]}, objective="eval/validation/perplexity"), held_out, "s").direction == "minimize"
 
 
+def test_a_preference_run_is_swept_on_its_preference_metrics():
+    base = _base()
+    base["train"]["objective"] = "dpo"
+    spec = parse_spec(_spec({"dpo.beta": [0.05, 0.1]}, objective="eval/small_val/preference_accuracy"), base, "s")
+    assert spec.direction == "maximize"
+    assert parse_spec(_spec({"dpo.beta": [0.1]}, objective="eval/small_val/nll_loss"), base, "s").direction == "minimize"
+    with pytest.raises(ConfigError, match="logs no metric 'perplexity'"):  # no perplexity for preference sets
+        parse_spec(_spec({"dpo.beta": [0.1]}, objective="eval/small_val/perplexity"), base, "s")
+
+
 def test_cli_bad_spec_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: {{name: some/model}}\ndata: {{train: [t.jsonl], validation: {{small_val: v.jsonl}}}}\n"

@@ -78,6 +78,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
     rest = len({tuple(_union_head(e["loc"])[0]) for e in errors}) - 1
     more = f" [+{rest} more]" if rest > 0 else ""
+    if not key and (named := re.match(r"^([a-z_]+\.[a-z_.]+): (.*)$", msg)):  # a cross-section rule names its key
+        key, msg, got_s = named.group(1), named.group(2), ""
     where = f"key '{key}'" if key else "config"
     return f"{source}: {where}: {msg}{got_s}{more}"
 

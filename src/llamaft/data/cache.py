@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 
 from ..paths import remove, tmp_dir
-from . import chat, formats, pipeline, sources
+from . import chat, formats, pipeline, preference, sources
 from .chat import Example
 from .formats import Conversation
 from .sources import validation_sets
@@ -67,7 +67,7 @@ def _hash_path(h, path: str | Path) -> None:
 def rows_key(data_cfg) -> str:
     """Key of the rows `split_conversations(data_cfg)` returns (see the module docstring)."""
     h = hashlib.sha256(f"llamaft-data-cache {FORMAT}\n".encode())
-    for module in (pipeline, formats, sources, chat):
+    for module in (pipeline, formats, sources, chat, preference):
         h.update(Path(module.__file__).read_bytes())
     settings = data_cfg.model_dump(mode="json")
     for name in ("train", "validation", "test", "chat_template"):
@@ -110,6 +110,8 @@ def cached_splits(data_cfg, cache_dir: str | Path | None) -> pipeline.Splits:
     if (entry / _ROWS).is_file():
         return _splits_from_json(json.loads((entry / _ROWS).read_text(encoding="utf-8")))
     splits = pipeline.split_conversations(data_cfg)
+    if not _conversations_only(splits):
+        return splits
     try:
         rows = json.dumps(_splits_to_json(splits)).encode()
     except (TypeError, ValueError) as err:  # a value JSON cannot hold (e.g. from parquet): read again next time
@@ -121,7 +123,7 @@ def cached_splits(data_cfg, cache_dir: str | Path | None) -> pipeline.Splits:
 
 def cached_datasets(data_cfg, tokenizer, rules, splits: pipeline.Splits, cache_dir: str | Path | None) -> pipeline.Datasets:
     """`build_datasets(data_cfg, tokenizer, rules, splits=splits)`, read from / written to `cache_dir`."""
-    key = tokens_key(data_cfg, tokenizer, rules) if cache_dir is not None else None
+    key = tokens_key(data_cfg, tokenizer, rules) if cache_dir is not None and _conversations_only(splits) else None
     if key is None:
         return pipeline.build_datasets(data_cfg, tokenizer, rules, splits=splits)
     entry = Path(cache_dir) / f"tokens-{key}"
@@ -130,6 +132,16 @@ def cached_datasets(data_cfg, tokenizer, rules, splits: pipeline.Splits, cache_d
     data = pipeline.build_datasets(data_cfg, tokenizer, rules, splits=splits)
     _publish(entry, _datasets_files(data))
     return data
+
+
+def _conversations_only(splits: pipeline.Splits) -> bool:
+    """Preference pairs (train.objective dpo / orpo) are not cached yet: their rows and three-part
+    examples have no entry format here, so every run reads and encodes them itself."""
+    rows = [*splits.train, *splits.test, *(r for v in splits.validation.values() for r in v)]
+    if all(isinstance(r, Conversation) for r in rows):
+        return True
+    log.info("preference rows are not cached: each run reads and encodes them")
+    return False
 
 
 def _publish(entry: Path, files: dict[str, bytes]) -> None:

@@ -32,6 +32,7 @@ from ..config import RunConfig, config_from_dict
 from ..errors import ConfigError, LlamaftError
 from ..eval.generation import gen_config_for
 from ..eval.metrics import BUILTIN
+from ..train.preference import SUMMARY_METRICS as PREFERENCE_METRICS
 
 METHODS = ("tpe", "random", "grid")
 PRUNERS = {"median": ("startup_trials", "warmup_steps"), "halving": ("min_resource", "reduction_factor"), "none": ()}
@@ -265,7 +266,8 @@ def _int(raw: dict, key: str, default: int, where: str) -> int:
 
 def _objective(raw: dict, base: dict, where: str) -> tuple[str, str]:
     """(eval/<set>/<metric>, direction): the set must be one the base config evaluates, the metric one
-    it logs for that set (loss and perplexity always; generation metrics when eval.generation names them)."""
+    it logs for that set (loss, and perplexity for sft or the preference metrics for dpo / orpo;
+    generation metrics when eval.generation names them)."""
     from ..data.sources import validation_sets
 
     text = raw.get("objective")
@@ -285,7 +287,8 @@ def _objective(raw: dict, base: dict, where: str) -> tuple[str, str]:
     if name not in sets:
         raise ConfigError(f"{where}.objective: no validation set named '{name}' (sets: {', '.join(sets) or 'none'})")
     gen = gen_config_for(cfg.eval, name)
-    names = ["loss", "perplexity"] + ([m.rpartition(":")[2] for m in gen.metrics] + list(_GEN_EXTRA) if gen else [])
+    names = ["loss"] + (list(PREFERENCE_METRICS) if cfg.train.objective != "sft" else ["perplexity"])
+    names += [m.rpartition(":")[2] for m in gen.metrics] + list(_GEN_EXTRA) if gen else []
     custom = gen is not None and any(m not in BUILTIN for m in gen.metrics)  # may return a dict of any names
     if metric not in names and not custom:
         hint = "" if gen else f" (generation metrics need eval.generation.{name})"
@@ -293,7 +296,8 @@ def _objective(raw: dict, base: dict, where: str) -> tuple[str, str]:
     aliases = {"min": "minimize", "max": "maximize", "minimize": "minimize", "maximize": "maximize", None: None}
     if direction not in aliases:
         raise ConfigError(f"{where}.direction: '{direction}' is not minimize or maximize")
-    return words[0], aliases[direction] or ("minimize" if metric in ("loss", "perplexity") else "maximize")
+    lower_is_better = metric in ("loss", "perplexity") or metric.endswith("_loss")
+    return words[0], aliases[direction] or ("minimize" if lower_is_better else "maximize")
 
 
 def _timeout(v: Any, where: str) -> float | None:

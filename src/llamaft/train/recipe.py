@@ -36,23 +36,23 @@ from ..errors import LlamaftError, TrainingDiverged
 from ..eval.generation import check_generation_sets
 from ..eval.plots import plot_losses
 from ..eval.report import write_report
-from ..model.adapters import apply_adapters, count_parameters, save_trained
-from ..model.fast import configure_allocator, restore_parked
+from ..model.adapters import count_parameters, save_trained
+from ..model.fast import restore_parked
 from ..model.finite import first_nonfinite_param
-from ..model.load import load_base, quantization_config, resolve_precision
+from ..model.load import quantization_config, resolve_precision
 from ..model.preflight import check_model
 from ..model.tokenizer import load_tokenizer, save_tokenizer
 from ..paths import write_text_atomic
 from . import distributed
 from .callbacks import (MetricsJsonlCallback, attach_eval_callback, eval_scope, json_safe, read_metrics,
                         tensorboard_callbacks, truncate_metrics)
-from .checkpoint import (AtomicCheckpointTrainer, clean_incomplete, completed, latest_complete, out_of_memory_message,
+from .checkpoint import (clean_incomplete, completed, latest_complete, out_of_memory_message,
                          prepare_run_dir)
 from .in_backward import in_backward_optimizer
 from .portable import save_run_config
 from .progress import TrainProgress, find_progress, replace_hf_progress
-from .setup import (ListDataset, check_optimizer, gradient_checkpointing, optimizer_in_backward, pick_collator_and_plan,
-                    training_arguments)
+from .preference import check_data, eval_metrics, objective_parts, pick_plan
+from .setup import build_model, check_optimizer, gradient_checkpointing, optimizer_in_backward, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def setup(cfg, data_cache=None) -> Run:
         check_hardware(cfg)
         run_dir, resume_from = prepare_run_dir(cfg)
         splits = cached_splits(cfg.data, data_cache)  # bad rows fail here, in seconds, before any tokenizer/model load
+        check_data(cfg, splits.formats)  # preference rows for dpo / orpo, SFT rows for sft
         tokenizer, rules = loaded["tokenizer"] = load_tokenizer(cfg.model, cfg.data)
         data = cached_datasets(cfg.data, tokenizer, rules, splits, data_cache)
         if not data.train:
@@ -175,25 +176,26 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     # LoRA init, so reruns and resumed runs start from identical weights.
     set_seed(cfg.train.seed)
     model = build_model(cfg, run.tokenizer, run.rules, dtype)
-    train_set = ListDataset(run.data.train)
-    model, collator, plan = pick_collator_and_plan(cfg, model, run.rules.pad_id, train_set.lengths())
+    parts = objective_parts(cfg, run, dtype)  # SFT's datasets, or TRL's preference trainer over our pair ids (preference.py)
+    model, collator, plan = pick_plan(cfg, model, run.rules.pad_id, parts.lengths)
     for reason in getattr(plan, "reasons", []):
         say(f"fast path: {reason}")
-    eval_sets = {n: ListDataset(run.data.validation[n]) for n in run.set_names}
+    eval_sets = parts.eval
     args = training_arguments(
-        cfg, run.dir / "checkpoints", bf16=bf16, fp16=fp16, has_eval=bool(eval_sets),
-        grad_ckpt=gradient_checkpointing(cfg.train, plan), extra=training_args, plan=plan,
+        cfg, run.dir / "checkpoints", bf16=bf16, fp16=fp16, has_eval=bool(eval_sets), cls=parts.args_cls,
+        grad_ckpt=gradient_checkpointing(cfg.train, plan), extra={**parts.args, **(training_args or {})}, plan=plan,
     )
     # The optimizer in the backward is built here, on the model the plan installed; HF builds the LR
     # scheduler on it. None: HF's own optimizer from args.optim.
     optimizer = in_backward_optimizer(model, args) if optimizer_in_backward(plan) else None
-    trainer = AtomicCheckpointTrainer(
+    trainer = parts.cls(
         model=model,
         args=args,
         optimizers=(optimizer, None),
-        train_dataset=train_set,
+        train_dataset=parts.train,
         eval_dataset=eval_sets or None,
-        data_collator=collator,
+        data_collator=parts.collator or collator,
+        **parts.kwargs,
         # TrainProgress first: it adds tokens/s, step time and memory to the log events the next ones write
         callbacks=[TrainProgress(run.set_names), MetricsJsonlCallback(run.metrics_path, run.set_names),
                    *tensorboard_callbacks(run.dir, cfg.train.report_to), *(callbacks or [])],
@@ -207,18 +209,6 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
         trainer.add_callback(distributed.wait_for_main())  # the others wait while rank 0 generates
         say(distributed.batch_line(args, cfg.distributed.strategy))
     return trainer, plan, eval_cb
-
-
-def build_model(cfg, tokenizer, rules, dtype):
-    if cfg.fast.enabled:
-        configure_allocator()  # before the weights land: every segment expandable (model/fast/memory.py)
-    model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype)
-    model = apply_adapters(model, cfg.model, cfg.lora)
-    if torch.cuda.is_available() and cfg.model.method != "qlora":
-        # On the GPU before the fast-path plan is chosen: the plan reads the model's device (the
-        # Trainer would move it only later). qlora bases are placed by bitsandbytes already.
-        model = model.to(torch.device("cuda", torch.cuda.current_device()))
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +305,7 @@ def final_evaluation(run: Run, trainer, eval_cb) -> dict:
     if eval_cb is None:
         return {}
     metrics = _last_step_eval(trainer, run.set_names) or trainer.evaluate()
-    final = {n: {"loss": metrics.get(f"eval_{n}_loss")} for n in run.set_names}
+    final = {n: {"loss": metrics.get(f"eval_{n}_loss"), **pref} for n, pref in eval_metrics(metrics, run.set_names).items()}
     for n in run.set_names:
         final[n].update({k.rsplit("/", 1)[-1]: v for k, v in eval_cb.last.get(n, {}).items()})
     return final
@@ -376,7 +366,8 @@ def run_summary(run: Run, trainer, plan, outcome: Outcome, rows: list[dict]) -> 
         "eval": outcome.final_eval,
         # how many rows each number in `eval` stands for (generation: a sample; `llamaft eval`: every row)
         **({"eval_during_training": eval_scope(cfg.eval, {n: len(run.splits.validation.get(n, [])) for n in run.set_names},
-                                               {n: len(run.data.validation[n]) for n in run.set_names})}
+                                               {n: len(run.data.validation[n]) for n in run.set_names},
+                                               objective=cfg.train.objective)}
            if run.set_names else {}),
         "steps": state.global_step,
         "epochs": state.epoch,

@@ -11,8 +11,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..model.fast import apply_fast_path, choose_plan, make_collator
-from ..model.load import cuda_available, require_bitsandbytes
+from ..model.adapters import apply_adapters
+from ..model.fast import apply_fast_path, choose_plan, configure_allocator, make_collator
+from ..model.load import cuda_available, load_base, require_bitsandbytes
 
 _OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 
@@ -104,8 +105,8 @@ def optimizer_in_backward(plan) -> bool:
 
 
 def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval: bool, grad_ckpt: bool | None = None,
-                       extra: dict | None = None, plan=None):
-    """Build TrainingArguments; `extra` lets tests and callers set fields we do not expose.
+                       extra: dict | None = None, plan=None, cls=None):
+    """Build TrainingArguments (or `cls`: TRL's DPOConfig / ORPOConfig); `extra`: fields we do not expose.
     Batch shape, optimizer and HF's checkpointing come from `resolve_steps(cfg.train, plan)`;
     `grad_ckpt` overrides the checkpointing flag when given."""
     from transformers import TrainingArguments
@@ -162,7 +163,7 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
         disable_tqdm=False,
     )
     kwargs.update(extra or {})
-    return TrainingArguments(**kwargs)
+    return (cls or TrainingArguments)(**kwargs)
 
 
 def pick_collator_and_plan(cfg, model, pad_id: int, lengths: list[int] | None = None) -> tuple[Any, Callable, Any]:
@@ -171,3 +172,16 @@ def pick_collator_and_plan(cfg, model, pad_id: int, lengths: list[int] | None = 
     token counts (the plan sizes micro-batches with them)."""
     plan = choose_plan(cfg, model, lengths)
     return apply_fast_path(model, plan), make_collator(plan, pad_id), plan
+
+
+def build_model(cfg, tokenizer, rules, dtype):
+    """The base model with its adapters, on the GPU when there is one."""
+    if cfg.fast.enabled:
+        configure_allocator()  # before the weights land: every segment expandable (model/fast/memory.py)
+    model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype)
+    model = apply_adapters(model, cfg.model, cfg.lora)
+    if torch.cuda.is_available() and cfg.model.method != "qlora":
+        # On the GPU before the fast-path plan is chosen: the plan reads the model's device (the
+        # Trainer would move it only later). qlora bases are placed by bitsandbytes already.
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    return model
