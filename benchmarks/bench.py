@@ -156,6 +156,9 @@ def parse_args(argv=None):
     ap.add_argument("--cpu-emb", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--optim", default=None, help="default: adamw_torch (lora), paged_adamw_8bit (qlora, full)")
     ap.add_argument("--fixed-len", type=int, default=0, help="every sequence this long (seq 2048/8192 workloads)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one extra optimizer step after the timed ones under torch.profiler: kernel time by kind "
+                         "(env BENCH_TRACE=FILE.json also writes its chrome trace)")
     args = ap.parse_args(argv)
     # full: paged 8-bit AdamW, as the seed recipe and Unsloth were measured (../shared/bench)
     args.optim = args.optim or {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "paged_adamw_8bit"}[args.mode]
@@ -163,7 +166,7 @@ def parse_args(argv=None):
 
 
 def workload(args):
-    n = args.bs * args.ga * (args.steps + 2)
+    n = args.bs * args.ga * (args.steps + 2 + args.profile)
     if not args.fixed_len:
         return make_rows(n, args.seq)
     g = torch.Generator().manual_seed(1)
@@ -247,7 +250,9 @@ def main():
 
 
 def train(args):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
+
+    from llamaft.train.checkpoint import AtomicCheckpointTrainer as Trainer  # llamaft's (per-step guard included)
 
     torch.manual_seed(0)
     cfg = run_config(args)
@@ -276,17 +281,79 @@ def train(args):
     targs = TrainingArguments(
         output_dir=f"/tmp/bench_{args.mode}_{args.variant}", per_device_train_batch_size=bs,
         gradient_accumulation_steps=ga, optim=args.optim, learning_rate=cfg.train.learning_rate,
-        bf16=True, max_steps=args.steps + 2, logging_steps=1, save_strategy="no", report_to=[],
+        bf16=True, max_steps=args.steps + 2 + args.profile, logging_steps=1, save_strategy="no", report_to=[],
         warmup_steps=1, lr_scheduler_type="linear", dataloader_drop_last=True,
-        remove_unused_columns=False, seed=0, max_grad_norm=0.0 if args.mode == "full" else 1.0)
+        remove_unused_columns=False, seed=0, max_grad_norm=0.0 if args.mode == "full" else 1.0,
+        logging_nan_inf_filter=False)  # as llamaft.train: its non-finite guard checks each step instead
     optimizers = (in_backward_optimizer(model, targs), None) if in_backward else (None, None)
-    tr = Trainer(model=model, args=targs, train_dataset=DS(), data_collator=collate, callbacks=[Clock()],
+    prof_out = {}
+    callbacks = [Clock()] + ([step_profile(args.steps + 2, prof_out)] if args.profile else [])
+    tr = Trainer(model=model, args=targs, train_dataset=DS(), data_collator=collate, callbacks=callbacks,
                  optimizers=optimizers)
     torch.cuda.reset_peak_memory_stats()
     tr.train()
     phase["bwd"] = max(phase["bwd"], torch.cuda.max_memory_allocated())
     phase["reserved"] = torch.cuda.max_memory_reserved()
-    return dict(micro_batch_run=bs, accumulation_run=ga, plan=plan_record(args, plan)), stamps, phase, tr, load_s
+    run = dict(micro_batch_run=bs, accumulation_run=ga, plan=plan_record(args, plan), profile=prof_out.get("profile"))
+    return run, stamps, phase, tr, load_s
+
+
+def kernel_kind(name: str) -> str:
+    """A CUDA kernel's kind, by its name: where a step's GPU time goes."""
+    n = name.lower()
+    for kind, keys in (("comm", ("nccl",)), ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "sm100")),
+                       ("attention", ("flash", "fmha", "attn")), ("triton", ("triton",)),
+                       ("copy", ("memcpy", "memset", "copy")), ("reduce", ("reduce",)),
+                       ("elementwise", ("elementwise",)), ("optimizer", ("adam", "multi_tensor"))):
+        if any(k in n for k in keys):
+            return kind
+    return "other"
+
+
+def step_profile(at, out):
+    """A Trainer callback: torch.profiler around optimizer step `at` (0-based); into out["profile"]: the
+    step's wall time, GPU kernel time by kind (gemm / attention / triton / ...) and the 25 costliest
+    kernels. Wall minus kernel time is where the GPU waited (launches, host work, synchronisation)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class StepProfile(TrainerCallback):
+        prof, t0 = None, 0.0
+
+        def on_step_begin(self, a, state, control, **k):
+            if state.global_step == at and self.prof is None and "profile" not in out:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t0 = time.time()
+
+        def on_step_end(self, a, state, control, **k):
+            if self.prof is not None:
+                torch.cuda.synchronize()
+                wall = time.time() - self.t0
+                self.prof.__exit__(None, None, None)
+                out["profile"] = summarize_profile(self.prof, at, wall)
+                if os.environ.get("BENCH_TRACE"):  # the whole step's timeline, for chrome://tracing / Perfetto
+                    self.prof.export_chrome_trace(os.environ["BENCH_TRACE"])
+                self.prof = None
+
+    return StepProfile()
+
+
+def summarize_profile(prof, at, wall):
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_kind, by_name = {}, {}
+    for e in kernels:
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        kind = kernel_kind(e.name)
+        by_kind[kind] = by_kind.get(kind, 0) + us
+        n, c = by_name.get(e.name, (0, 0))
+        by_name[e.name] = (n + us, c + 1)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+    return dict(step=at, wall_ms=round(wall * 1e3, 1), kernel_ms=round(sum(by_kind.values()) / 1e3, 1),
+                kernels=len(kernels),
+                by_kind_ms={k: round(v / 1e3, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+                top=[dict(name=n[:120], ms=round(us / 1e3, 2), calls=c) for n, (us, c) in top])
 
 
 def in_backward_optimizer(model, targs):
@@ -298,13 +365,14 @@ def in_backward_optimizer(model, targs):
 
 def write_result(args, run, stamps, phase, trainer, load_s, device_peak, others):
     free, total = torch.cuda.mem_get_info()
-    (t1, r1, c1), (t2, r2, c2) = stamps[1], stamps[-1]
+    # the profiled step (last, slowed by the profiler) is not timed
+    (t1, r1, c1), (t2, r2, c2) = stamps[1], stamps[-1 - bool(args.profile)]
     gib = 2**30
     res = dict(
         mode=args.mode, variant=args.variant, seq=args.seq, bs=args.bs, ga=args.ga, steps=args.steps,
         micro_batch_run=run["micro_batch_run"], accumulation_run=run["accumulation_run"],
         fixed_len=args.fixed_len, optimizer=args.optim, lora_dropout=0.0 if args.mode != "full" else None,
-        plan=run["plan"],
+        plan=run["plan"], profile=run.get("profile"),
         timed_steps=len(stamps) - 2, timed_s=round(t2 - t1, 3), timed_real_tokens=r2 - r1,
         timed_computed_tokens=c2 - c1, tokens_per_s=round((r2 - r1) / (t2 - t1), 1),
         computed_tokens_per_s=round((c2 - c1) / (t2 - t1), 1), load_s=round(load_s, 1),

@@ -35,6 +35,9 @@ def main():
     attns = (sys.argv[4] if len(sys.argv) > 4 and not sys.argv[4].startswith("--") else "varlen").split(",")
     offload = "--no-offload" not in sys.argv
     repeat = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 1
+    from llamaft.model.fast import configure_allocator
+
+    configure_allocator()  # as llamaft.train does before the model loads (expandable segments)
     args = type("A", (), {"dir": d, "mode": "qlora"})()
     deferred = "--deferred" in sys.argv
     plan = FastPlan(True, "varlen", True, True, False, [], fused_lora=True,

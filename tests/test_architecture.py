@@ -1,4 +1,4 @@
-"""Imports follow the flow: config → data → model (+ fast, generate) → eval → train → export → chat → cli.
+"""Imports follow the flow: config → data → model (+ fast, generate) → eval → train → export → chat → sweep → cli.
 
 A module may import its own layer or any layer below it, never one above (data never imports model,
 eval never imports chat, ...). Imports inside functions count too: a late import that runs back up
@@ -20,7 +20,8 @@ LAYERS = [
     {"train"},
     {"export"},
     {"chat"},
-    {"demo", "demo_data", "cli", "__main__", "__init__"},
+    {"sweep"},  # calls train and eval; only the CLI imports it
+    {"demo", "demo_data", "demo_dpo", "cli", "__main__", "__init__"},
 ]
 
 

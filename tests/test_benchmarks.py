@@ -244,3 +244,16 @@ def test_budget_curve_runs_cases_against_fake_tools(tmp_path):
         [tgz.name, "budget_log_gpu0.txt", "budget_table.md", "budget_table.json"])
     assert "| llamaft | 16 | 12,346 |" in (out / "budget_table.md").read_text()
     assert "no matplotlib here, plot skipped" in log
+
+
+def test_bench_profile_sorts_kernels_by_kind():
+    import bench
+
+    kinds = {n: bench.kernel_kind(n) for n in (
+        "nvjet_sm90_tst_192x208_64x4_1x2_h_bz_coopB_TNT", "flash_fwd_kernel<Flash_fwd_kernel_traits>",
+        "triton_per_fused_mul_rsqrt_0", "Memcpy HtoD (Pinned -> Device)",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
+        "void at::native::reduce_kernel<512, 1>", "void multi_tensor_apply_kernel<adam>", "ncclKernel_AllReduce_Sum_bf16",
+        "void indexSelectLargeIndex<c10::BFloat16>")}
+    assert list(kinds.values()) == ["gemm", "attention", "triton", "copy", "elementwise", "reduce", "optimizer", "comm", "other"]
+    assert bench.parse_args(["d", "lora", "512", "8", "4", "3", "o.json", "--profile"]).profile is True

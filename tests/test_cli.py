@@ -8,7 +8,7 @@ import pytest
 
 from llamaft.cli import build_parser, main
 
-COMMANDS = ["demo", "train", "data", "eval", "merge", "export", "chat"]
+COMMANDS = ["demo", "train", "data", "eval", "merge", "export", "chat", "sweep"]
 
 
 def run_cli(*args, cwd=None):

@@ -180,15 +180,25 @@ class InjectNaNLoss(_callback_base()):
 
 
 class InjectInfGrad(_callback_base()):
-    """One gradient entry becomes Inf right before the optimizer step (the loss stays finite)."""
+    """One gradient entry becomes Inf as the backward of optimizer step `step` (1-based) completes it
+    (the loss stays finite): before the Trainer measures the norm, as a real overflow would be."""
 
     def __init__(self, step):
         self.step = step
+        self.active = False
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if state.global_step + 1 == self.step:
-            grad = next(p.grad for p in model.parameters() if p.grad is not None)
-            grad.view(-1)[0] = float("inf")
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def poison(p):
+            if self.active:
+                p.grad.view(-1)[0] = float("inf")
+
+        next(p for p in model.parameters() if p.requires_grad).register_post_accumulate_grad_hook(poison)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.active = state.global_step + 1 == self.step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.active = False
 
 
 class PoisonWeight(_callback_base()):

@@ -51,9 +51,14 @@ def _load(a: argparse.Namespace):
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:
+    if a.dpo:
+        from .demo_dpo import run_dpo_demo
+
+        run_dpo_demo(out_dir=a.out or "runs/demo-dpo", steps=a.steps)
+        return
     from .demo import run_demo
 
-    run_demo(out_dir=a.out, steps=a.steps, chat=not a.no_chat, export=not a.no_export)
+    run_demo(out_dir=a.out or "runs/demo", steps=a.steps, chat=not a.no_chat, export=not a.no_export)
 
 
 def _cmd_train(a: argparse.Namespace) -> int | None:
@@ -74,6 +79,12 @@ def _cmd_train(a: argparse.Namespace) -> int | None:
 
 def _rank() -> int:
     return int(os.environ.get("RANK", 0))
+
+
+def _cmd_sweep(a: argparse.Namespace) -> None:
+    from .sweep.command import sweep_command
+
+    sweep_command(a)
 
 
 def _cmd_data(a: argparse.Namespace) -> None:
@@ -155,11 +166,24 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, anywhere on the line, e.g. lora.r=32 train.learning_rate=2e-4 data.packing=on")
 
 
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="run config YAML (the base of every trial), then SWEEP.yaml unless the "
+                                             "config has a sweep: section")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="dotted overrides of the base config")
+    p.add_argument("--out", help="sweep directory (default: sweep.output_dir, else train.output_dir + '-sweep')")
+    p.add_argument("--resume", metavar="DIR", help="continue the sweep in DIR: finished trials are kept, interrupted "
+                                                   "ones run again")
+    p.add_argument("--workers", type=_count, default=None, metavar="N",
+                   help="trials at a time, one worker process per GPU (default: sweep.workers, auto = every visible GPU; 1 on CPU)")
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo); a previous demo run there is replaced, any other directory is refused")
+    p.add_argument("--out", default=None, help="run directory (default: runs/demo, with --dpo runs/demo-dpo); a previous demo run there is replaced, any other directory is refused")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
     p.add_argument("--no-chat", action="store_true", help="skip the closing chat sample")
     p.add_argument("--no-export", action="store_true", help="skip the GGUF export")
+    p.add_argument("--dpo", action="store_true", help="preference alignment instead: DPO teaches SmolLM2 to prefer concise "
+                   "answers to rambling ones (validation preference accuracy, then base vs tuned answers)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -237,6 +261,14 @@ TRAIN_EXIT_CODES = (
 )
 
 
+SWEEP_SPEC = (
+    "spec (SWEEP.yaml or a sweep: section): objective: eval/<set>/<metric> [min|max]; method: tpe | random | grid; "
+    "trials: N; timeout: 2h; pruner: median | halving | none; space: {train.learning_rate: {log_uniform: [1e-5, 5e-4]}, "
+    "lora.r: [8, 16, 32], lora.alpha: {factor_of: lora.r, values: [1, 2]}}. Exit codes: 0 done; 2 bad config, spec or data "
+    "(one line, nothing trained); 130 / 143 interrupted (continue with --resume DIR)."
+)
+
+
 def commands() -> dict[str, Command]:
     """Every command, in `--help` order. Built when called (not at import), so it always holds this
     module's current functions (a test may replace one)."""
@@ -246,6 +278,9 @@ def commands() -> dict[str, Command]:
                         "(about 3 minutes on a 2-core CPU).", _demo_args),
         "train": Command(_cmd_train, "Fine-tune from a YAML config (+ dotted key=value overrides).", _train_args,
                          epilog=TRAIN_EXIT_CODES),
+        "sweep": Command(_cmd_sweep, "Hyperparameter sweep on Optuna: trains a trial per sampled config (TPE, random or "
+                         "grid; pruned early when worse than the others), ranks them; results.md, best.yaml, report.md.",
+                         _sweep_args, epilog=SWEEP_SPEC),
         "data": Command(_cmd_data, "Show what will be trained: rendered examples with trained spans marked, "
                         "token-length statistics, truncated/dropped rows; --dump writes the exact token ids and labels.",
                         _data_args),

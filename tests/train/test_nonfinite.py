@@ -250,3 +250,32 @@ def test_guard_drops_the_gradients_it_refuses():
     assert grad is not None and guard.skipped == [7]
     with pytest.raises(ValueError, match="stop or skip"):
         NonFiniteGuard("ignore")
+
+
+def test_guard_checks_the_norm_the_trainer_measured_and_measures_only_without_one():
+    from llamaft.train.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard()
+    guard.measured_grad_norm = torch.tensor(float("inf"))  # the Trainer's clip saw an Inf ...
+    grad, control = _guard_step(guard, fp16=False, loss=1.0, grad=1.0)  # ... the gradients themselves look fine
+    assert guard.stopped is not None and "gradient norm is inf" in guard.stopped.reason and grad is None
+    guard = NonFiniteGuard()
+    guard.measured_grad_norm = 3.0  # consumed by one step: the next step measures for itself
+    _guard_step(guard, fp16=False, loss=1.0, grad=1.0)
+    assert guard.measured_grad_norm is None and guard.stopped is None
+    _, control = _guard_step(guard, fp16=False, loss=1.0, grad=float("nan"))
+    assert guard.stopped is not None and control.should_training_stop
+
+
+def test_trainer_counts_the_parameters_for_its_flops_once():
+    from types import SimpleNamespace
+
+    from llamaft.train.checkpoint import AtomicCheckpointTrainer
+
+    calls = []
+    model = SimpleNamespace(main_input_name="input_ids",
+                            num_parameters=lambda exclude_embeddings: calls.append(exclude_embeddings) or 1000)
+    fake = SimpleNamespace(model=model, _params_for_flops=None)
+    ops = [AtomicCheckpointTrainer.floating_point_ops(fake, {"input_ids": torch.zeros(2, n)}) for n in (3, 5)]
+    assert ops == [6 * 6 * 1000, 6 * 10 * 1000] and calls == [True]  # HF's formula, one count
+    assert AtomicCheckpointTrainer.floating_point_ops(fake, {"labels": torch.zeros(1)}) == 0

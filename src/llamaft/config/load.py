@@ -78,6 +78,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
     rest = len({tuple(_union_head(e["loc"])[0]) for e in errors}) - 1
     more = f" [+{rest} more]" if rest > 0 else ""
+    if not key and (named := re.match(r"^([a-z_]+\.[a-z_.]+): (.*)$", msg)):  # a cross-section rule names its key
+        key, msg, got_s = named.group(1), named.group(2), ""
     where = f"key '{key}'" if key else "config"
     return f"{source}: {where}: {msg}{got_s}{more}"
 
@@ -150,7 +152,7 @@ def _check_duplicate_keys(node, path: list[str], source: str) -> None:
         _check_duplicate_keys(value_node, path + [key], source)
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
     try:
         node = loader.get_single_node()
@@ -182,7 +184,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, snapsho
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = _read_yaml(path) or {}
+        raw = read_yaml(path) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from .preference import DpoConfig, OrpoConfig, check_objective
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -77,13 +79,17 @@ class ColumnsConfig(_Section):
     role: str = "role"
     content: str = "content"
     system: str = "system"
+    prompt: str = "prompt"  # preference rows (train.objective dpo / orpo): prompt + chosen / rejected
+    chosen: str = "chosen"
+    rejected: str = "rejected"
 
 
 class DataConfig(_Section):
     """What to train and validate on, and how rows become tokens."""
 
     train: list[str] = Field(..., min_length=1, description="Training files (jsonl, json, csv, parquet, or a save_to_disk directory).")
-    format: Literal["auto", "text", "qa", "alpaca", "messages"] = Field("auto", description="Row format; auto picks it from the columns.")
+    format: Literal["auto", "text", "qa", "alpaca", "messages", "preference"] = Field(
+        "auto", description="Row format; auto picks it from the columns (chosen + rejected: preference pairs, for train.objective dpo / orpo).")
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     system_prompt: Optional[str] = Field(None, description="System message added to rows that have none.")
     chat_template: Optional[str] = Field(None, description="Path to a .jinja chat template overriding the tokenizer's.")
@@ -150,6 +156,9 @@ class TrainConfig(_Section):
     save_total_limit: Optional[int] = Field(2, description="Keep at most this many checkpoints.")
     resume: Union[bool, str] = Field(False, description="true: continue from the latest complete checkpoint in output_dir; or a checkpoint path.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Loggers besides metrics.jsonl.")
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft: next-token loss on the answers; dpo / orpo: preference alignment on chosen/rejected pairs (see dpo:, orpo:)."
+    )
 
     @field_validator("max_steps")
     @classmethod
@@ -268,3 +277,10 @@ class RunConfig(_Section):
     fast: FastConfig = Field(default_factory=FastConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    orpo: OrpoConfig = Field(default_factory=OrpoConfig)
+
+    @model_validator(mode="after")
+    def _objective(self) -> "RunConfig":
+        check_objective(self)
+        return self

@@ -11,6 +11,10 @@ turn-end token (<|eot_id|>, <|eom_id|> for tool calls, <|im_end|>); text the tem
 that token (ChatML's "\\n") is not. Tokenizing pieces separately is also what inference does:
 the prompt is tokenized, the model writes the answer.
 
+Preference pairs (`encode_pair`): the prompt + chosen and the prompt + rejected conversations are
+each encoded as above with only the last assistant turn trained; the untrained prefix is the prompt
+(identical for both), the trained span the completion (TRL's prompt_ids / chosen_ids / rejected_ids).
+
 Plain formats (no chat template):
 - `conv.text`: [bos if the tokenizer adds one] + text + eos, every token trained.
 - base models with q/a or messages data: each non-assistant message is written as `content + "\\n\\n"`,
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from ..errors import DataError
 
@@ -150,6 +155,39 @@ def encode(conv, tokenizer, rules, *, train_on: str = "completion", assistant_tu
         labels = list(ids)
     _verify(ids, pieces, tokenizer, where)
     return Example(ids, labels, where)
+
+
+@dataclass
+class PreferenceExample:
+    """One preference pair as tokens (TRL's prompt_ids / chosen_ids / rejected_ids): the prompt exactly as
+    SFT and inference render it, each completion through its end-of-turn token, every completion token trained."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    where: str
+
+    def side(self, name: str) -> Example:
+        """prompt + the chosen or rejected completion as an Example (labels -100 on the prompt)."""
+        completion = self.chosen_ids if name == "chosen" else self.rejected_ids
+        return Example(self.prompt_ids + completion, [IGNORE_INDEX] * len(self.prompt_ids) + completion, self.where)
+
+
+def encode_pair(pair, tokenizer, rules) -> PreferenceExample:
+    """A data.preference.PreferencePair as tokens, through `encode`: each side is the conversation
+    prompt + answer with only the last turn trained, so the prompt tokens are SFT's and the completion is
+    exactly the trained span (the answer + its turn-end token; template text after that token is cut)."""
+    sides = []
+    for name in ("chosen", "rejected"):
+        conv = SimpleNamespace(messages=pair.prompt + [getattr(pair, name)], where=pair.where, tools=pair.tools, text=None)
+        ex = encode(conv, tokenizer, rules, train_on="completion", assistant_turns="last")
+        trained = [k for k, label in enumerate(ex.labels) if label != IGNORE_INDEX]
+        if not trained:
+            raise DataError(pair.where, f"field '{name}': the answer renders to no token")
+        sides.append((ex.input_ids[:trained[0]], ex.input_ids[trained[0]:trained[-1] + 1]))
+    if sides[0][0] != sides[1][0]:
+        raise DataError(pair.where, "field 'rejected': the chat template renders the prompt differently before the two answers")
+    return PreferenceExample(sides[0][0], sides[0][1], sides[1][1], pair.where)
 
 
 def _verify(ids: list[int], pieces, tokenizer, where: str) -> None:

@@ -14,6 +14,8 @@ Formats (column names come from `data.columns.*`):
 - ``qa``: question -> user, answer -> assistant (``query``/``response`` and ``prompt``/``completion``
   are recognised when the column names are left at their defaults).
 - ``text``: plain language-model text; no template, all of it is trained.
+- ``preference``: ``chosen`` + ``rejected`` (+ ``prompt``) columns, read by data/preference.py
+  (train.objective dpo / orpo).
 
 A row's own system column (``data.columns.system``) wins over ``data.system_prompt``; a
 ``messages`` row that already starts with a system message keeps it.
@@ -61,6 +63,8 @@ def detect_format(records: list[Record], columns: ColumnsConfig) -> str:
     """The row format, from the first record's columns."""
     first = records[0]
     keys = set(first.data)
+    if columns.chosen in keys and columns.rejected in keys:
+        return "preference"  # data/preference.py reads these rows
     if _column(keys, columns, "messages"):
         return "messages"
     if columns.instruction in keys and columns.output in keys:
@@ -112,6 +116,11 @@ def to_conversation(record: Record, fmt: str, columns: ColumnsConfig, system_pro
     return Conversation(messages, where, tools=tools)
 
 
+def row_tools(record: Record) -> list | None:
+    """The row's tool definitions (preference rows pass them to the template like messages rows)."""
+    return _tools(record)
+
+
 def _tools(record: Record) -> list | None:
     """An optional `tools` column: a list of tool definitions (JSON text in CSV)."""
     raw = record.data.get("tools")
@@ -144,7 +153,11 @@ def _messages(record: Record, columns: ColumnsConfig) -> list[dict]:
     col = _column(record.data.keys(), columns, "messages") or columns.messages
     if col not in record.data:
         raise DataError(where, f"field '{col}': missing (columns in this row: {sorted(record.data)})")
-    raw = record.data[col]
+    return parse_messages(record.data[col], col, where, columns)
+
+
+def parse_messages(raw, col: str, where: str, columns: ColumnsConfig) -> list[dict]:
+    """A cell holding a list of messages (JSON text in CSV) as checked {role, content, ...} dicts."""
     if isinstance(raw, str) and raw.lstrip().startswith("["):
         raw = _json_list(raw, where, col)  # CSV cells can only hold messages as JSON text
     if not isinstance(raw, (list, tuple)):  # tuple: some readers hand sequences back as tuples

@@ -7,7 +7,8 @@
 
 Prints a few rendered training examples with the loss-bearing spans highlighted, a table of token
 lengths per split, and what was truncated or dropped (and where). `dump` writes one line per
-training example, ``{"input_ids": [...], "labels": [...]}``, in the trainer's order. The dump path is
+training example, ``{"input_ids": [...], "labels": [...]}``, in the trainer's order (a preference pair:
+``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` and each side's ``input_ids`` + ``labels``). The dump path is
 checked before the tokenizer loads (not a directory, its folder writable); the file is written to a
 temporary sibling and renamed, so a crash or a full disk never leaves a half-written dump.
 """
@@ -57,9 +58,12 @@ def _print_examples(ds: Datasets, tokenizer, show: int, console) -> None:
     console.print("[bold]legend:[/bold] [bold green]bold green[/bold green] = trained (has loss); "
                   "[dim]dim[/dim] = context only (label -100); special tokens are shown as text")
     for ex in ds.train[:show]:
-        trained = sum(1 for label in ex.labels if label != IGNORE_INDEX)
-        title = f"{ex.where} — {len(ex.input_ids)} tokens, {trained} trained"
-        console.print(Panel(chat.render_trained(ex, tokenizer), title=title, title_align="left"))
+        # a preference pair shows both sides: prompt + chosen, prompt + rejected, each completion trained
+        sides = [(f"{name} — ", ex.side(name)) for name in ("chosen", "rejected")] if hasattr(ex, "side") else [("", ex)]
+        for label, side in sides:
+            trained = sum(1 for t in side.labels if t != IGNORE_INDEX)
+            title = f"{side.where} — {label}{len(side.input_ids)} tokens, {trained} trained"
+            console.print(Panel(chat.render_trained(side, tokenizer), title=title, title_align="left"))
 
 
 def _splits(stats: dict, with_empty_test: bool) -> list[tuple[str, dict]]:
@@ -94,6 +98,19 @@ def _print_drops(stats: dict, console) -> None:
                 console.print(f"[yellow]{name}: dropped {s['dropped'][reason]} ({labels[reason]}):[/yellow] {', '.join(wheres)}{more}")
 
 
+def dump_row(ex) -> dict:
+    """An SFT example: input_ids + labels. A preference pair: TRL's prompt_ids / chosen_ids / rejected_ids,
+    and each side as the sequence the model sees (input_ids + labels, -100 on the prompt)."""
+    if not hasattr(ex, "side"):
+        return {"input_ids": list(ex.input_ids), "labels": list(ex.labels)}
+    row = {"where": ex.where, "prompt_ids": list(ex.prompt_ids), "chosen_ids": list(ex.chosen_ids),
+           "rejected_ids": list(ex.rejected_ids)}
+    for name in ("chosen", "rejected"):
+        side = ex.side(name)
+        row[name] = {"input_ids": side.input_ids, "labels": side.labels}
+    return row
+
+
 def write_dump(examples: list, path: str) -> str:
     """One JSON line per example, in order, written atomically (temp file in the same directory + os.replace)."""
     target = check_output_file(path, "--dump", example="train.jsonl")
@@ -104,7 +121,7 @@ def write_dump(examples: list, path: str) -> str:
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "w", encoding="utf-8") as f:
                 for ex in examples:
-                    f.write(json.dumps({"input_ids": list(ex.input_ids), "labels": list(ex.labels)}) + "\n")
+                    f.write(json.dumps(dump_row(ex)) + "\n")
         except BaseException:
             remove(tmp)
             raise

@@ -34,6 +34,7 @@ from ..errors import DataError
 from . import chat  # chat.encode is looked up at call time: tests swap it for a 1-id-per-character stand-in
 from .chat import IGNORE_INDEX
 from .formats import Conversation, detect_format, to_conversation
+from .preference import PreferencePair, to_pair
 from .sources import read_records, validation_sets
 
 TOO_LONG = "too_long"
@@ -108,6 +109,8 @@ def read_file(path: str, data_cfg, *, require_assistant: bool | None = None) -> 
     fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(records, data_cfg.columns)
     if require_assistant is None:
         require_assistant = data_cfg.train_on == "completion"
+    if fmt == "preference":
+        return [to_pair(r, data_cfg.columns, data_cfg.system_prompt) for r in records], fmt
     convs = [to_conversation(r, fmt, data_cfg.columns, data_cfg.system_prompt, require_assistant=require_assistant)
              for r in records]
     return convs, fmt
@@ -145,7 +148,10 @@ def _share(n: int, ratio: float) -> int:
 
 
 def encode_examples(convs: list[Conversation], tokenizer, rules, data_cfg) -> tuple[list, dict]:
-    """Encode conversations and apply the length policy: (kept examples, stats of what was cut or dropped)."""
+    """Encode conversations and apply the length policy: (kept examples, stats of what was cut or dropped).
+    Preference pairs become chat.PreferenceExamples under the same policy (`_encode_pairs`)."""
+    if convs and isinstance(convs[0], PreferencePair):
+        return _encode_pairs(convs, tokenizer, rules, data_cfg)
     max_len = data_cfg.max_seq_length
     kept, truncated = [], 0
     dropped = {TOO_LONG: 0, NO_TRAINED: 0}
@@ -181,6 +187,32 @@ def encode_examples(convs: list[Conversation], tokenizer, rules, data_cfg) -> tu
         "tokens": length_stats([len(e.input_ids) for e in kept]),
         "trained_tokens": sum(sum(1 for label in e.labels if label != IGNORE_INDEX) for e in kept),
     }
+    return kept, stats
+
+
+def _encode_pairs(pairs: list[PreferencePair], tokenizer, rules, data_cfg) -> tuple[list, dict]:
+    """Pairs as PreferenceExamples. A pair's length is its prompt + its longer answer (each side is one
+    sequence): over max_seq_length it is dropped, or with truncation=truncate its answers are cut to fit
+    (a prompt that fills max_seq_length alone leaves nothing to compare: dropped)."""
+    max_len = data_cfg.max_seq_length
+    kept, truncated, longest = [], 0, 0
+    dropped, dropped_where = {TOO_LONG: 0, NO_TRAINED: 0}, {TOO_LONG: [], NO_TRAINED: []}
+    for pair in pairs:
+        ex = chat.encode_pair(pair, tokenizer, rules)
+        room = max_len - len(ex.prompt_ids)
+        longest = max(longest, len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)))
+        if max(len(ex.chosen_ids), len(ex.rejected_ids)) > room:
+            if data_cfg.truncation == "drop" or room <= 0:
+                dropped[TOO_LONG] += 1
+                dropped_where[TOO_LONG] += [ex.where] if len(dropped_where[TOO_LONG]) < 5 else []
+                continue
+            ex.chosen_ids, ex.rejected_ids = ex.chosen_ids[:room], ex.rejected_ids[:room]
+            truncated += 1
+        kept.append(ex)
+    lengths = [len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in kept]
+    stats = {"rows": len(pairs), "examples": len(kept), "truncated": truncated, "dropped": dropped,
+             "dropped_where": dropped_where, "longest_row": longest, "tokens": length_stats(lengths),
+             "trained_tokens": sum(len(e.chosen_ids) + len(e.rejected_ids) for e in kept)}
     return kept, stats
 
 

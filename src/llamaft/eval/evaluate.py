@@ -42,12 +42,14 @@ from ..data.chat import IGNORE_INDEX
 from ..data.collate import Collator
 from ..data.formats import Conversation
 from ..data.pipeline import encode_examples, read_file, split_conversations
+from ..data.preference import PreferencePair
 from ..data.sources import validation_sets
 from ..errors import LlamaftError
 from ..model.inference import load_for_inference, resolve_source
 from ..paths import write_text_atomic
 from .generation import gen_config_for, generation_metrics, sample_rows
 from .metrics import check_metrics, perplexity
+from .preference import pair_logps, pair_metrics, reward_metrics
 
 EXAMPLES_SHOWN = 3
 
@@ -87,6 +89,7 @@ def evaluate_run(path, data: str | list[str] | None = None, compare_base: bool =
         base, base_rows = _evaluate_loaded(path, False, sets, plans, eval_cfg, data_cfg)
         _write_rows(out_dir / "predictions_base.jsonl", base_rows)
 
+    _rewards(tuned, base, cfg.dpo.beta if cfg is not None else 0.1)
     result = {"tuned": tuned, "base": base, "out": str(out_dir), "sets": {n: len(r) for n, r in sets.items()},
               "model": str(path), "data": data, "max_prompt_tokens": eval_cfg.max_prompt_tokens,
               "generation": {n: p.model_dump() for n, p in plans.items()}}
@@ -94,6 +97,18 @@ def evaluate_run(path, data: str | list[str] | None = None, compare_base: bool =
     print_results(console, tuned, base, tuned_rows, base_rows)
     console.print(f"predictions and eval.json written to {out_dir}")
     return result
+
+
+PAIR_LOGPS = "_pair_logps"  # per-pair log-probs, kept until the base model's are known (then dropped)
+
+
+def _rewards(tuned: dict, base: dict | None, beta: float) -> None:
+    """Preference sets: with the base evaluated too, the tuned model's DPO reward against it (in `tuned`)."""
+    for name, metrics in tuned.items():
+        logps = metrics.pop(PAIR_LOGPS, None)
+        base_logps = (base or {}).get(name, {}).pop(PAIR_LOGPS, None)
+        if logps is not None and base_logps is not None:
+            metrics.update(reward_metrics(logps, base_logps, beta))
 
 
 def _plan(eval_cfg, name: str, batch_size: int | None, use_first: bool):
@@ -185,7 +200,10 @@ def read_split_rows(path: str | Path) -> list[Conversation]:
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.strip():
             r = json.loads(line)
-            rows.append(Conversation(r["messages"], r["where"], text=r.get("text"), tools=r.get("tools")))
+            if "rejected" in r:  # a held-out preference pair (train/portable.py)
+                rows.append(PreferencePair(r["prompt"], r["chosen"], r["rejected"], r["where"], tools=r.get("tools")))
+            else:
+                rows.append(Conversation(r["messages"], r["where"], text=r.get("text"), tools=r.get("tools")))
     return rows
 
 
@@ -224,9 +242,13 @@ def _evaluate_model(model, tokenizer, rules, sets: dict, plans: dict, eval_cfg, 
     for name, convs in sets.items():
         plan = plans[name]
         examples, stats = encode_examples(convs, tokenizer, rules, data_cfg)
-        loss = token_weighted_loss(model, examples, rules.pad_id, plan.batch_size)
-        metrics = {"loss": loss, "perplexity": perplexity(loss) if loss is not None else None,
-                   "loss_rows_truncated": stats["truncated"], "loss_rows_dropped": sum(stats["dropped"].values())}
+        if convs and isinstance(convs[0], PreferencePair):  # dpo / orpo sets: what the model prefers (eval/preference.py)
+            logps = pair_logps(model, examples, rules.pad_id, plan.batch_size)
+            metrics = {**pair_metrics(logps), PAIR_LOGPS: logps}
+        else:
+            loss = token_weighted_loss(model, examples, rules.pad_id, plan.batch_size)
+            metrics = {"loss": loss, "perplexity": perplexity(loss) if loss is not None else None}
+        metrics.update(loss_rows_truncated=stats["truncated"], loss_rows_dropped=sum(stats["dropped"].values()))
         gen, rows = generation_metrics(model, tokenizer, rules, convs, plan, eval_cfg, max_samples=None)
         metrics.update(gen)
         metrics_by_set[name] = metrics

@@ -154,10 +154,13 @@ class GenerationEvalCallback(TrainerCallback):
     """Adds perplexity and generation metrics for every named validation set at each evaluation."""
 
     def __init__(self, eval_cfg, tokenizer, rules, sets: dict[str, list], *, log: Callable[[dict], None] | None = None,
-                 metrics_path: str | Path | None = None, generate: Callable | None = None, every_rank: bool = False):
-        """sets: validation set name -> conversations (`split_conversations(...).validation`); log: e.g. trainer.log.
+                 metrics_path: str | Path | None = None, generate: Callable | None = None, perplexity: bool = True,
+                 every_rank: bool = False):
+        """sets: validation set name -> conversations (`split_conversations(...).validation`); log: e.g. trainer.log;
+        perplexity: False for preference objectives, whose eval loss is the DPO / ORPO loss, no token NLL.
         every_rank: every process generates (FSDP: each forward needs them all; greedy, so all generate alike),
         rank 0 alone logs; else rank 0 alone generates."""
+        self.perplexity = perplexity
         self.eval_cfg = eval_cfg
         self.tokenizer = tokenizer
         self.rules = rules
@@ -176,12 +179,12 @@ class GenerationEvalCallback(TrainerCallback):
             loss = logged_loss(metrics, name, len(self.sets))
             if loss is None:
                 continue  # this on_evaluate call is for another set
-            values = {metric_key(name, "perplexity"): perplexity(loss) if math.isfinite(loss) else float("nan")}
+            values = {metric_key(name, "perplexity"): perplexity(loss) if math.isfinite(loss) else float("nan")} if self.perplexity else {}
             if name in self.plan and model is not None:
                 gen_metrics = self._generate_for(model, name)
                 values.update({metric_key(name, k): v for k, v in gen_metrics.items()})
             self.last[name] = values
-            if state.is_world_process_zero:
+            if values and state.is_world_process_zero:
                 self._emit(values, state.global_step, args)
 
     def _generate_for(self, model, name: str) -> dict:
@@ -215,9 +218,10 @@ DURING_TRAINING_NOTE = (
 )
 
 
-def eval_scope(eval_cfg, rows: dict[str, int], examples: dict[str, int]) -> dict:
+def eval_scope(eval_cfg, rows: dict[str, int], examples: dict[str, int], objective: str = "sft") -> dict:
     """summary.json's `eval_during_training`: what each set's numbers in `eval` were computed on.
-    rows: set -> its rows (conversations); examples: set -> its token examples (what the loss covers)."""
+    rows: set -> its rows (conversations); examples: set -> its token examples (what the loss covers);
+    objective: dpo / orpo sets are scored by the preference loss and metrics, not perplexity."""
     plan = check_generation_sets(eval_cfg, list(rows))
     sets = {}
     for name, n_rows in rows.items():
@@ -228,7 +232,8 @@ def eval_scope(eval_cfg, rows: dict[str, int], examples: dict[str, int]) -> dict
             entry["note"] = (f"generation metrics on all {n} rows" if n == n_rows
                              else f"generation metrics on a fixed sample of {n} of {n_rows} rows")
         else:
-            entry["note"] = "loss and perplexity only (eval.generation does not name this set)"
+            scored = "loss and perplexity" if objective == "sft" else f"{objective} loss and preference metrics"
+            entry["note"] = f"{scored} only (eval.generation does not name this set)"
         sets[name] = entry
     return {"note": DURING_TRAINING_NOTE, "sets": sets}
 
@@ -247,7 +252,8 @@ def make_eval_callback(cfg, tokenizer, rules, *, log: Callable[[dict], None] | N
         else:  # perplexity only: the names are enough
             names = list(validation_sets(cfg.data.validation)) or (["validation"] if cfg.data.val_ratio > 0 else [])
             sets = {name: [] for name in names}
-    return GenerationEvalCallback(cfg.eval, tokenizer, rules, sets, log=log, metrics_path=metrics_path, every_rank=every_rank)
+    return GenerationEvalCallback(cfg.eval, tokenizer, rules, sets, log=log, metrics_path=metrics_path,
+                                  perplexity=cfg.train.objective == "sft", every_rank=every_rank)
 
 
 def attach_eval_callback(trainer, cfg, tokenizer, rules, sets: dict[str, list],

@@ -106,6 +106,9 @@ class NonFiniteGuard(TrainerCallback):
         self.stopped: Divergence | None = None
         self.last_finite: tuple[int, float] | None = None  # (step, loss)
         self._loss: torch.Tensor | None = None  # sum of this step's micro-batch losses, on device
+        # the norm the Trainer measured for clipping / logging this step (checkpoint.py sets it):
+        # measuring it again would walk every gradient a second time
+        self.measured_grad_norm: torch.Tensor | float | None = None
 
     def add_loss(self, loss: torch.Tensor) -> None:
         """Called by the Trainer for every micro-batch (kept on the device: no sync per micro-batch)."""
@@ -155,10 +158,13 @@ class NonFiniteGuard(TrainerCallback):
         """(this step's loss, its gradient norm) as floats, with one device sync; the norm from the
         optimizer's hooks when it stepped in the backward (no gradient is left to measure)."""
         loss, self._loss = self._loss, None
+        measured, self.measured_grad_norm = self.measured_grad_norm, None
         if in_bwd is not None:
             norm = in_bwd.grad_norm()
+        elif not check_grads or model is None:
+            norm = None
         else:
-            norm = _grad_norm(model) if check_grads and model is not None else None
+            norm = torch.as_tensor(measured, dtype=torch.float32) if measured is not None else _grad_norm(model)
         parts = [t for t in (loss, norm) if t is not None]
         if not parts:
             return None, None

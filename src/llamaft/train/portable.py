@@ -16,7 +16,8 @@ What config.yaml stores (load_config(..., snapshot=True) reads it back, see conf
 RUN/data/sources.json (config.RUN_SOURCES) records each copy's origin, so that an error about a
 missing copy names the original file.
 
-A held-out row is one JSON line: {"where", "messages", "text"?, "tools"?} — the Conversation that
+A held-out row is one JSON line: {"where", "messages", "text"?, "tools"?} (a preference pair:
+{"where", "prompt", "chosen", "rejected", "tools"?}) — the Conversation that
 training held out, with `where` naming the training file absolutely ("/abs/train.jsonl:line 7");
 eval/evaluate.py's read_split_rows reads it back.
 """
@@ -117,7 +118,11 @@ def _held_out(cfg, splits) -> list[Copy]:
 def _rows_text(rows, train_files: list[str]) -> str | None:
     lines = []
     for conv in rows:
-        row = {"where": _absolute_where(conv.where, train_files), "messages": conv.messages}
+        row = {"where": _absolute_where(conv.where, train_files)}
+        if hasattr(conv, "rejected"):  # a preference pair (data/preference.py): its three parts, not only chosen
+            row.update(prompt=conv.prompt, chosen=conv.chosen, rejected=conv.rejected)
+        else:
+            row["messages"] = conv.messages
         if conv.text is not None:
             row["text"] = conv.text
         if conv.tools is not None:

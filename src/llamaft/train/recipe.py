@@ -30,7 +30,8 @@ import torch
 from transformers import set_seed
 
 from ..console import make_console, quiet_libraries
-from ..data.pipeline import Datasets, Splits, build_datasets, split_conversations
+from ..data.cache import cached_datasets, cached_splits
+from ..data.pipeline import Datasets, Splits
 from ..errors import LlamaftError, TrainingDiverged
 from ..eval.generation import check_generation_sets
 from ..eval.plots import plot_losses
@@ -45,14 +46,15 @@ from ..paths import write_text_atomic
 from . import distributed
 from .callbacks import (MetricsJsonlCallback, attach_eval_callback, eval_scope, json_safe, read_metrics,
                         tensorboard_callbacks, truncate_metrics)
-from .checkpoint import (AtomicCheckpointTrainer, clean_incomplete, completed, latest_complete, out_of_memory_message,
+from .checkpoint import (clean_incomplete, completed, latest_complete, out_of_memory_message,
                          prepare_run_dir)
 from .fsdp import full_state_dict, settle_strategy
 from .in_backward import in_backward_optimizer
 from .portable import save_run_config
 from .progress import TrainProgress, find_progress, replace_hf_progress
-from .setup import (ListDataset, build_model, check_optimizer, gradient_checkpointing, optimizer_in_backward,
-                    pick_collator_and_plan, place_on_gpu, training_arguments)
+from .preference import check_data, eval_metrics, objective_parts, pick_plan
+from .setup import (build_model, check_optimizer, gradient_checkpointing, optimizer_in_backward, place_on_gpu,
+                    training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +97,15 @@ class Outcome:
     stopped: dict | None = None  # stopped_nonfinite / failed: step, reason (+ last finite loss, last good checkpoint)
 
 
-def train(cfg, *, callbacks: list | None = None, training_args: dict | None = None) -> Path:
+def train(cfg, *, callbacks: list | None = None, training_args: dict | None = None, data_cache=None) -> Path:
     """Fine-tune as `cfg` says; returns the run directory (see docs/ARCHITECTURE.md for its layout).
 
     callbacks / training_args: extra HF callbacks and TrainingArguments fields (tests, advanced use).
+    data_cache: a directory of rows and token examples keyed by content (data/cache.py; a sweep's trials share one).
     Raises TrainingDiverged (after writing summary.json) when a loss or gradient was not finite.
     """
     quiet_libraries()  # also for Python callers that never went through the CLI
-    run = setup(cfg)
+    run = setup(cfg, data_cache)
     trainer, plan, eval_cb = build_trainer(run, callbacks, training_args)
     if distributed.from_main(_already_finished(run, trainer)):
         distributed.close()
@@ -126,7 +129,7 @@ def say(text: str) -> None:
 # setup: cheap checks first, so config / hardware / data errors never wait for a model load
 
 
-def setup(cfg) -> Run:
+def setup(cfg, data_cache=None) -> Run:
     """Every check that needs no weights, then the run directory (only now: a bad input never
     leaves an empty run directory behind). Several processes: rank 0 checks and reads, the others
     receive its rows and examples (or its error), then load the tokenizer it has already fetched."""
@@ -137,9 +140,10 @@ def setup(cfg) -> Run:
     def checked_inputs():
         check_hardware(cfg)
         run_dir, resume_from = prepare_run_dir(cfg)
-        splits = split_conversations(cfg.data)  # bad rows fail here, in seconds, before any tokenizer/model load
+        splits = cached_splits(cfg.data, data_cache)  # bad rows fail here, in seconds, before any tokenizer/model load
+        check_data(cfg, splits.formats)  # preference rows for dpo / orpo, SFT rows for sft
         tokenizer, rules = loaded["tokenizer"] = load_tokenizer(cfg.model, cfg.data)
-        data = build_datasets(cfg.data, tokenizer, rules, splits=splits)
+        data = cached_datasets(cfg.data, tokenizer, rules, splits, data_cache)
         if not data.train:
             raise LlamaftError("data.train: no training examples left after filtering; check data.max_seq_length")
         check_generation_sets(cfg.eval, list(data.validation))  # eval.generation names and metrics
@@ -179,25 +183,27 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
         say(line)
     if strategy != "fsdp":  # FSDP2 moves each process's shard to its GPU itself: the whole model never goes there
         model = place_on_gpu(cfg, model)
-    train_set = ListDataset(run.data.train)
-    model, collator, plan = pick_collator_and_plan(cfg, model, run.rules.pad_id, train_set.lengths())
+    parts = objective_parts(cfg, run, dtype)  # SFT's datasets, or TRL's preference trainer over our pair ids (preference.py)
+    model, collator, plan = pick_plan(cfg, model, run.rules.pad_id, parts.lengths)
     for reason in getattr(plan, "reasons", []):
         say(f"fast path: {reason}")
-    eval_sets = {n: ListDataset(run.data.validation[n]) for n in run.set_names}
+    eval_sets = parts.eval
     args = training_arguments(
-        cfg, run.dir / "checkpoints", bf16=bf16, fp16=fp16, has_eval=bool(eval_sets),
-        grad_ckpt=gradient_checkpointing(cfg.train, plan), extra=training_args, plan=plan, strategy=strategy,
+        cfg, run.dir / "checkpoints", bf16=bf16, fp16=fp16, has_eval=bool(eval_sets), cls=parts.args_cls,
+        grad_ckpt=gradient_checkpointing(cfg.train, plan), extra={**parts.args, **(training_args or {})}, plan=plan,
+        strategy=strategy,
     )
     # The optimizer in the backward is built here, on the model the plan installed; HF builds the LR
     # scheduler on it. None: HF's own optimizer from args.optim.
     optimizer = in_backward_optimizer(model, args) if optimizer_in_backward(plan) else None
-    trainer = AtomicCheckpointTrainer(
+    trainer = parts.cls(
         model=model,
         args=args,
         optimizers=(optimizer, None),
-        train_dataset=train_set,
+        train_dataset=parts.train,
         eval_dataset=eval_sets or None,
-        data_collator=collator,
+        data_collator=parts.collator or collator,
+        **parts.kwargs,
         # TrainProgress first: it adds tokens/s, step time and memory to the log events the next ones write
         callbacks=[TrainProgress(run.set_names), MetricsJsonlCallback(run.metrics_path, run.set_names),
                    *tensorboard_callbacks(run.dir, cfg.train.report_to), *(callbacks or [])],
@@ -311,7 +317,7 @@ def final_evaluation(run: Run, trainer, eval_cb) -> dict:
     if eval_cb is None:
         return {}
     metrics = _last_step_eval(trainer, run.set_names) or trainer.evaluate()
-    final = {n: {"loss": metrics.get(f"eval_{n}_loss")} for n in run.set_names}
+    final = {n: {"loss": metrics.get(f"eval_{n}_loss"), **pref} for n, pref in eval_metrics(metrics, run.set_names).items()}
     for n in run.set_names:
         final[n].update({k.rsplit("/", 1)[-1]: v for k, v in eval_cb.last.get(n, {}).items()})
     return final
@@ -372,7 +378,8 @@ def run_summary(run: Run, trainer, plan, outcome: Outcome, rows: list[dict]) -> 
         "eval": outcome.final_eval,
         # how many rows each number in `eval` stands for (generation: a sample; `llamaft eval`: every row)
         **({"eval_during_training": eval_scope(cfg.eval, {n: len(run.splits.validation.get(n, [])) for n in run.set_names},
-                                               {n: len(run.data.validation[n]) for n in run.set_names})}
+                                               {n: len(run.data.validation[n]) for n in run.set_names},
+                                               objective=cfg.train.objective)}
            if run.set_names else {}),
         "steps": state.global_step,
         "epochs": state.epoch,

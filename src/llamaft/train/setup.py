@@ -107,8 +107,8 @@ def optimizer_in_backward(plan) -> bool:
 
 
 def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval: bool, grad_ckpt: bool | None = None,
-                       extra: dict | None = None, plan=None, strategy: str = "single"):
-    """Build TrainingArguments; `extra` lets tests and callers set fields we do not expose.
+                       extra: dict | None = None, plan=None, cls=None, strategy: str = "single"):
+    """Build TrainingArguments (or `cls`: TRL's DPOConfig / ORPOConfig); `extra`: fields we do not expose.
     Batch shape, optimizer and HF's checkpointing come from `resolve_steps(cfg.train, plan)`;
     `grad_ckpt` overrides the checkpointing flag when given; `strategy` "fsdp" adds FSDP2's fields (train/fsdp.py)."""
     from transformers import TrainingArguments
@@ -165,7 +165,7 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
         disable_tqdm=False,
     )
     kwargs.update({**trainer_arguments(cfg, strategy), **(extra or {})})  # FSDP2's fields (fsdp.py), then the caller's
-    return TrainingArguments(**kwargs)
+    return (cls or TrainingArguments)(**kwargs)
 
 
 def pick_collator_and_plan(cfg, model, pad_id: int, lengths: list[int] | None = None) -> tuple[Any, Callable, Any]:

@@ -19,6 +19,7 @@ falls back to PEFT's own forward. Reference: PEFT's forward itself (tests compar
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .lora_nf4 import lora_4bit
 
@@ -26,37 +27,57 @@ _fwd = torch.amp.custom_fwd(device_type="cuda")
 _bwd = torch.amp.custom_bwd(device_type="cuda")
 
 
-class _LoraLinear(torch.autograd.Function):
-    """Frozen dense base weight W: y = x W^T + s (x A^T) B^T."""
+# Frozen dense base weight W: y = x W^T + s (x A^T) B^T, as two opaque custom ops (like lora_nf4.py).
+# Traced by torch.compile, an autograd.Function's in-place `addmm_` is functionalised into an
+# out-of-place addmm, which copies the [T, out] base output before the GEMM accumulates into it:
+# 14 device-to-device copies per layer (7 projections, forward and backward), 22 ms of a 582 ms W512
+# LoRA step on the H200 (benchmarks/results/budget_h200/profile_*.json). Opaque, the GEMMs accumulate
+# in place. x, a and b arrive in the compute dtype (the casts stay outside, so autograd returns the
+# adapters' gradients in their own fp32).
+@torch.library.custom_op("llamaft::lora_linear", mutates_args=())
+def _dense_fwd(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    xa = x @ a.t()
+    y = x @ weight.to(x.dtype).t()
+    y.addmm_(xa, b.t(), alpha=scale)
+    return y, xa
 
-    @staticmethod
-    @_fwd
-    def forward(ctx, x, weight, a, b, scale):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        ac, bc = a.to(x.dtype), b.to(x.dtype)
-        xa = x2 @ ac.t()
-        y = x2 @ weight.to(x.dtype).t()
-        y.addmm_(xa, bc.t(), alpha=scale)
-        ctx.save_for_backward(x2, xa, weight, ac, bc)
-        ctx.scale, ctx.shape = scale, shape
-        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
-        return y.reshape(*shape[:-1], weight.shape[0])
 
-    @staticmethod
-    @_bwd
-    def backward(ctx, g):
-        x2, xa, weight, ac, bc = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)
-        gb = (g2 @ bc).mul_(ctx.scale)  # [N, r]
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = g2 @ weight.to(g2.dtype)
-            dx.addmm_(gb, ac)
-            dx = dx.reshape(ctx.shape)
-        da = (gb.t() @ x2).to(ctx.a_dtype) if ctx.needs_input_grad[2] else None
-        db = (g2.t() @ xa).mul_(ctx.scale).to(ctx.b_dtype) if ctx.needs_input_grad[3] else None
-        return dx, None, da, db, None
+@_dense_fwd.register_fake
+def _(x, weight, a, b, scale):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], a.shape[0]))
+
+
+@torch.library.custom_op("llamaft::lora_linear_backward", mutates_args=())
+def _dense_bwd(g: Tensor, x: Tensor, xa: Tensor, weight: Tensor, a: Tensor, b: Tensor, scale: float,
+               need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    gb = (g @ b).mul_(scale)  # [N, r]
+    if need_dx:
+        dx = g @ weight.to(g.dtype)
+        dx.addmm_(gb, a)
+    else:
+        dx = g.new_empty((0,))
+    return dx, gb.t() @ x, (g.t() @ xa).mul_(scale)
+
+
+@_dense_bwd.register_fake
+def _(g, x, xa, weight, a, b, scale, need_dx):
+    dx = g.new_empty((g.shape[0], x.shape[1])) if need_dx else g.new_empty((0,))
+    return dx, g.new_empty((a.shape[0], x.shape[1])), g.new_empty((b.shape[0], a.shape[0]))
+
+
+def _dense_setup(ctx, inputs, output):
+    x, weight, a, b, scale = inputs
+    ctx.save_for_backward(x, output[1], weight, a, b)
+    ctx.scale, ctx.need_dx = scale, x.requires_grad
+
+
+def _dense_backward(ctx, gy, _gxa):
+    x, xa, weight, a, b = ctx.saved_tensors
+    dx, da, db = _dense_bwd(gy.contiguous(), x, xa, weight, a, b, ctx.scale, ctx.need_dx)
+    return (dx if ctx.need_dx else None), None, da, db, None
+
+
+torch.library.register_autograd("llamaft::lora_linear", _dense_backward, setup_context=_dense_setup)
 
 
 class _LoraDelta(torch.autograd.Function):
@@ -88,7 +109,11 @@ class _LoraDelta(torch.autograd.Function):
 
 
 def lora_linear(x, weight, a, b, scale: float):
-    return _LoraLinear.apply(x, weight, a, b, scale)
+    """PEFT LoRA over a frozen dense `weight`, computed in x's dtype (autocast's, under autocast)."""
+    dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+    shape = x.shape
+    y, _ = _dense_fwd(x.reshape(-1, shape[-1]).to(dtype), weight, a.to(dtype), b.to(dtype), float(scale))
+    return y.reshape(*shape[:-1], weight.shape[0])
 
 
 def lora_delta(base_out, x, a, b, scale: float):

@@ -1,0 +1,58 @@
+"""The `dpo:` and `orpo:` sections: preference alignment settings (train.objective picks the method).
+
+    train: {objective: dpo}
+    dpo: {beta: 0.1, loss_type: sigmoid, reference: auto}
+
+Only what users choose is here; train/preference.py maps it onto TRL's DPOConfig / ORPOConfig.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# TRL's DPOTrainer losses (trl/trainer/dpo_config.py: DPOConfig.loss_type) that need nothing else
+# from us than beta (and label_smoothing for robust / exo_pair).
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DpoConfig(_Section):
+    """Direct Preference Optimization (TRL's DPOTrainer), used when train.objective=dpo."""
+
+    beta: float = Field(0.1, gt=0, description="How far the model may move from the reference (higher: less).")
+    loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description="TRL's DPO loss: sigmoid (DPO), ipo, hinge, robust, ...")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="robust / exo_pair: the share of preference labels assumed flipped.")
+    reference: str = Field(
+        "auto", description="The frozen reference: adapter-off (LoRA/QLoRA: the base with the adapter disabled, no second copy), "
+        "a model path or hub id, or auto (adapter-off for lora/qlora, a second copy of the base for full)."
+    )
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("use auto, adapter-off or a model path")
+        return v
+
+
+class OrpoConfig(_Section):
+    """Odds Ratio Preference Optimization (TRL's ORPOTrainer): SFT on chosen + an odds-ratio penalty, no reference."""
+
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term (lambda in the ORPO paper).")
+
+
+def check_objective(cfg) -> None:
+    """Cross-section rules, as ValueError messages naming the key (RunConfig's validator raises them)."""
+    objective = cfg.train.objective
+    if objective == "dpo" and cfg.dpo.reference == "adapter-off" and cfg.model.method == "full":
+        raise ValueError("dpo.reference: adapter-off needs model.method lora or qlora (full fine-tuning has no adapter "
+                         "to disable); use auto or a model path")
+    if objective != "sft" and cfg.data.train_on == "all":
+        raise ValueError("data.train_on: preference objectives train the chosen/rejected completions only; "
+                         "leave data.train_on=completion")

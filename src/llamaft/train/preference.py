@@ -1,0 +1,218 @@
+"""Preference objectives (train.objective dpo / orpo) on TRL's trainers, fed with OUR token ids.
+
+    parts = objective_parts(cfg, run, dtype)     # what the one training path (recipe.py) builds its Trainer from
+    trainer = parts.cls(model=..., args=..., train_dataset=parts.train, ..., **parts.kwargs)
+
+The losses are TRL's (DPOTrainer, trl.experimental.orpo.ORPOTrainer); what is ours:
+- the data: data/chat.encode_pair gives prompt_ids / chosen_ids / rejected_ids; TRL's own
+  tokenization (`_prepare_dataset`, `tokenize_row`) is replaced by a pass-through, so the prompt
+  tokens are exactly SFT's and inference's and each completion ends with its trained turn-end token;
+- the reference (dpo.reference): LoRA / QLoRA train against the base with the adapter disabled (TRL
+  would add a second "ref" adapter: it is removed, nothing is copied), full fine-tuning against a
+  second frozen copy of the base, or any model path;
+- the Trainer: our AtomicCheckpointTrainer (atomic, finite-only checkpoints, the non-finite guard)
+  mixed in front of TRL's, so checkpoints, resume, summary and callbacks are those of SFT;
+- the metric names, per named validation set: eval/<set>/preference_accuracy (chosen reward >
+  rejected reward), reward_margin, logps_chosen, logps_rejected, ... in metrics.jsonl,
+  TensorBoard and summary.json.
+
+The GPU fast path (model/fast) is off for preference objectives: its fused loss and packing are
+written for SFT labels; TRL's DPOTrainer computes the log-probs with its own chunked LM head
+(no full-vocabulary logits), and pairs are padded, not packed (see the plan's reason line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..data.preference import check_objective_formats
+from ..model.load import cuda_available, load_base
+from .checkpoint import AtomicCheckpointTrainer
+from .setup import ListDataset, pick_collator_and_plan
+
+# TRL's metric names -> ours (eval/<set>/<name>, train/<name>); others keep theirs with '/' -> '_'.
+METRIC_NAMES = {
+    "rewards/accuracies": "preference_accuracy", "rewards/margins": "reward_margin",
+    "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
+    "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected",
+    "logits/chosen": "logits_chosen", "logits/rejected": "logits_rejected",
+}
+# What summary.json's `eval` keeps per set (besides the loss).
+SUMMARY_METRICS = ("preference_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "logps_chosen",
+                   "logps_rejected", "nll_loss", "log_odds_ratio")
+FAST_PATH_OFF = ("off for train.objective={}: TRL's trainer computes the pair log-probs with its own chunked LM head "
+                 "(no full-vocabulary logits); pairs are padded, not packed")
+
+
+@dataclass
+class TrainerParts:
+    """What differs between objectives when recipe.build_trainer makes its Trainer."""
+
+    cls: type
+    train: Any
+    eval: dict
+    args_cls: type | None = None  # None: HF TrainingArguments
+    args: dict = field(default_factory=dict)  # extra TrainingArguments / TRL config fields
+    collator: Any = None  # None: the fast path's collator (SFT); TRL's pair collators with our pad id (never EOS)
+    kwargs: dict = field(default_factory=dict)
+    lengths: list[int] = field(default_factory=list)
+
+
+def objective_parts(cfg, run, dtype) -> TrainerParts:
+    """SFT: our Trainer over ListDatasets. dpo / orpo: TRL's trainer (with ours in front) over our pair ids."""
+    objective = cfg.train.objective
+    if objective == "sft":
+        train = ListDataset(run.data.train)
+        return TrainerParts(AtomicCheckpointTrainer, train, {n: ListDataset(run.data.validation[n]) for n in run.set_names},
+                            lengths=train.lengths())
+    import os
+
+    from datasets import Dataset, disable_progress_bars  # late: only preference runs need it
+
+    disable_progress_bars()  # TRL maps the (already tokenized) sets: no "Map: 100%" bars between our lines
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO lives in trl.experimental: the API is pinned in pyproject.toml
+
+    def rows(examples):
+        return Dataset.from_list([{"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids,
+                                   "rejected_ids": e.rejected_ids} for e in examples])
+
+    train = rows(run.data.train)
+    evals = {n: rows(run.data.validation[n]) for n in run.set_names}
+    common = dict(remove_unused_columns=False, beta=getattr(cfg, objective).beta, max_length=None)
+    if objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+
+        from trl.experimental.utils import DPODataCollatorWithPadding
+
+        return TrainerParts(_orpo_class(), train, evals, ORPOConfig, dict(common, max_length=cfg.data.max_seq_length,
+                            padding_value=run.rules.pad_id), DPODataCollatorWithPadding(pad_token_id=run.rules.pad_id),
+                            kwargs={"processing_class": run.tokenizer})
+    from trl import DPOConfig
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    d = cfg.dpo
+    args = dict(common, loss_type=[d.loss_type], label_smoothing=d.label_smoothing, pad_to_multiple_of=None)
+    return TrainerParts(_dpo_class(), train, evals, DPOConfig, args, DataCollatorForPreference(pad_token_id=run.rules.pad_id),
+                        kwargs={"processing_class": run.tokenizer, "ref_model": reference_model(cfg, run, dtype)})
+
+
+def check_data(cfg, formats: dict[str, str]) -> None:
+    """Every data file has the rows train.objective needs (before any model loads)."""
+    check_objective_formats(cfg.train.objective, formats)
+
+
+def pick_plan(cfg, model, pad_id: int, lengths: list[int]):
+    """setup.pick_collator_and_plan; preference objectives get the plain path (no packing), and their
+    first reason line says why."""
+    if cfg.train.objective == "sft":
+        return pick_collator_and_plan(cfg, model, pad_id, lengths)
+    gc = cfg.train.gradient_checkpointing
+    if gc == "auto":  # the plain path's rule (setup.gradient_checkpointing): on for GPUs, off on CPU
+        gc = "on" if cuda_available() else "off"
+    plain = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"enabled": False}),
+                                   "data": cfg.data.model_copy(update={"packing": "off"}),
+                                   "train": cfg.train.model_copy(update={"gradient_checkpointing": gc})})
+    model, collator, plan = pick_collator_and_plan(plain, model, pad_id, lengths)
+    why = FAST_PATH_OFF.format(cfg.train.objective)
+    return model, collator, dataclasses.replace(plan, reasons=(f"fast path {why}", *plan.reasons[1:]))
+
+
+def reference_model(cfg, run, dtype):
+    """The frozen DPO reference, or None for the base with the adapter disabled (LoRA / QLoRA)."""
+    ref = cfg.dpo.reference
+    if ref in ("auto", "adapter-off") and cfg.model.method != "full":
+        return None
+    model_cfg = cfg.model if ref == "auto" else cfg.model.model_copy(update={"name": ref, "gguf_file": None})
+    model = load_base(model_cfg, cfg.quantization, run.rules, run.tokenizer, dtype)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def eval_metrics(metrics: dict, set_names: list[str]) -> dict[str, dict]:
+    """{set: {preference_accuracy, reward_margin, ...}} from one evaluation's HF metrics (eval_<set>_<name>)."""
+    return {n: {m: metrics[f"eval_{n}_{m}"] for m in SUMMARY_METRICS if f"eval_{n}_{m}" in metrics} for n in set_names}
+
+
+def _renamed(values: dict, prefix: str) -> dict:
+    return {prefix + METRIC_NAMES.get(k, k.replace("/", "_")): v for k, v in values.items()}
+
+
+class _PerSetMetrics:
+    """TRL logs its metrics without the validation set's name (eval_rewards/accuracies for every set):
+    each evaluate() call remembers its set's prefix and the log renames them eval_<set>_<name>."""
+
+    _eval_prefix = "eval"
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """TRL writes a model card (README.md) into checkpoints/ at every save, outside the atomic
+        staging; the run directory describes itself (summary.json, report.md): none is written."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if isinstance(eval_dataset, str):  # HF evaluates a dict of sets one by one, by name
+            metric_key_prefix = metric_key_prefix if metric_key_prefix.endswith(f"_{eval_dataset}") else f"eval_{eval_dataset}"
+        self._eval_prefix = metric_key_prefix
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+
+def _dpo_class():
+    from trl import DPOTrainer
+
+    class DPOOnOurIds(_PerSetMetrics, AtomicCheckpointTrainer, DPOTrainer):
+        """DPOTrainer on data/chat's ids, with our checkpoints and non-finite guard."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            peft_config = getattr(self.model, "peft_config", {})
+            if "ref" in peft_config:  # TRL copies a PeftModel's adapter as "ref"; ours starts at zero: the base is the reference
+                self.model.delete_adapter("ref")
+                self.model.set_adapter("default")
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # already prompt_ids / chosen_ids / rejected_ids (data/chat.encode_pair)
+
+        def log(self, logs: dict, start_time: float | None = None) -> None:
+            mode = "train" if self.model.training else "eval"
+            values = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+            self._metrics[mode].clear()  # TRL's log adds nothing more
+            logs.update(_renamed(values, "" if mode == "train" else f"{self._eval_prefix}_"))
+            super().log(logs, start_time)
+
+    return DPOOnOurIds
+
+
+def _orpo_class():
+    from trl.experimental.orpo import ORPOTrainer
+
+    class ORPOOnOurIds(_PerSetMetrics, AtomicCheckpointTrainer, ORPOTrainer):
+        """ORPOTrainer on data/chat's ids, with our checkpoints and non-finite guard."""
+
+        def __init__(self, *args, eval_dataset=None, **kwargs):
+            # ORPOTrainer maps one eval Dataset, not a dict of named sets: it gets the first, then every
+            # set goes through the same tokenize_row pass-through
+            first = next(iter(eval_dataset.values())) if isinstance(eval_dataset, dict) else eval_dataset
+            super().__init__(*args, eval_dataset=first, **kwargs)
+            if isinstance(eval_dataset, dict):
+                self.eval_dataset = {n: d.map(self.tokenize_row) for n, d in eval_dataset.items()}
+            self.use_dpo_data_collator = True  # it is TRL's DPODataCollatorWithPadding, given our pad id
+
+        def tokenize_row(self, feature, model=None) -> dict:
+            prompt = list(feature["prompt_ids"])
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for side in ("chosen", "rejected"):
+                completion = list(feature[f"{side}_ids"])
+                row[f"{side}_input_ids"] = prompt + completion
+                row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(completion))
+                row[f"{side}_labels"] = [-100] * len(prompt) + completion
+            return row
+
+        def log(self, logs: dict, start_time: float | None = None) -> None:
+            mode = "train" if "loss" in logs else "eval"
+            stored = self._stored_metrics.pop(mode, {})
+            values = {k.removeprefix("eval_"): sum(v) / len(v) for k, v in stored.items() if v}
+            logs.update(_renamed(values, "" if mode == "train" else f"{self._eval_prefix}_"))
+            super().log(logs, start_time)
+
+    return ORPOOnOurIds

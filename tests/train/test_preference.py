@@ -1,0 +1,152 @@
+"""Preference objectives through the one training path, on a tiny random Llama (CPU, seconds):
+DPO validation preference accuracy rises, metrics per named set reach metrics.jsonl and
+summary.json, the LoRA reference is the base with the adapter disabled, full fine-tuning and ORPO
+run, and a DPO run merges like an SFT run."""
+
+import json
+
+import pytest
+import torch
+
+from llamaft.errors import DataError
+from llamaft.train.recipe import train
+from preference_helpers import preference_config, preference_project
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return preference_project(tmp_path_factory.mktemp("pref"))
+
+
+class _Spy:
+    """Records the Trainer the recipe built (on_train_begin), to look at its model and reference."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Spy(TrainerCallback):
+            models = []
+
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                self.models.append(model)
+
+        return Spy()
+
+
+@pytest.fixture(scope="module")
+def dpo_run(model_dir, tmp_path_factory):
+    spy = _Spy()
+    run = train(preference_config(model_dir, tmp_path_factory.mktemp("runs") / "dpo"), callbacks=[spy],
+                training_args={"eval_on_start": True})
+    return run, spy.models[0]
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_raises_validation_preference_accuracy(dpo_run):
+    run, _ = dpo_run
+    evals = [r for r in _rows(run) if "eval/val/preference_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    first, last = evals[0], evals[-1]
+    # Step 0: the policy is the reference (zero LoRA B), every reward 0, no pair ranked right yet.
+    assert first["eval/val/preference_accuracy"] == 0.0 and first["eval/val/reward_margin"] == 0.0
+    assert last["eval/val/preference_accuracy"] >= 0.9 and last["eval/val/reward_margin"] > 0.02
+    assert last["eval/val/loss"] < first["eval/val/loss"] - 0.01  # ln 2 at the start
+    # The concise answers gained probability relative to the rambling ones (log-probs summed per answer).
+    assert last["eval/val/logps_chosen"] - last["eval/val/logps_rejected"] > \
+        first["eval/val/logps_chosen"] - first["eval/val/logps_rejected"]
+    assert not any("perplexity" in k for r in evals for k in r)  # the eval loss is DPO's, not a token NLL
+
+
+def test_summary_and_tensorboard_names(dpo_run):
+    run, _ = dpo_run
+    summary = json.loads((run / "summary.json").read_text())
+    val = summary["eval"]["val"]
+    assert summary["status"] == "completed" and set(val) >= {"loss", "preference_accuracy", "reward_margin",
+                                                           "logps_chosen", "logps_rejected"}
+    last = [r for r in _rows(run) if "eval/val/preference_accuracy" in r][-1]
+    assert val["preference_accuracy"] == last["eval/val/preference_accuracy"]
+    assert summary["fast_path"][0].startswith("fast path off for train.objective=dpo")
+    assert summary["eval_during_training"]["sets"]["val"]["note"].startswith("dpo loss and preference metrics only")
+    assert "train/preference_accuracy" in _rows(run)[1]
+    assert summary["data"]["train"]["examples"] == 48 and (run / "adapter" / "adapter_model.safetensors").is_file()
+    report = (run / "report.md").read_text()
+    assert "| preference_accuracy | 0 (step 0) |" in report and (run / "plots" / "eval_val.png").is_file()
+
+
+def test_lora_reference_is_the_adapter_disabled_not_a_copy(dpo_run):
+    _, model = dpo_run
+    assert list(model.peft_config) == ["default"]  # TRL's "ref" copy of the adapter was removed
+    assert not any(".ref." in name for name, _ in model.named_parameters())
+
+
+def test_a_dpo_run_merges_like_an_sft_run(dpo_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llamaft.export.merge import merge
+    from llamaft.model.inference import load_for_inference
+
+    run, _ = dpo_run
+    merged = merge(run, tmp_path / "merged", dtype="float32")
+    tuned, _, _ = load_for_inference(run, device="cpu")
+    plain = AutoModelForCausalLM.from_pretrained(str(merged))
+    ids = torch.tensor([[30, 31, 40, 3, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_full_finetuning_against_a_frozen_copy_and_orpo(model_dir, tmp_path):
+    full = train(preference_config(model_dir, tmp_path / "full", method="full", max_steps=2, eval_every=0, save_every=0))
+    assert any(full.joinpath("model").glob("*.safetensors"))
+    orpo = train(preference_config(model_dir, tmp_path / "orpo", objective="orpo", max_steps=2, eval_every=0, save_every=0))
+    val = json.loads((orpo / "summary.json").read_text())["eval"]["val"]
+    assert {"preference_accuracy", "nll_loss", "log_odds_ratio"} <= set(val)
+
+
+def test_a_model_path_as_reference(model_dir, tmp_path, monkeypatch):
+    import llamaft.train.preference as preference
+
+    made, real = [], preference.reference_model
+    monkeypatch.setattr(preference, "reference_model", lambda *a: made.append(real(*a)) or made[-1])
+    spy = _Spy()
+    run = train(preference_config(model_dir, tmp_path / "ref", max_steps=1, eval_every=0, save_every=0,
+                                  dpo={"reference": str(model_dir), "beta": 0.2}),
+                callbacks=[spy], training_args={"eval_on_start": True})
+    start = next(r for r in _rows(run) if r["step"] == 0)
+    # The reference is a second copy of the same base: at step 0 every reward is exactly 0.
+    assert start["eval/val/reward_margin"] == 0.0 and start["eval/val/preference_accuracy"] == 0.0
+    assert list(spy.models[-1].peft_config) == ["default"]
+    (ref,) = made  # a frozen model loaded from the path, not the adapter switched off
+    assert type(ref).__name__ == "LlamaForCausalLM" and not any(p.requires_grad for p in ref.parameters())
+
+
+def test_a_dpo_run_resumes_from_its_checkpoint(model_dir, tmp_path):
+    out = tmp_path / "resume"
+    train(preference_config(model_dir, out, max_steps=2, eval_every=0, save_every=1))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]  # no model card
+    train(preference_config(model_dir, out, max_steps=4, eval_every=0, save_every=2, resume=True))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 4
+    assert [r["step"] for r in _rows(out) if "train/loss" in r] == [1, 2, 3, 4]
+
+
+def test_objective_needs_its_rows_before_any_run_dir(model_dir, tmp_path):
+    cfg = preference_config(model_dir, tmp_path / "sft", objective="sft")
+    with pytest.raises(DataError, match="train.jsonl: preference rows"):
+        train(cfg)
+    assert not (tmp_path / "sft").exists()
+
+
+def test_trl_names_we_rely_on():
+    """We replace TRL's tokenization (our ids go in as they are) and rename its metrics."""
+    from trl import DPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    assert callable(DPOTrainer._prepare_dataset) and callable(ORPOTrainer.tokenize_row)
+    src = __import__("inspect").getsource(DPOTrainer._compute_loss)
+    for name in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert f'"{name}"' in src
