@@ -2,7 +2,8 @@
 
     python benchmarks/bench.py DIR MODE SEQ BS GA STEPS OUT.json [--variant fast|plain] [--gc auto|on|off]
         [--compile|--regroup|--offload|--partial|--nf4|--cpu-emb auto|on|off] [--memory-gib N] [--optim NAME]
-        DIR   a saved random Llama-3.1-8B-shaped model (`seed_baseline.py save DIR`)
+        DIR   a saved random Llama-3.1-8B-shaped model (`seed_baseline.py save DIR`), or random:SHAPE
+              (random:llama-3.1-70b): that shape built on the GPU layer by layer, never saved (onthefly.py)
         MODE  lora | qlora | full
 
 Same workload as ../shared/bench/seed_baseline.py: identical lengths (lognormal, seed 0), token ids
@@ -96,6 +97,21 @@ def others_used_bytes() -> int | None:
 
 
 def load_model(args):
+    if args.dir.startswith("random:"):  # benchmark-only: too large to save (70B bf16 is 141 GB)
+        import onthefly
+
+        model = onthefly.build(args.dir.split(":", 1)[1], args.mode, "cuda")
+    else:
+        model = _from_disk(args)
+    if args.mode != "full":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
+                                                 task_type="CAUSAL_LM", target_modules=TARGETS))
+    return model
+
+
+def _from_disk(args):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kw = dict(dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
@@ -103,13 +119,7 @@ def load_model(args):
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(args.dir, **kw)
-    if args.mode != "full":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
-                                                 task_type="CAUSAL_LM", target_modules=TARGETS))
-    return model
+    return AutoModelForCausalLM.from_pretrained(args.dir, **kw)
 
 
 def versions():

@@ -2,7 +2,7 @@
 
     llamaft demo
     llamaft train configs/llama-3.1-8b-lora.yaml lora.r=32 train.learning_rate=2e-4
-    llamaft train configs/llama-3.1-8b-lora.yaml --nproc 2     # two processes (DDP; gloo on CPU)
+    llamaft train configs/llama-3.1-8b-lora.yaml --nproc 2     # two processes (DDP or FSDP2; gloo on CPU)
     llamaft data configs/llama-3.1-8b-lora.yaml --dump examples.jsonl
     llamaft eval runs/demo --compare-base
     llamaft merge runs/demo --out runs/demo/merged
@@ -153,7 +153,8 @@ def _count(text: str) -> int:
 def _train_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     p.add_argument("--nproc", type=_count, default=None, metavar="N",
-                   help="processes to train in (DDP; gloo on CPU): the same command through torch.distributed.run, "
+                   help="processes to train in (DDP or FSDP2: distributed.strategy; gloo on CPU): the same command "
+                        "through torch.distributed.run, "
                         "the configured batch shared out among them (default: every visible GPU when there are several, "
                         "else 1; under torchrun / accelerate launch: the processes they started)")
 

@@ -42,3 +42,15 @@ def test_every_config_named_in_docstrings_and_docs_exists():
     assert len(_expand("configs/x-{a,b}.yaml")) == 2
     missing = {name: sorted(where) for name, where in named.items() if not (ROOT / name).is_file()}
     assert not missing, f"configs named but not in configs/: {missing}"
+
+
+def test_the_70b_configs_are_one_gpu_qlora_and_sharded_lora():
+    from llamaft.train.distributed import per_process
+
+    qlora = load_config(ROOT / "configs/llama-3.1-70b-qlora.yaml")
+    assert (qlora.model.method, qlora.distributed.strategy) == ("qlora", "auto")
+    lora = load_config(ROOT / "configs/llama-3.1-70b-lora-fsdp.yaml")
+    assert (lora.model.method, lora.distributed.strategy) == ("lora", "fsdp")
+    assert lora.distributed.fsdp.activation_checkpointing and lora.distributed.fsdp.sharding == "full"
+    for n in (1, 2, 4, 8):  # the global batch divides among the GPUs of one host
+        assert per_process(lora, n).train.gradient_accumulation * n == lora.train.gradient_accumulation

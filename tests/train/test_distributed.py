@@ -6,12 +6,7 @@ nothing depends on llamaft having started the launcher); each is bounded by a ti
 every process of the run is killed. Skip them with `-m "not multiprocess"`.
 """
 
-import json
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,9 +17,8 @@ from llamaft.config import config_from_dict
 from llamaft.errors import ConfigError, LlamaftError
 from llamaft.train import distributed, launch
 from llamaft.train.callbacks import read_metrics
+from distributed_helpers import _adapter, _llamaft, _losses, _processes_naming, _project, _torchrun
 from train_helpers import cli_project, strict_json
-
-TIMEOUT = 150  # seconds for one multi-process run (about 30 on 2 shared cores: 2 processes importing torch + HF)
 
 
 def _cfg(**train):
@@ -54,17 +48,27 @@ def test_an_accumulation_that_does_not_divide_is_one_line_with_the_fix():
         "(a multiple of 2) or use a process count that divides 3")
 
 
-def test_an_accelerate_config_for_fsdp_is_refused(monkeypatch):
+def test_an_accelerate_config_for_fsdp_needs_the_fsdp_strategy(monkeypatch):
+    """The strategy is the config's: accelerate launch with an FSDP config runs FSDP only when the config says so."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match=r"launcher asks for FSDP \(ACCELERATE_USE_FSDP=true\); llamaft runs "
-                                          r"distributed.strategy=auto \(DDP\)"):
+                                          r"distributed.strategy=auto .*: set distributed.strategy=fsdp"):
         distributed.check(_cfg(gradient_accumulation=2), 2)
+    fsdp = _cfg(gradient_accumulation=2)
+    fsdp.distributed.strategy = "fsdp"
+    distributed.check(fsdp, 2)
 
 
 def test_distributed_strategy_is_validated():
     assert _cfg().distributed.strategy == "auto"
-    with pytest.raises(ConfigError, match="distributed.strategy"):
-        config_from_dict({"model": {"name": "m"}, "data": {"train": ["t.jsonl"]}, "distributed": {"strategy": "fsdp"}})
+    fsdp = config_from_dict({"model": {"name": "m"}, "data": {"train": ["t.jsonl"]},
+                             "distributed": {"strategy": "fsdp", "fsdp": {"sharding": "hybrid", "cpu_offload": True}}})
+    assert (fsdp.distributed.fsdp.sharding, fsdp.distributed.fsdp.cpu_offload) == ("hybrid", True)
+    assert fsdp.distributed.fsdp.activation_checkpointing is False
+    for bad, key in (({"strategy": "zero3"}, "distributed.strategy"), ({"fsdp": {"sharding": "half"}}, "distributed.fsdp.sharding"),
+                     ({"fsdp": {"offload": True}}, "distributed.fsdp")):
+        with pytest.raises(ConfigError, match=key):
+            config_from_dict({"model": {"name": "m"}, "data": {"train": ["t.jsonl"]}, "distributed": bad})
 
 
 def test_the_summary_states_the_global_batch():
@@ -138,89 +142,6 @@ def test_a_batch_that_does_not_divide_is_refused_before_any_process_starts(tmp_p
 
 # ---------------------------------------------------------------------------------------------
 # Two processes against one (tiny random Llama, gloo)
-
-
-def _project(root: Path) -> Path:
-    """cli_project (24 q/a rows, 6 steps of 8 sequences, a checkpoint every step) with an 8-row validation set,
-    generation metrics on it at steps 3 and 6, and no dropout (each process would draw its own masks).
-
-    The validation set is one micro-batch per process, and every answer has as many tokens: HF's evaluation
-    loss is the mean of its batches' means in one process, but weighs each process's batch by its label
-    tokens among all processes' (it gathers num_items_in_batch); equal counts make the two the same number."""
-    path = cli_project(root, eval_every=3)
-    cfg = yaml.safe_load(path.read_text())
-    rows = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()][:8]
-    (root / "val.jsonl").write_text("".join(json.dumps({"question": r["question"] + " ?", "answer": "yes"}) + "\n"
-                                            for r in rows))
-    cfg["lora"]["dropout"] = 0.0
-    cfg["data"]["validation"] = {"val": str(root / "val.jsonl")}
-    cfg["eval"] = {"generation": {"val": {"metrics": ["exact_match"], "max_samples": 4, "max_new_tokens": 3}}}
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-
-
-def _processes_naming(marker: str) -> list[int]:
-    """pids of live processes whose command line names `marker` (the run's config path)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if marker in cmdline:
-                found.append(int(proc.name))
-    return found
-
-
-def _bounded(cmd: list[str], marker: str) -> subprocess.CompletedProcess:
-    """Run cmd; past TIMEOUT every process of the run is killed (the launcher starts its workers in sessions
-    of their own, so killing the launcher alone would leave them) and the test fails."""
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as err:
-        for pid in _processes_naming(marker):
-            os.kill(pid, signal.SIGKILL)
-        pytest.fail(f"{cmd[3:6]} still running after {TIMEOUT} s (hang); stderr: {(err.stderr or b'')[-2000:]!r}")
-
-
-def _llamaft(*args: str, marker: str) -> subprocess.CompletedProcess:
-    return _bounded([sys.executable, "-m", "llamaft", *args], marker)
-
-
-def _torchrun(*args: str, marker: str) -> subprocess.CompletedProcess:
-    child = Path(__file__).resolve().parents[1] / "train_child.py"
-    return _bounded([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                     str(child), *args], marker)
-
-
-def _adapter(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(run / "adapter" / "adapter_model.safetensors")
-
-
-def _losses(run: Path, key: str) -> dict[int, float]:
-    return {r["step"]: r[key] for r in read_metrics(run / "metrics.jsonl") if key in r}
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The reference: the same project trained in this process."""
-    import torch
-
-    root = tmp_path_factory.mktemp("one")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train", str(_project(root))]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return root / "run"
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +219,18 @@ def test_a_data_error_stops_every_rank_with_one_line(tmp_path):
     assert len(errors) == 1 and errors[0].startswith(f"llamaft train: error: {tmp_path / 'train.jsonl'}:line 3"), proc.stderr
     assert _processes_naming(str(cfg)) == []
     assert not (tmp_path / "run").exists()  # rank 0 found it before creating anything
+
+
+def test_a_checkpoint_of_two_processes_resumes_in_one(one_process, two_processes, tmp_path):
+    """DDP checkpoints hold the whole adapter, the optimizer and the schedule: checkpoint-5 of the 2-process
+    run, resumed by one process, trains step 6 as the 1-process run did (same global batch, same data order)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_processes.run, run)  # config.yaml names its data from RUN/data (portable)
+    shutil.rmtree(run / "checkpoints" / "checkpoint-6")
+    assert main(["train", str(run / "config.yaml"), "train.resume=true", f"train.output_dir={run}"]) == 0
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # 1-5 kept from the 2-process run, 6 trained by one process
+    assert abs(_losses(run, "train/loss")[6] - _losses(one_process, "train/loss")[6]) < 1e-5
+    assert strict_json((run / "summary.json").read_text())["batch"]["processes"] == 1

@@ -217,13 +217,30 @@ class FastConfig(_Section):
     )
 
 
+class FsdpConfig(_Section):
+    """FSDP2 (distributed.strategy=fsdp): each process holds 1/N of the weights, gradients and optimizer states."""
+
+    sharding: Literal["full", "hybrid"] = Field(
+        "full", description="full: shard over every process; hybrid: shard within each machine, replicate across "
+        "machines (one machine: the same as full)."
+    )
+    cpu_offload: bool = Field(False, description="Keep the sharded parameters, gradients and optimizer states in CPU "
+                              "memory (the optimizer steps on the CPU): fits more, trains slower.")
+    activation_checkpointing: bool = Field(
+        False, description="FSDP's activation checkpointing of every decoder layer (also on when "
+        "train.gradient_checkpointing=on): recompute activations in the backward to save memory."
+    )
+
+
 class DistributedConfig(_Section):
     """Several processes (`llamaft train --nproc N`, torchrun, accelerate launch); one process ignores it."""
 
-    strategy: Literal["auto", "ddp"] = Field(
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="ddp: every process holds the whole model and trains its share of each optimizer step's "
-        "sequences, the gradients averaged across processes (auto: ddp when several processes run)."
+        "sequences, the gradients averaged across processes; fsdp: FSDP2, the model sharded across processes "
+        "(auto: ddp when one replica fits a GPU by the memory estimate, else fsdp; ddp on CPU)."
     )
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
 
 
 class GenerationEvalConfig(_Section):

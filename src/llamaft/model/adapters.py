@@ -102,16 +102,18 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def save_trained(model, out_dir: str | Path) -> None:
-    """adapter/ (PEFT format) or model/ (full weights): safetensors only.
+def save_trained(model, out_dir: str | Path, state_dict: dict | None = None) -> None:
+    """adapter/ (PEFT format) or model/ (full weights): safetensors only. `state_dict`: the weights
+    when the model's own are not whole (FSDP shards: train/fsdp.full_state_dict gathers them).
 
     With added tokens the whole (resized) embedding and lm_head travel with the adapter, so merge and
     load_for_inference never depend on re-creating new rows the same way.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    given = {"state_dict": state_dict} if state_dict is not None else {}
     if is_peft(model):
         added = bool(getattr(model, ADDED_TOKENS_ATTR, None))
-        model.save_pretrained(str(out_dir), save_embedding_layers=added)
+        model.save_pretrained(str(out_dir), save_embedding_layers=added, **given)
     else:
-        model.save_pretrained(str(out_dir))
+        model.save_pretrained(str(out_dir), **given)

@@ -86,26 +86,34 @@ def _source(model_cfg) -> tuple[str, dict]:
     return name, kwargs
 
 
-def quantization_config(quant_cfg, method: str):
-    """BitsAndBytesConfig for qlora (nf4 + double quant + bf16 compute by default), after checking hardware."""
+def quantization_config(quant_cfg, method: str, sharded: bool = False):
+    """BitsAndBytesConfig for qlora (nf4 + double quant + bf16 compute by default), after checking hardware.
+    sharded: the base will be sharded by FSDP (see `bnb_arguments`)."""
     require_bitsandbytes("QLoRA", "use model.method=lora on CPU")
     from transformers import BitsAndBytesConfig
 
+    return BitsAndBytesConfig(**bnb_arguments(quant_cfg, sharded, torch.cuda.is_bf16_supported()))
+
+
+def bnb_arguments(quant_cfg, sharded: bool = False, bf16_supported: bool = True) -> dict:
+    """BitsAndBytesConfig's arguments. Sharded (FSDP + QLoRA): the packed 4-bit weights are stored in the
+    compute dtype (`bnb_4bit_quant_storage`, as the FSDP-QLoRA recipe does): FSDP shards floating-point
+    tensors only, and accelerate leaves uint8-stored ones whole on every process (no memory saved)."""
     compute = DTYPES[quant_cfg.compute_dtype]
-    if compute == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    if compute == torch.bfloat16 and not bf16_supported:
         compute = torch.float16  # older GPUs (T4, V100) have no bf16 matmuls
     if quant_cfg.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_cfg.quant_type,
-        bnb_4bit_use_double_quant=quant_cfg.double_quant,
-        bnb_4bit_compute_dtype=compute,
-    )
+        return {"load_in_8bit": True}
+    args = {"load_in_4bit": True, "bnb_4bit_quant_type": quant_cfg.quant_type,
+            "bnb_4bit_use_double_quant": quant_cfg.double_quant, "bnb_4bit_compute_dtype": compute}
+    if sharded:
+        args["bnb_4bit_quant_storage"] = compute
+    return args
 
 
-def load_base(model_cfg, quant_cfg, rules, tokenizer, dtype: torch.dtype | None = None):
-    """The base causal LM, ready for adapters: pad/stop ids set, embeddings sized to the tokenizer, no KV cache."""
+def load_base(model_cfg, quant_cfg, rules, tokenizer, dtype: torch.dtype | None = None, sharded: bool = False):
+    """The base causal LM, ready for adapters: pad/stop ids set, embeddings sized to the tokenizer, no KV cache.
+    sharded: FSDP will shard it (qlora: the 4-bit weights stored in the compute dtype, `bnb_arguments`)."""
     from transformers import AutoModelForCausalLM
 
     if dtype is None:
@@ -120,7 +128,7 @@ def load_base(model_cfg, quant_cfg, rules, tokenizer, dtype: torch.dtype | None 
         # trainable; training wants plain dense weights.
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     if model_cfg.method == "qlora":
-        kwargs["quantization_config"] = quantization_config(quant_cfg, model_cfg.method)
+        kwargs["quantization_config"] = quantization_config(quant_cfg, model_cfg.method, sharded)
         kwargs["device_map"] = {"": torch.cuda.current_device()}  # bnb weights are quantised on the GPU
     try:
         model = AutoModelForCausalLM.from_pretrained(

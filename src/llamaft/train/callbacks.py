@@ -154,9 +154,12 @@ class GenerationEvalCallback(TrainerCallback):
     """Adds perplexity and generation metrics for every named validation set at each evaluation."""
 
     def __init__(self, eval_cfg, tokenizer, rules, sets: dict[str, list], *, log: Callable[[dict], None] | None = None,
-                 metrics_path: str | Path | None = None, generate: Callable | None = None, perplexity: bool = True):
+                 metrics_path: str | Path | None = None, generate: Callable | None = None, perplexity: bool = True,
+                 every_rank: bool = False):
         """sets: validation set name -> conversations (`split_conversations(...).validation`); log: e.g. trainer.log;
-        perplexity: False for preference objectives, whose eval loss is the DPO / ORPO loss, no token NLL."""
+        perplexity: False for preference objectives, whose eval loss is the DPO / ORPO loss, no token NLL.
+        every_rank: every process generates (FSDP: each forward needs them all; greedy, so all generate alike),
+        rank 0 alone logs; else rank 0 alone generates."""
         self.perplexity = perplexity
         self.eval_cfg = eval_cfg
         self.tokenizer = tokenizer
@@ -166,10 +169,11 @@ class GenerationEvalCallback(TrainerCallback):
         self.log_fn = log
         self.metrics_path = metrics_path
         self.generate = generate
+        self.every_rank = every_rank
         self.last: dict[str, dict] = {}  # set -> latest logged values (for summary.json / tests)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        if not state.is_world_process_zero or not metrics:
+        if not metrics or not (state.is_world_process_zero or self.every_rank):
             return
         for name in self.sets:
             loss = logged_loss(metrics, name, len(self.sets))
@@ -180,7 +184,7 @@ class GenerationEvalCallback(TrainerCallback):
                 gen_metrics = self._generate_for(model, name)
                 values.update({metric_key(name, k): v for k, v in gen_metrics.items()})
             self.last[name] = values
-            if values:
+            if values and state.is_world_process_zero:
                 self._emit(values, state.global_step, args)
 
     def _generate_for(self, model, name: str) -> dict:
@@ -235,7 +239,8 @@ def eval_scope(eval_cfg, rows: dict[str, int], examples: dict[str, int], objecti
 
 
 def make_eval_callback(cfg, tokenizer, rules, *, log: Callable[[dict], None] | None = None,
-                       sets: dict[str, list] | None = None, metrics_path: str | Path | None = None) -> GenerationEvalCallback:
+                       sets: dict[str, list] | None = None, metrics_path: str | Path | None = None,
+                       every_rank: bool = False) -> GenerationEvalCallback:
     """The callback for a run config.
 
     sets: validation set names -> conversations (training passes the ones it already read); default:
@@ -248,12 +253,13 @@ def make_eval_callback(cfg, tokenizer, rules, *, log: Callable[[dict], None] | N
             names = list(validation_sets(cfg.data.validation)) or (["validation"] if cfg.data.val_ratio > 0 else [])
             sets = {name: [] for name in names}
     return GenerationEvalCallback(cfg.eval, tokenizer, rules, sets, log=log, metrics_path=metrics_path,
-                                  perplexity=cfg.train.objective == "sft")
+                                  perplexity=cfg.train.objective == "sft", every_rank=every_rank)
 
 
-def attach_eval_callback(trainer, cfg, tokenizer, rules, sets: dict[str, list]) -> GenerationEvalCallback:
+def attach_eval_callback(trainer, cfg, tokenizer, rules, sets: dict[str, list],
+                         every_rank: bool = False) -> GenerationEvalCallback:
     """Create the callback over the validation conversations, log through `trainer.log`, add it to the trainer."""
-    cb = make_eval_callback(cfg, tokenizer, rules, log=trainer.log, sets=sets)
+    cb = make_eval_callback(cfg, tokenizer, rules, log=trainer.log, sets=sets, every_rank=every_rank)
     trainer.add_callback(cb)
     return cb
 

@@ -33,9 +33,11 @@ from transformers import Trainer, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..errors import LlamaftError
+from ..model.adapters import save_trained
 from ..model.finite import first_nonfinite_param
 from ..paths import as_os_error, check_output_dir, reason
 from . import distributed
+from .fsdp import full_state_dict, load_whole
 from .in_backward import in_backward_of
 from .nonfinite import NonFiniteGuard
 
@@ -98,6 +100,26 @@ class AtomicCheckpointTrainer(Trainer):
         self.nonfinite_guard = NonFiniteGuard(on_nonfinite, max_nonfinite_skips)
         # Last, so that it sees the gradients exactly as optimizer.step() will.
         self.add_callback(self.nonfinite_guard)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            cpu_fsdp(self)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        # FSDP: the trained tensors gathered whole by every rank (LoRA: the adapter only, never the
+        # frozen base), written by rank 0 in the same format as one process writes
+        state = full_state_dict(self)
+        if self.args.should_save:
+            save_trained(self.model, output_dir or self.args.output_dir, state)
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        return load_whole(self.model, Path(resume_from_checkpoint))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -198,6 +220,22 @@ class AtomicCheckpointTrainer(Trainer):
         HF's own arithmetic for this config and data (max_steps, or epochs x steps per epoch)."""
         max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
         return max_steps - TrainerState.load_from_json(str(checkpoint / STATE_FILE)).global_step
+
+
+def cpu_fsdp(trainer) -> None:
+    """FSDP2 on CPU processes (gloo): accelerate 1.15 attaches the FSDP plugin only to GPU-type launches
+    (state.py: MULTI_CPU is not among them) and would train DDP instead, silently. torch's fully_shard
+    runs on a CPU mesh over gloo, so the plugin is attached here as accelerate would on a GPU: the same
+    code path (sharding, FULL_STATE_DICT checkpoints, resume) is what the CPU tests exercise."""
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        raise LlamaftError(f"FSDP was asked for but accelerate runs {state.distributed_type} here")
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
 
 
 # torch's zip writer reports a full disk as a RuntimeError: "PytorchStreamWriter failed writing file

@@ -185,11 +185,13 @@ def check(cfg, size: int | None = None) -> None:
     """What several processes cannot run, before anything is read: a batch that does not divide, or
     an accelerate config for another strategy."""
     per_process(cfg, size)
+    strategy = cfg.distributed.strategy
     for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(env, "false").lower() == "true":
+        if os.environ.get(env, "false").lower() == "true" and not (name == "FSDP" and strategy == "fsdp"):
+            fix = "set distributed.strategy=fsdp" if name == "FSDP" else "use an accelerate config without DeepSpeed"
             raise ConfigError(f"the launcher asks for {name} ({env}=true); llamaft runs distributed.strategy="
-                              f"{cfg.distributed.strategy} (DDP): use `llamaft train --nproc N`, torchrun, or an "
-                              "accelerate config without FSDP / DeepSpeed")
+                              f"{strategy} (the strategy is the config's, not the launcher's): {fix}, or start it "
+                              "with `llamaft train --nproc N` or torchrun")
 
 
 def per_process(cfg, size: int | None = None):

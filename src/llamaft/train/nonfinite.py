@@ -79,6 +79,11 @@ def _grad_norm(model) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """FSDP: a norm over sharded gradients (a DTensor) made whole on every process (one all-reduce)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _any_process(bad: bool, device) -> bool:
     """True when any process saw a non-finite value: all take the same decision (one process that
     stopped alone would leave the others waiting in the next all-reduce)."""
@@ -163,7 +168,7 @@ class NonFiniteGuard(TrainerCallback):
         parts = [t for t in (loss, norm) if t is not None]
         if not parts:
             return None, None
-        values = torch.stack([t.to(parts[0].device) for t in parts]).tolist()
+        values = torch.stack([_whole(t).to(parts[0].device) for t in parts]).tolist()
         return (values.pop(0) if loss is not None else None), (values.pop(0) if norm is not None else None)
 
     def on_step_end(self, args, state, control, **kwargs):

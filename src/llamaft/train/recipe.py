@@ -13,7 +13,7 @@ save           final evaluation → adapter/ or model/ with the tokenizer → su
 Output: one progress bar in a terminal, one plain line per logging step in a log (train/progress.py);
 library noise is filtered in one place (llamaft/console.py).
 
-Several processes (DDP, train/distributed.py): rank 0 runs setup's checks and reads the data, the
+Several processes (DDP or FSDP2, train/distributed.py, fsdp.py): rank 0 runs setup's checks and reads the data, the
 others receive it; every rank trains; rank 0 alone writes the run directory.
 """
 
@@ -48,11 +48,13 @@ from .callbacks import (MetricsJsonlCallback, attach_eval_callback, eval_scope, 
                         tensorboard_callbacks, truncate_metrics)
 from .checkpoint import (clean_incomplete, completed, latest_complete, out_of_memory_message,
                          prepare_run_dir)
+from .fsdp import full_state_dict, settle_strategy
 from .in_backward import in_backward_optimizer
 from .portable import save_run_config
 from .progress import TrainProgress, find_progress, replace_hf_progress
 from .preference import check_data, eval_metrics, objective_parts, pick_plan
-from .setup import build_model, check_optimizer, gradient_checkpointing, optimizer_in_backward, training_arguments
+from .setup import (build_model, check_optimizer, gradient_checkpointing, optimizer_in_backward, place_on_gpu,
+                    training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,11 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     # LoRA init, so reruns and resumed runs start from identical weights.
     set_seed(cfg.train.seed)
     model = build_model(cfg, run.tokenizer, run.rules, dtype)
+    strategy, lines = settle_strategy(cfg, model, run.resume_from)  # DDP or FSDP2 (fsdp.py): the plan reads it
+    for line in lines:
+        say(line)
+    if strategy != "fsdp":  # FSDP2 moves each process's shard to its GPU itself: the whole model never goes there
+        model = place_on_gpu(cfg, model)
     parts = objective_parts(cfg, run, dtype)  # SFT's datasets, or TRL's preference trainer over our pair ids (preference.py)
     model, collator, plan = pick_plan(cfg, model, run.rules.pad_id, parts.lengths)
     for reason in getattr(plan, "reasons", []):
@@ -184,6 +191,7 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     args = training_arguments(
         cfg, run.dir / "checkpoints", bf16=bf16, fp16=fp16, has_eval=bool(eval_sets), cls=parts.args_cls,
         grad_ckpt=gradient_checkpointing(cfg.train, plan), extra={**parts.args, **(training_args or {})}, plan=plan,
+        strategy=strategy,
     )
     # The optimizer in the backward is built here, on the model the plan installed; HF builds the LR
     # scheduler on it. None: HF's own optimizer from args.optim.
@@ -204,7 +212,9 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     )
     replace_hf_progress(trainer)  # no tqdm bars (nested ones for every evaluation) nor printed log dicts
     # Perplexity + generation metrics per validation set at every evaluation, on the rows read in setup.
-    eval_cb = attach_eval_callback(trainer, cfg, run.tokenizer, run.rules, run.splits.validation) if eval_sets else None
+    # Under FSDP every rank takes part in each forward: every rank generates, rank 0 logs.
+    eval_cb = attach_eval_callback(trainer, cfg, run.tokenizer, run.rules, run.splits.validation,
+                                   every_rank=strategy == "fsdp") if eval_sets else None
     if args.world_size > 1:
         trainer.add_callback(distributed.wait_for_main())  # the others wait while rank 0 generates
         say(distributed.batch_line(args, cfg.distributed.strategy))
@@ -286,8 +296,10 @@ def save(run: Run, trainer, plan, result, eval_cb) -> None:
     """Final evaluation, the trained weights with the tokenizer, then summary.json + loss.png."""
     restore_parked(trainer.model)  # fast.cpu_lm_head: the head back on the GPU for the final eval and saving
     final_eval = final_evaluation(run, trainer, eval_cb)  # every rank: HF evaluates on all of them
+    # FSDP: the weights are shards; every rank takes part in gathering them whole for rank 0
+    state = full_state_dict(trainer) if trainer.is_fsdp_enabled else None
     if distributed.is_main():
-        save_trained(trainer.model, run.out)
+        save_trained(trainer.model, run.out, state)
         save_tokenizer(run.tokenizer, run.rules, run.out)
     finish(run, trainer, plan, Outcome("completed", result, final_eval))
 

@@ -14,6 +14,8 @@ import torch
 from ..model.adapters import apply_adapters
 from ..model.fast import apply_fast_path, choose_plan, configure_allocator, make_collator
 from ..model.load import cuda_available, load_base, require_bitsandbytes
+from . import distributed
+from .fsdp import trainer_arguments
 
 _OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 
@@ -105,10 +107,10 @@ def optimizer_in_backward(plan) -> bool:
 
 
 def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval: bool, grad_ckpt: bool | None = None,
-                       extra: dict | None = None, plan=None, cls=None):
+                       extra: dict | None = None, plan=None, cls=None, strategy: str = "single"):
     """Build TrainingArguments (or `cls`: TRL's DPOConfig / ORPOConfig); `extra`: fields we do not expose.
     Batch shape, optimizer and HF's checkpointing come from `resolve_steps(cfg.train, plan)`;
-    `grad_ckpt` overrides the checkpointing flag when given."""
+    `grad_ckpt` overrides the checkpointing flag when given; `strategy` "fsdp" adds FSDP2's fields (train/fsdp.py)."""
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -162,7 +164,7 @@ def training_arguments(cfg, ckpt_dir: Path, *, bf16: bool, fp16: bool, has_eval:
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
-    kwargs.update(extra or {})
+    kwargs.update({**trainer_arguments(cfg, strategy), **(extra or {})})  # FSDP2's fields (fsdp.py), then the caller's
     return (cls or TrainingArguments)(**kwargs)
 
 
@@ -175,11 +177,17 @@ def pick_collator_and_plan(cfg, model, pad_id: int, lengths: list[int] | None = 
 
 
 def build_model(cfg, tokenizer, rules, dtype):
-    """The base model with its adapters, on the GPU when there is one."""
+    """The base model with its adapters (or all weights trainable), in CPU memory unless bitsandbytes placed it."""
     if cfg.fast.enabled:
         configure_allocator()  # before the weights land: every segment expandable (model/fast/memory.py)
-    model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype)
-    model = apply_adapters(model, cfg.model, cfg.lora)
+    # FSDP + QLoRA: the 4-bit base is loaded in a storage FSDP can shard (model/load.bnb_arguments)
+    sharded = distributed.world().size > 1 and cfg.distributed.strategy == "fsdp"
+    model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype, sharded=sharded)
+    return apply_adapters(model, cfg.model, cfg.lora)
+
+
+def place_on_gpu(cfg, model):
+    """The model on this process's GPU (not under FSDP2, which moves each shard there itself)."""
     if torch.cuda.is_available() and cfg.model.method != "qlora":
         # On the GPU before the fast-path plan is chosen: the plan reads the model's device (the
         # Trainer would move it only later). qlora bases are placed by bitsandbytes already.

@@ -111,6 +111,7 @@ class Facts:
     distributed: bool = False          # several processes (WORLD_SIZE > 1)
     fits: ModelFits = field(default_factory=ModelFits)
     budget: _memory.Budget | None = None  # this run's share of the card (memory.read_budget), None off CUDA
+    fsdp: bool = False                 # several processes under FSDP2 (distributed.strategy=fsdp, train/fsdp.py)
 
 
 def read_facts(cfg, model) -> Facts:
@@ -118,11 +119,14 @@ def read_facts(cfg, model) -> Facts:
     probed only where the fast path runs."""
     from .install import model_fits
 
-    cuda = _cuda_target(model)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    fsdp = distributed and cfg.distributed.strategy == "fsdp"
+    # under FSDP the model waits in CPU memory until fully_shard moves each process's shard to its GPU
+    cuda = _cuda_target(model) or (fsdp and torch.cuda.is_available())
     fast = cuda and cfg.fast.enabled
     kernel = _attention.best_packed_attention() if fast else None
-    return Facts(cuda=cuda, packed_kernel=kernel, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1,
-                 fits=model_fits(model), budget=_memory.read_budget(cfg) if fast else None)
+    return Facts(cuda=cuda, packed_kernel=kernel, distributed=distributed, fits=model_fits(model),
+                 budget=_memory.read_budget(cfg) if fast and not fsdp else None, fsdp=fsdp)
 
 
 def _cuda_target(model) -> bool:
@@ -159,7 +163,26 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None, facts: Facts 
         packing, attention = log(plain_packing(cfg))
         gc = log(plain_checkpointing(cfg))
         return FastPlan(packing, attention, False, gc, False, tuple(log.lines))
+    if facts.fsdp:
+        return _fsdp_plan(cfg, facts, log)
     return _fast_plan(cfg, model, lengths, facts, log)
+
+
+# What FSDP2 keeps of the fast path: what works on the batch and inside attention, never on a weight.
+FSDP_OFF = ("fast path under FSDP2: packing and the attention kernel kept; off: the fused loss and the parked "
+            "lm_head (they read the lm_head's weight outside its FSDP unit, where it is a shard), CPU embeddings "
+            "(FSDP owns where each weight lives), our own checkpointing and offload (FSDP's activation "
+            "checkpointing, distributed.fsdp.activation_checkpointing), fused LoRA / NF4 kernels and torch.compile "
+            "(not validated on sharded weights), the memory budget and micro-batch regrouping (the estimate "
+            "knows no sharding), torch's fused AdamW (its step over DTensor shards is not validated)")
+
+
+def _fsdp_plan(cfg, facts: Facts, log: _Log) -> FastPlan:
+    attention = log(attention_kernel(cfg, facts.packed_kernel))
+    packing = log(packing_mode(cfg, attention))
+    single = log(single_sequence_sdpa(cfg, attention))
+    log((None, FSDP_OFF))
+    return FastPlan(packing, attention, False, False, False, tuple(log.lines), single_sdpa=single)
 
 
 def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
