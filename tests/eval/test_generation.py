@@ -144,7 +144,8 @@ def test_callback_runs_real_generation_on_a_tiny_model_inside_a_trainer(tmp_path
     rules = tiny_rules(tok)
     model = tiny_model()
     conv = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 3
-    cfg = SimpleNamespace(eval=EvalConfig(generation={"*": GenerationEvalConfig(metrics=["exact_match", "chrf"], max_new_tokens=3, max_samples=2)}))
+    cfg = SimpleNamespace(eval=EvalConfig(generation={"*": GenerationEvalConfig(metrics=["exact_match", "chrf"], max_new_tokens=3, max_samples=2)}),
+                          train=SimpleNamespace(objective="sft"))  # sft sets are scored with perplexity too
     ex = {"input_ids": [256, 104, 105, 257], "labels": [256, 104, 105, 257]}
     data = [dict(ex) for _ in range(4)]
 

@@ -161,37 +161,3 @@ def test_qlora_run_loads_unquantized_on_cpu(tmp_path):
     ref, got = _logits(model, IDS), _logits(plain, IDS)
     assert (got - ref).abs().max() < 0.15 * ref.abs().max()
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
-
-
-@pytest.mark.slow
-def test_merge_smollm2_gguf_run(tmp_path):
-    """The embedded SmolLM2 (GGUF base, dequantized on load): merged model == base + adapter, and
-    its generation_config stops on the template's turn end."""
-    from llamaft.assets import smollm2_gguf
-    from llamaft.config import config_from_dict, save_config
-    from llamaft.model.adapters import apply_adapters, save_trained
-    from llamaft.model.load import load_base
-    from llamaft.model.tokenizer import load_tokenizer, save_tokenizer
-
-    (tmp_path / "t.jsonl").write_text('{"question": "q", "answer": "a"}\n')
-    cfg = config_from_dict({"model": {"name": str(smollm2_gguf()), "dtype": "float32"}, "lora": {"r": 4},
-                            "data": {"train": [str(tmp_path / "t.jsonl")]}})
-    tok, rules = load_tokenizer(cfg.model, cfg.data)
-    model = apply_adapters(load_base(cfg.model, cfg.quantization, rules, tok, torch.float32), cfg.model, cfg.lora)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    run = tmp_path / "run"
-    save_trained(model, run / "adapter")
-    save_tokenizer(tok, rules, run / "adapter")
-    save_config(cfg, run / "config.yaml")
-    out = merge(run, tmp_path / "merged", dtype="float32")
-    plain = AutoModelForCausalLM.from_pretrained(str(out))
-    ids = torch.tensor([tok("The capital of France is", add_special_tokens=False)["input_ids"]])
-    model.eval()
-    torch.testing.assert_close(_logits(plain, ids), _logits(model, ids), atol=1e-3, rtol=0)
-    gen = json.loads((out / "generation_config.json").read_text())
-    assert sorted(gen["eos_token_id"]) == sorted(rules.stop_ids) and tok.convert_tokens_to_ids("<|im_end|>") in rules.stop_ids
-    assert gen["pad_token_id"] not in rules.stop_ids

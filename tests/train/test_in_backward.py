@@ -264,13 +264,13 @@ class InBackwardPlan:
 
 @pytest.fixture
 def in_backward_plan(monkeypatch):
-    real = recipe.pick_collator_and_plan
+    real = recipe.pick_plan  # the recipe's one call that settles the plan (every objective)
 
     def pick(*args, **kwargs):
         model, collator, plan = real(*args, **kwargs)
         return model, collator, InBackwardPlan(plan)
 
-    monkeypatch.setattr(recipe, "pick_collator_and_plan", pick)
+    monkeypatch.setattr(recipe, "pick_plan", pick)
 
 
 @pytest.fixture(scope="module")
