@@ -72,11 +72,13 @@ def test_distributed_strategy_is_validated():
 
 
 def test_the_summary_states_the_global_batch():
-    args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=2)
-    assert distributed.batch_summary(args, "auto") == {
+    args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=2, fsdp="")
+    assert distributed.batch_summary(args) == {
         "micro_batch_size": 4, "gradient_accumulation": 2, "processes": 2, "global_batch": 16, "strategy": "ddp"}
+    sharded = SimpleNamespace(**{**vars(args), "fsdp": True})  # what ran, whatever the config's `auto` chose
+    assert distributed.batch_summary(sharded)["strategy"] == "fsdp"
     one = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=1)
-    assert distributed.batch_summary(one, "auto") == {
+    assert distributed.batch_summary(one) == {
         "micro_batch_size": 4, "gradient_accumulation": 2, "processes": 1, "global_batch": 8}
 
 

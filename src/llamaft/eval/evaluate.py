@@ -89,7 +89,7 @@ def evaluate_run(path, data: str | list[str] | None = None, compare_base: bool =
         base, base_rows = _evaluate_loaded(path, False, sets, plans, eval_cfg, data_cfg)
         _write_rows(out_dir / "predictions_base.jsonl", base_rows)
 
-    _rewards(tuned, base, cfg.dpo.beta if cfg is not None else 0.1)
+    _rewards(tuned, base, cfg.dpo.beta if base is not None else None)  # --compare-base needs the run's config
     result = {"tuned": tuned, "base": base, "out": str(out_dir), "sets": {n: len(r) for n, r in sets.items()},
               "model": str(path), "data": data, "max_prompt_tokens": eval_cfg.max_prompt_tokens,
               "generation": {n: p.model_dump() for n, p in plans.items()}}
@@ -102,7 +102,7 @@ def evaluate_run(path, data: str | list[str] | None = None, compare_base: bool =
 PAIR_LOGPS = "_pair_logps"  # per-pair log-probs, kept until the base model's are known (then dropped)
 
 
-def _rewards(tuned: dict, base: dict | None, beta: float) -> None:
+def _rewards(tuned: dict, base: dict | None, beta: float | None) -> None:
     """Preference sets: with the base evaluated too, the tuned model's DPO reward against it (in `tuned`)."""
     for name, metrics in tuned.items():
         logps = metrics.pop(PAIR_LOGPS, None)

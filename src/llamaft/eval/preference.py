@@ -36,7 +36,8 @@ def pair_logps(model, examples: list, pad_id: int, batch_size: int = 8) -> list[
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]  # the model predicts token t+1 from t
         mask = labels != IGNORE_INDEX
-        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        # log p(label) = its logit - logsumexp: no second [rows, T, vocab] tensor beside the logits
+        token_logps = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
         sums += (token_logps * mask).sum(dim=1).tolist()
         counts += mask.sum(dim=1).tolist()
     if was_training:

@@ -36,9 +36,10 @@ def trial_rows(sweep, study) -> list[dict]:
         last = max(t.intermediate_values.items(), default=None)
         state = "interrupted" if t.user_attrs.get("interrupted") else \
             {"COMPLETE": "completed", "PRUNED": "pruned", "FAIL": "failed"}[t.state.name]
+        raw = apply_params(sweep.base, sweep.spec.params, t.params)  # the trial's config, built once
         rows.append({
             "trial": t.number, "state": state,
-            "config": {p.key: get_key(apply_params(sweep.base, sweep.spec.params, t.params), p.key) for p in sweep.spec.params},
+            "config": {p.key: get_key(raw, p.key) for p in sweep.spec.params},
             # a pruned trial: its last reported value (Optuna's value of a pruned trial), at that step
             "objective": t.value if state == "completed" else (last[1] if last and state == "pruned" else None),
             "objective_step": summary.get("steps") if state == "completed" else (last[0] if last and state == "pruned" else None),

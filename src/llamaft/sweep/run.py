@@ -20,7 +20,6 @@ from pathlib import Path
 
 from ..config import config_from_dict
 from ..console import make_console
-from ..data.cache import cached_datasets, cached_splits
 from ..data.sources import validation_sets
 from ..errors import ConfigError, LlamaftError
 from ..paths import check_output_dir, pid_alive, remove, write_text_atomic
@@ -130,22 +129,17 @@ def _run(sweep: Sweep, workers: int | None) -> Path:
 
 def preflight(sweep: Sweep, cfg) -> None:
     """What would fail every trial fails here, before any trains: bad rows, eval names, the model's
-    files and LoRA targets (meta device), hardware. The base setting's rows are tokenized into the
+    files and LoRA targets (meta device), hardware: the checks `llamaft train` makes before its run
+    directory exists (train/recipe.check_inputs). The base setting's rows are tokenized into the
     cache now, so that parallel workers find them there."""
-    from ..eval.generation import check_generation_sets
-    from ..model.preflight import check_model
-    from ..model.tokenizer import load_tokenizer
     from ..train.recipe import check_hardware
+    from ..train.setup import check_inputs
 
     check_hardware(cfg)
-    splits = cached_splits(cfg.data, sweep.cache)
-    tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
-    data = cached_datasets(cfg.data, tokenizer, rules, splits, sweep.cache)
-    check_generation_sets(cfg.eval, list(data.validation))
+    _, _, data = check_inputs(cfg, sweep.cache)
     if sweep.spec.set_name not in data.validation:
         raise ConfigError(f"{sweep.source}: sweep.objective: no validation set named '{sweep.spec.set_name}' "
                           f"(sets: {', '.join(data.validation) or 'none'})")
-    check_model(cfg.model, cfg.lora, tokenizer, rules)
 
 
 def absolute_paths(cfg) -> dict:

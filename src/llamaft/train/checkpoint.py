@@ -148,12 +148,12 @@ class AtomicCheckpointTrainer(Trainer):
         # HF's own (6 x tokens x parameters) counts the parameters again on every micro-batch by
         # walking every module: ~9 ms of host time per micro-batch on an 8B model, during which the
         # GPU had nothing queued (benchmarks/results/budget_h200, profiled step). The count is fixed.
-        ids = inputs.get(getattr(self.model, "main_input_name", "input_ids")) if isinstance(inputs, dict) else None
-        if ids is None or not hasattr(self.model, "num_parameters"):
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):  # HF's test (a BatchEncoding too)
             return 0
         if self._params_for_flops is None:
             self._params_for_flops = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * ids.numel() * self._params_for_flops
+        return 6 * inputs[main].numel() * self._params_for_flops
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         super().log(logs, start_time)

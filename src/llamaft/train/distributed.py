@@ -214,20 +214,22 @@ def per_process(cfg, size: int | None = None):
     return mine
 
 
-def batch_summary(args, strategy: str) -> dict:
-    """summary.json's `batch`: how the HF Trainer steps (per process) and what that makes per optimizer step."""
+def batch_summary(args) -> dict:
+    """summary.json's `batch`: how the HF Trainer steps (per process) and what that makes per optimizer step.
+    The strategy is the one that ran (HF's `fsdp` argument is set exactly when FSDP runs), not the
+    config's `auto`."""
     n = max(1, args.world_size)
     summary = {"micro_batch_size": args.per_device_train_batch_size,  # per process
                "gradient_accumulation": args.gradient_accumulation_steps,  # per process
                "processes": n,
                "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * n}
     if n > 1:
-        summary["strategy"] = "ddp" if strategy == "auto" else strategy
+        summary["strategy"] = "fsdp" if getattr(args, "fsdp", None) else "ddp"
     return summary
 
 
-def batch_line(args, strategy: str) -> str:
-    b = batch_summary(args, strategy)
+def batch_line(args) -> str:
+    b = batch_summary(args)
     return (f"{b.get('strategy', 'single process')}: {b['processes']} processes x {b['micro_batch_size']} sequences "
             f"per micro-batch x {b['gradient_accumulation']} accumulation = {b['global_batch']} sequences per optimizer "
             "step (the configured train.micro_batch_size x train.gradient_accumulation)")

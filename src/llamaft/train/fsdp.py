@@ -160,8 +160,7 @@ def load_whole(model, checkpoint: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     state = torch.load(checkpoint / FSDP_MODEL_FILE, map_location="cpu", weights_only=True)
-    wanted = set(state)
     result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    if result.unexpected_keys or not wanted:
+    if result.unexpected_keys or not state:
         raise ConfigError(f"train.resume: {checkpoint / FSDP_MODEL_FILE} does not fit this model "
                           f"(unexpected tensors: {sorted(result.unexpected_keys)[:3]})")

@@ -27,10 +27,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.preference import check_objective_formats
-from ..model.load import cuda_available, load_base
+from ..data.chat import PreferenceExample
+from ..model.load import load_base
 from .checkpoint import AtomicCheckpointTrainer
-from .setup import ListDataset, pick_collator_and_plan
+from .setup import ListDataset, gradient_checkpointing, pick_collator_and_plan
 
 # TRL's metric names -> ours (eval/<set>/<name>, train/<name>); others keep theirs with '/' -> '_'.
 METRIC_NAMES = {
@@ -99,19 +99,12 @@ def objective_parts(cfg, run, dtype) -> TrainerParts:
                         kwargs={"processing_class": run.tokenizer, "ref_model": reference_model(cfg, run, dtype)})
 
 
-def check_data(cfg, formats: dict[str, str]) -> None:
-    """Every data file has the rows train.objective needs (before any model loads)."""
-    check_objective_formats(cfg.train.objective, formats)
-
-
 def pick_plan(cfg, model, pad_id: int, lengths: list[int]):
     """setup.pick_collator_and_plan; preference objectives get the plain path (no packing), and their
     first reason line says why."""
     if cfg.train.objective == "sft":
         return pick_collator_and_plan(cfg, model, pad_id, lengths)
-    gc = cfg.train.gradient_checkpointing
-    if gc == "auto":  # the plain path's rule (setup.gradient_checkpointing): on for GPUs, off on CPU
-        gc = "on" if cuda_available() else "off"
+    gc = "on" if gradient_checkpointing(cfg.train) else "off"  # the plain path's rule (auto: on for GPUs)
     plain = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"enabled": False}),
                                    "data": cfg.data.model_copy(update={"packing": "off"}),
                                    "train": cfg.train.model_copy(update={"gradient_checkpointing": gc})})
@@ -199,13 +192,13 @@ def _orpo_class():
             self.use_dpo_data_collator = True  # it is TRL's DPODataCollatorWithPadding, given our pad id
 
         def tokenize_row(self, feature, model=None) -> dict:
-            prompt = list(feature["prompt_ids"])
-            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
-            for side in ("chosen", "rejected"):
-                completion = list(feature[f"{side}_ids"])
-                row[f"{side}_input_ids"] = prompt + completion
-                row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(completion))
-                row[f"{side}_labels"] = [-100] * len(prompt) + completion
+            ex = PreferenceExample(list(feature["prompt_ids"]), list(feature["chosen_ids"]),
+                                   list(feature["rejected_ids"]), "")
+            row = {"prompt_input_ids": ex.prompt_ids, "prompt_attention_mask": [1] * len(ex.prompt_ids)}
+            for name in ("chosen", "rejected"):
+                side = ex.side(name)  # prompt + completion, labels ignored on the prompt
+                row[f"{name}_input_ids"], row[f"{name}_labels"] = side.input_ids, side.labels
+                row[f"{name}_attention_mask"] = [1] * len(side.input_ids)
             return row
 
         def log(self, logs: dict, start_time: float | None = None) -> None:

@@ -30,17 +30,14 @@ import torch
 from transformers import set_seed
 
 from ..console import make_console, quiet_libraries
-from ..data.cache import cached_datasets, cached_splits
 from ..data.pipeline import Datasets, Splits
 from ..errors import LlamaftError, TrainingDiverged
-from ..eval.generation import check_generation_sets
 from ..eval.plots import plot_losses
 from ..eval.report import write_report
 from ..model.adapters import count_parameters, save_trained
 from ..model.fast import restore_parked
 from ..model.finite import first_nonfinite_param
 from ..model.load import quantization_config, resolve_precision
-from ..model.preflight import check_model
 from ..model.tokenizer import load_tokenizer, save_tokenizer
 from ..paths import write_text_atomic
 from . import distributed
@@ -52,9 +49,9 @@ from .fsdp import full_state_dict, settle_strategy
 from .in_backward import in_backward_optimizer
 from .portable import save_run_config
 from .progress import TrainProgress, find_progress, replace_hf_progress
-from .preference import check_data, eval_metrics, objective_parts, pick_plan
-from .setup import (build_model, check_optimizer, gradient_checkpointing, optimizer_in_backward, place_on_gpu,
-                    training_arguments)
+from .preference import eval_metrics, objective_parts, pick_plan
+from .setup import (build_model, check_inputs, check_optimizer, gradient_checkpointing, optimizer_in_backward,
+                    place_on_gpu, training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +137,7 @@ def setup(cfg, data_cache=None) -> Run:
     def checked_inputs():
         check_hardware(cfg)
         run_dir, resume_from = prepare_run_dir(cfg)
-        splits = cached_splits(cfg.data, data_cache)  # bad rows fail here, in seconds, before any tokenizer/model load
-        check_data(cfg, splits.formats)  # preference rows for dpo / orpo, SFT rows for sft
-        tokenizer, rules = loaded["tokenizer"] = load_tokenizer(cfg.model, cfg.data)
-        data = cached_datasets(cfg.data, tokenizer, rules, splits, data_cache)
-        if not data.train:
-            raise LlamaftError("data.train: no training examples left after filtering; check data.max_seq_length")
-        check_generation_sets(cfg.eval, list(data.validation))  # eval.generation names and metrics
-        check_model(cfg.model, cfg.lora, tokenizer, rules)  # source, vocabulary, lora.target_modules on the meta device
+        splits, loaded["tokenizer"], data = check_inputs(cfg, data_cache)
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir, resume_from, splits, data
 
@@ -217,7 +207,7 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
                                    every_rank=strategy == "fsdp") if eval_sets else None
     if args.world_size > 1:
         trainer.add_callback(distributed.wait_for_main())  # the others wait while rank 0 generates
-        say(distributed.batch_line(args, cfg.distributed.strategy))
+        say(distributed.batch_line(args))
     return trainer, plan, eval_cb
 
 
@@ -389,7 +379,7 @@ def run_summary(run: Run, trainer, plan, outcome: Outcome, rows: list[dict]) -> 
         "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
         "resumed_from": str(run.resume_from) if run.resume_from else None,
         "fast_path": list(getattr(plan, "reasons", [])),
-        "batch": distributed.batch_summary(trainer.args, cfg.distributed.strategy),  # sequences per optimizer step
+        "batch": distributed.batch_summary(trainer.args),  # sequences per optimizer step
         **({"optimizer_in_backward": True} if optimizer_in_backward(plan) else {}),
         "throughput": progress.throughput() if (progress := find_progress(trainer)) else None,
         "data": run.data.stats,

@@ -11,9 +11,16 @@ from typing import Any, Callable
 
 import torch
 
+from ..data.cache import cached_datasets, cached_splits
+from ..data.pipeline import Datasets, Splits
+from ..data.preference import check_objective_formats
+from ..errors import LlamaftError
+from ..eval.generation import check_generation_sets
 from ..model.adapters import apply_adapters
 from ..model.fast import apply_fast_path, choose_plan, configure_allocator, make_collator
 from ..model.load import cuda_available, load_base, require_bitsandbytes
+from ..model.preflight import check_model
+from ..model.tokenizer import load_tokenizer
 from . import distributed
 from .fsdp import trainer_arguments
 
@@ -193,3 +200,17 @@ def place_on_gpu(cfg, model):
         # Trainer would move it only later). qlora bases are placed by bitsandbytes already.
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
     return model
+
+
+def check_inputs(cfg, data_cache=None) -> tuple[Splits, tuple, Datasets]:
+    """(splits, (tokenizer, rules), token examples) after every data and model check that needs no
+    weights (a sweep runs the same before its first trial)."""
+    splits = cached_splits(cfg.data, data_cache)  # bad rows fail here, in seconds, before any tokenizer/model load
+    check_objective_formats(cfg.train.objective, splits.formats)  # preference rows for dpo / orpo, SFT rows for sft
+    tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
+    data = cached_datasets(cfg.data, tokenizer, rules, splits, data_cache)
+    if not data.train:
+        raise LlamaftError("data.train: no training examples left after filtering; check data.max_seq_length")
+    check_generation_sets(cfg.eval, list(data.validation))  # eval.generation names and metrics
+    check_model(cfg.model, cfg.lora, tokenizer, rules)  # source, vocabulary, lora.target_modules on the meta device
+    return splits, (tokenizer, rules), data
