@@ -158,7 +158,7 @@ def parse_args(argv=None):
     ap.add_argument("--fixed-len", type=int, default=0, help="every sequence this long (seq 2048/8192 workloads)")
     ap.add_argument("--profile", action="store_true",
                     help="one extra optimizer step after the timed ones under torch.profiler: kernel time by kind "
-                         "(env BENCH_TRACE=FILE.json also writes its chrome trace)")
+                         "and where the GPU waited (trace_gaps.py); env BENCH_TRACE=FILE.json.gz keeps the chrome trace")
     args = ap.parse_args(argv)
     # full: paged 8-bit AdamW, as the seed recipe and Unsloth were measured (../shared/bench)
     args.optim = args.optim or {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "paged_adamw_8bit"}[args.mode]
@@ -333,11 +333,30 @@ def step_profile(at, out):
                 wall = time.time() - self.t0
                 self.prof.__exit__(None, None, None)
                 out["profile"] = summarize_profile(self.prof, at, wall)
-                if os.environ.get("BENCH_TRACE"):  # the whole step's timeline, for chrome://tracing / Perfetto
-                    self.prof.export_chrome_trace(os.environ["BENCH_TRACE"])
+                out["profile"]["timeline"] = timeline(self.prof)
                 self.prof = None
 
     return StepProfile()
+
+
+def timeline(prof) -> dict:
+    """trace_gaps.py's reading of the step's chrome trace: compute idle time by culprit, and how much of
+    the host copies hid behind compute. BENCH_TRACE=FILE.json.gz keeps the trace (chrome://tracing)."""
+    import gzip
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import trace_gaps
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        summary = trace_gaps.summarize(trace_gaps.load(path))
+        if os.environ.get("BENCH_TRACE"):
+            with open(path, "rb") as src, gzip.open(os.environ["BENCH_TRACE"], "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return summary
 
 
 def summarize_profile(prof, at, wall):

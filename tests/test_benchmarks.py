@@ -257,3 +257,48 @@ def test_bench_profile_sorts_kernels_by_kind():
         "void indexSelectLargeIndex<c10::BFloat16>")}
     assert list(kinds.values()) == ["gemm", "attention", "triton", "copy", "elementwise", "reduce", "optimizer", "comm", "other"]
     assert bench.parse_args(["d", "lora", "512", "8", "4", "3", "o.json", "--profile"]).profile is True
+
+
+def test_trace_gaps_blames_idle_gpu_time(tmp_path):
+    """A synthetic step: compute kernels with three gaps -- one where the host sat in a synchronize, one
+    where the next kernel was launched late (host behind), one where it was queued early but waited for
+    a host copy on another stream -- and copies half hidden behind compute."""
+    import gzip
+
+    import trace_gaps
+
+    def gpu(name, ts, dur, corr, cat="kernel"):
+        return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, args=dict(correlation=corr, stream=7))
+
+    def rt(name, ts, dur, corr=None, tid=1):
+        return dict(ph="X", cat="cuda_runtime", name=name, ts=ts, dur=dur, tid=tid, args=dict(correlation=corr))
+
+    def op(name, ts, dur, tid=1):
+        return dict(ph="X", cat="cpu_op", name=name, ts=ts, dur=dur, tid=tid)
+
+    events = [
+        op("aten::mm", 0, 5), rt("cudaLaunchKernel", 1, 2, corr=1), gpu("gemm_a", 10, 100, 1),
+        # gap 110..210: the host sits in a synchronize
+        op("aten::item", 100, 120), rt("cudaStreamSynchronize", 105, 110),
+        op("aten::add", 195, 20), op("aten::mul", 200, 10), rt("cudaLaunchKernel", 202, 3, corr=2),
+        gpu("add_b", 210, 50, 2),
+        # gap 260..300: launched at 290 from aten::silu (host behind)
+        op("aten::silu", 285, 10), rt("cudaLaunchKernel", 290, 2, corr=3), gpu("silu_c", 300, 100, 3),
+        # gap 400..500: queued at 230, waits for the copy 420..500 (80 us exposed), and a copy 320..380 under silu_c
+        op("record_stream_wait", 225, 10), rt("cudaLaunchKernel", 230, 2, corr=4), gpu("gemm_d", 500, 100, 4),
+        gpu("Memcpy HtoD (Pinned -> Device)", 420, 80, 5, cat="gpu_memcpy"),
+        gpu("Memcpy DtoH (Device -> Pinned)", 320, 60, 6, cat="gpu_memcpy"),
+        gpu("Memcpy DtoD (Device -> Device)", 600, 10, 7, cat="gpu_memcpy"),  # compute stream work
+        gpu("tiny_gap_kernel", 615, 10, 8),  # a 5 us gap: under MIN_GAP_US, not listed
+    ]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = trace_gaps.summarize(trace_gaps.load(str(path)))
+    assert s["span_ms"] == 0.615 and s["compute_busy_ms"] == 0.37 and s["compute_idle_ms"] == 0.245
+    assert (s["host_copy_ms"], s["host_copy_hidden_ms"], s["host_copy_exposed_ms"]) == (0.14, 0.06, 0.08)
+    assert s["host_copy_by_kind_ms"] == {"HtoD": 0.08, "DtoH": 0.06}
+    assert s["gaps"] == [dict(culprit="blocked: cudaStreamSynchronize", ms=0.1, count=1),
+                         dict(culprit="waited on a stream: record_stream_wait", ms=0.1, count=1),
+                         dict(culprit="launch: aten::silu", ms=0.04, count=1)]
+    assert trace_gaps.summarize([op("x", 0, 1)]) == {"error": "no GPU events in the trace"}

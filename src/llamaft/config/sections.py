@@ -186,7 +186,7 @@ class FastConfig(_Section):
         "auto", description="With gradient checkpointing, park each layer's saved input in CPU memory (auto: on for qlora and when memory is short)."
     )
     regroup_batches: Literal["auto", "off"] = Field(
-        "auto", description="Fewer, larger micro-batches (same sequences per optimizer step) when memory allows."
+        "auto", description="Fewer, larger micro-batches (same sequences per optimizer step) when memory allows; with layers recomputed, the shape with the cheapest estimated step."
     )
     fused_optimizer: Literal["auto", "off"] = Field("auto", description="adamw_torch runs as torch's fused AdamW on CUDA.")
     tile_mlp: Literal["auto", "off"] = Field("auto", description="MLP in 16k-token chunks for long micro-batches (long context).")

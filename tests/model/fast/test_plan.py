@@ -273,7 +273,11 @@ def test_micro_batches_decider(monkeypatch):
     monkeypatch.setattr(mem, "regroup", lambda c, m, tokens_of, checkpointing, layout: (16, 2, f"fits (ckpt={checkpointing})"))
     assert P.micro_batches(cfg(**w), None, None, None, True, False, False) == (
         (16, 2), "micro-batches 16 x 2 accumulation (fast.regroup_batches=auto: fits (ckpt=False))")
-    assert P.micro_batches(cfg(**w), None, None, None, True, True, True)[1].endswith("(ckpt=True))")
+    monkeypatch.setattr(mem, "partial_regroup", lambda c, m, lengths, tokens_of, layout: (16, 2, "cheapest"))
+    # our checkpointing, layers recomputed per micro-batch: the cheapest shape; every layer: the largest
+    assert P.micro_batches(cfg(**w), None, None, None, True, True, True)[1].endswith("(fast.regroup_batches=auto: cheapest)")
+    assert P.micro_batches(cfg(fast__partial_checkpointing="off", **w), None, None, None, True, True, True)[1].endswith(
+        "(ckpt=True))")
     assert P.micro_batches(cfg(**w), None, None, None, True, True, False) == ((8, 4), None)  # HF's checkpointing
     assert P.micro_batches(cfg(**w), None, None, None, False, False, False) == ((8, 4), None)  # no packing
     assert P.micro_batches(cfg(fast__regroup_batches="off", **w), None, None, None, True, False, False) == ((8, 4), None)

@@ -143,7 +143,8 @@ def reasons_for(name, monkeypatch) -> list[str]:
 # Recorded from the plan as it was before the split (one run of `reasons_for` per case); never
 # regenerate this file to make the test pass: a changed reason is a changed summary.json. Regenerated
 # on purpose once since, with every diff read (issue 16: the budget became device-level, counted the
-# 8-bit states, and gained the memory-lean lora plan and the optimizer in the backward).
+# 8-bit states, and gained the memory-lean lora plan and the optimizer in the backward; then the
+# micro-batch shape under partial checkpointing became the cheapest estimated step, w512_lora_40).
 REASONS = json.loads((Path(__file__).parent / "plan_reasons.json").read_text(encoding="utf-8"))
 
 

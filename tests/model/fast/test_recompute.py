@@ -130,11 +130,20 @@ def test_plan_regroups_w512_lora_into_16x2(monkeypatch):
     assert any("micro-batches 16 x 2" in r for r in p.reasons)
     # a short dataset bounds the tokens better: everything in one micro-batch
     assert choose_plan(w512(), model, [40] * 400).micro_batch_size == 32
-    # a smaller card: checkpointing, and the largest micro-batch that fits with it
+    # a smaller card: checkpointing, with the shape of the cheapest estimated step -- 16 x 2 recomputes
+    # fewer layers than 32 x 1 for one more micro-batch's launches; 8 x 4 recomputes none but pays 3 more
     model = _cuda_8b(monkeypatch, gib=40)
     small = choose_plan(w512(), model, lens)
     assert small.gradient_checkpointing and small.checkpoint_layers is not None
-    assert (small.micro_batch_size, small.gradient_accumulation) == (32, 1)
+    assert (small.micro_batch_size, small.gradient_accumulation) == (16, 2), small.reasons
+    why = next(r for r in small.reasons if r.startswith("micro-batches"))
+    assert "32 x 1: ~11084 tokens, 22 of 32 recomputed; 16 x 2: ~5542 tokens, 12 of 32 recomputed; 8 x 4" in why
+    c = w512()
+    assert mem.step_cost(c, model, 2, 5542, 12) < min(mem.step_cost(c, model, 1, 11084, 22), mem.step_cost(c, model, 4, 2771, 0))
+    # the per-micro-batch overhead shrinks with the layer's matrices (a 70B layer: ~4x the work per token)
+    big = SimpleNamespace(config=SimpleNamespace(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                                 num_attention_heads=64, num_key_value_heads=8))
+    assert 300 < mem.step_cost(c, big, 1, 0, 0) < 400 and mem.step_cost(c, model, 1, 0, 0) == mem.MICRO_BATCH_OVERHEAD_TOKENS
     # switched off, or no packing (padding grows with the batch): as configured
     model = _cuda_8b(monkeypatch)
     assert choose_plan(w512(fast__regroup_batches="off"), model, lens).micro_batch_size == 8

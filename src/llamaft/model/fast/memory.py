@@ -294,6 +294,60 @@ def regroup(cfg, model, tokens_of, checkpointing: bool = False, layout: Layout =
     return mbs, ga, "a larger micro-batch would not fit: as configured"
 
 
+# The recomputation's share of a step, per recomputed layer fraction: LoRA's backward computes input
+# gradients only (fwd + bwd ~ 2 forwards: one more forward is +50%), full fine-tuning's weight
+# gradients too (~3 forwards: +33%). W512 LoRA at 40 GiB, 32 x 1 with ~20 of 32 layers recomputed:
+# 12,475 tok/s against 16,237 with none (1.30x; this predicts 1.31x; profile_h200/call3_*.json).
+RECOMPUTE_COST = {"lora": 0.5, "qlora": 0.5, "full": 1 / 3}
+# What one more micro-batch per step costs, in tokens of work: ~2,000 kernels launched per
+# micro-batch whatever its size, and smaller GEMMs. Fitted on W512 LoRA at 40 GiB on the H200
+# (tok/s 32 x 1: 12,475, 16 x 2: 13,397, 8 x 4: 11,646; profile_h200/call3_*.json): ~1,350 tokens of
+# Llama-3.1-8B. Scaled to other models by a layer's weights: launches per layer are the same, the
+# work per token and layer grows with its matrices.
+MICRO_BATCH_OVERHEAD_TOKENS = 1350
+_OVERHEAD_REF_LAYER = 4096 * (2 * 4096 + 2 * 1024) + 3 * 4096 * 14336  # Llama-3.1-8B: q, o, k, v, MLP
+
+
+def step_cost(cfg, model, parts: int, typical: int, recomputed: int) -> float:
+    """A step's work in token-equivalents: `parts` micro-batches of `typical` tokens, each recomputing
+    `recomputed` layers, plus each micro-batch's fixed overhead."""
+    c = model.config
+    h, kvh = c.hidden_size, c.hidden_size // c.num_attention_heads * getattr(c, "num_key_value_heads", c.num_attention_heads)
+    layer = h * (2 * h + 2 * kvh) + 3 * h * c.intermediate_size
+    overhead = MICRO_BATCH_OVERHEAD_TOKENS * _OVERHEAD_REF_LAYER / layer
+    share = RECOMPUTE_COST.get(cfg.model.method, 0.5) * recomputed / c.num_hidden_layers
+    return parts * (typical * (1 + share) + overhead)
+
+
+def partial_regroup(cfg, model, lengths, tokens_of, layout: Layout = Layout()) -> tuple[int, int, str]:
+    """(micro-batch, accumulation) under partial checkpointing, same sequences per optimizer step: of
+    the shapes whose worst micro-batch fits with every layer checkpointed, the one with the cheapest
+    estimated step (`step_cost`): larger micro-batches launch less per token but must recompute more
+    layers to fit (W512 LoRA at 40 GiB: 16 x 2 +7% over 32 x 1, 8 x 4 -7%)."""
+    mbs, ga = cfg.train.micro_batch_size, cfg.train.gradient_accumulation
+    if ga == 1:
+        return mbs, ga, "no accumulation to merge"
+    if not sizable(model):
+        return mbs, ga, "no model/GPU to size: as configured"
+    cap = cfg.data.max_seq_length
+    mean = sum(min(n, cap) for n in lengths) / len(lengths) if lengths else cap
+    layers, options = model.config.num_hidden_layers, []
+    for parts in range(1, ga + 1):
+        if ga % parts:
+            continue
+        m = mbs * ga // parts
+        if not fits(cfg, model, True, tokens_of(m), parts, layout)[0]:
+            continue
+        typical = int(mean * m)
+        k = layers_for(checkpoint_table(cfg, model, tokens_of(m), parts, layout), typical)
+        options.append((step_cost(cfg, model, parts, typical, k), m, parts, typical, k))
+    if not options:
+        return mbs, ga, "a larger micro-batch would not fit: as configured"
+    _, m, parts, _, _ = best = min(options)
+    shown = "; ".join(f"{o[1]} x {o[2]}: ~{o[3]} tokens, {o[4]} of {layers} recomputed" for o in sorted(options, key=lambda o: o[2]))
+    return m, parts, f"cheapest estimated step with partial checkpointing ({shown})"
+
+
 def micro_batch_tokens(cfg, lengths: list[int] | None):
     """micro-batch size -> the most tokens one micro-batch can hold: its `m` longest training
     examples (capped at max_seq_length) when the lengths are known, else m x max_seq_length."""

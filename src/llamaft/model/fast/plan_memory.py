@@ -152,8 +152,10 @@ def micro_batches(cfg, model, lengths, tokens_of, packing: bool, gc: bool, own: 
     with packing (padded rows grow with the batch). Memory-lean (qlora): up to QLORA_MICRO_BATCH_TOKENS
     tokens, while the estimate fits. LoRA / full: the largest the estimate fits (W512 LoRA 8 x 4 ->
     16 x 2 +7%: run6_w512_lora_fast.json -> run7_w512_lora_fast_bs16_nogc.json), every layer
-    checkpointed when checkpointing is ours (then partial_checkpointing trims it); with HF's (DDP) as
-    configured: the estimate is for ours. Optimizer in the backward: one micro-batch per step."""
+    checkpointed when checkpointing is ours; where partial_checkpointing will trim that, the shape
+    with the cheapest estimated step (memory.partial_regroup: fewer launches against fewer recomputed
+    layers); with HF's (DDP) as configured: the estimate is for ours. Optimizer in the backward: one
+    micro-batch per step."""
     mbs, ga = cfg.train.micro_batch_size, cfg.train.gradient_accumulation
     if layout.in_backward:
         return (mbs * ga, 1), f"micro-batches {mbs * ga} x 1 accumulation (optimizer in the backward)"
@@ -161,6 +163,8 @@ def micro_batches(cfg, model, lengths, tokens_of, packing: bool, gc: bool, own: 
         return (mbs, ga), None
     if lean:
         mbs, ga, why = _lean_regroup(cfg, model, lengths, tokens_of, layout)
+    elif gc and own and _partial(cfg):
+        mbs, ga, why = _memory.partial_regroup(cfg, model, lengths, tokens_of, layout)
     elif not gc or own:
         mbs, ga, why = _memory.regroup(cfg, model, tokens_of, checkpointing=gc, layout=layout)
     else:
@@ -186,6 +190,11 @@ def _lean_regroup(cfg, model, lengths, tokens_of, layout):
     return mbs, ga, f"over budget even as configured ({est} at {likely(mbs)} tokens)"
 
 
+def _partial(cfg) -> bool:
+    """Layers recomputed per micro-batch (partial_checkpointing below) when checkpointing is ours."""
+    return cfg.train.gradient_checkpointing == "auto" and cfg.fast.partial_checkpointing == "auto"
+
+
 def partial_checkpointing(cfg, model, own: bool, worst: int, accumulation: int, lean: bool = False,
                           layout: _memory.Layout = _memory.Layout()):
     """(table, layers): when the estimate asked for our checkpointing (auto, not memory-lean), recompute
@@ -193,7 +202,7 @@ def partial_checkpointing(cfg, model, own: bool, worst: int, accumulation: int, 
     if not own or cfg.train.gradient_checkpointing != "auto" or lean:
         return (None, None), None
     table = None
-    if cfg.fast.partial_checkpointing == "auto":
+    if _partial(cfg):
         table = _memory.checkpoint_table(cfg, model, worst, accumulation, layout)
     if table is None:
         return (None, None), "checkpointing every layer (fast.partial_checkpointing=off)"
