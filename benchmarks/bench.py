@@ -85,9 +85,16 @@ def run_config(args):
     }, "bench")
 
 
+def world() -> tuple[int, int]:
+    """(this process's local rank, number of processes): torchrun's, else (0, 1)."""
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def others_used_bytes() -> int | None:
     """GPU memory in use before this process touches CUDA (other processes: ballast.py), by nvidia-smi."""
-    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    rank = world()[0]
+    gpu = visible[rank] if len(visible) > rank and visible[rank] else str(rank)
     try:
         out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=30, check=True).stdout
@@ -114,7 +121,7 @@ def load_model(args):
 def _from_disk(args):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kw = dict(dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
+    kw = dict(dtype=torch.bfloat16, device_map={"": torch.cuda.current_device()}, attn_implementation="sdpa")
     if args.mode == "qlora":
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
@@ -166,7 +173,7 @@ def parse_args(argv=None):
 
 
 def workload(args):
-    n = args.bs * args.ga * (args.steps + 2 + args.profile)
+    n = args.bs * args.ga * (args.steps + 2 + args.profile) * world()[1]  # BS x GA sequences per GPU and step
     if not args.fixed_len:
         return make_rows(n, args.seq)
     g = torch.Generator().manual_seed(1)
@@ -233,6 +240,8 @@ def plan_record(args, plan):
 
 def main():
     args = parse_args()
+    if world()[1] > 1:  # torchrun: one GPU per process; the Trainer runs DDP (llamaft's plan for several processes)
+        torch.cuda.set_device(world()[0])
     others = others_used_bytes()  # before this process holds any CUDA memory
     if args.variant == "fast":
         from llamaft.model.fast import configure_allocator
@@ -382,29 +391,47 @@ def in_backward_optimizer(model, targs):
     return build(model, targs)
 
 
+def across_ranks(real, computed, device_peak, phase):
+    """Tokens summed over the processes, memory peaks their largest (one process: as given)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return real, computed, device_peak, phase["fwd"], phase["bwd"]
+    total = torch.tensor([real, computed], dtype=torch.float64, device="cuda")
+    peaks = torch.tensor([device_peak, phase["fwd"], phase["bwd"]], dtype=torch.float64, device="cuda")
+    dist.all_reduce(total)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    return int(total[0]), int(total[1]), int(peaks[0]), int(peaks[1]), int(peaks[2])
+
+
 def write_result(args, run, stamps, phase, trainer, load_s, device_peak, others):
     free, total = torch.cuda.mem_get_info()
     # the profiled step (last, slowed by the profiler) is not timed
     (t1, r1, c1), (t2, r2, c2) = stamps[1], stamps[-1 - bool(args.profile)]
     gib = 2**30
+    rank, n = world()
+    # several processes: tokens summed over them, peaks the largest of them
+    real, computed, net_peak, fwd, bwd = across_ranks(r2 - r1, c2 - c1, device_peak - (others or 0), phase)
     res = dict(
         mode=args.mode, variant=args.variant, seq=args.seq, bs=args.bs, ga=args.ga, steps=args.steps,
         micro_batch_run=run["micro_batch_run"], accumulation_run=run["accumulation_run"],
         fixed_len=args.fixed_len, optimizer=args.optim, lora_dropout=0.0 if args.mode != "full" else None,
         plan=run["plan"], profile=run.get("profile"),
-        timed_steps=len(stamps) - 2, timed_s=round(t2 - t1, 3), timed_real_tokens=r2 - r1,
-        timed_computed_tokens=c2 - c1, tokens_per_s=round((r2 - r1) / (t2 - t1), 1),
-        computed_tokens_per_s=round((c2 - c1) / (t2 - t1), 1), load_s=round(load_s, 1),
-        peak_mem_gib=round(max(phase["fwd"], phase["bwd"]) / gib, 2),
-        peak_fwd_gib=round(phase["fwd"] / gib, 2), peak_bwd_step_gib=round(phase["bwd"] / gib, 2),
+        timed_steps=len(stamps) - 2, timed_s=round(t2 - t1, 3), timed_real_tokens=real,
+        timed_computed_tokens=computed, tokens_per_s=round(real / (t2 - t1), 1),
+        computed_tokens_per_s=round(computed / (t2 - t1), 1), load_s=round(load_s, 1),
+        peak_mem_gib=round(max(fwd, bwd) / gib, 2), peak_fwd_gib=round(fwd / gib, 2), peak_bwd_step_gib=round(bwd / gib, 2),
         peak_reserved_gib=round(phase["reserved"] / gib, 2),
         # the card's used memory at its peak (sampled), less what other processes held before this one
-        device_peak_gib=round((device_peak - (others or 0)) / gib, 2),
+        device_peak_gib=round(net_peak / gib, 2),
         others_before_gib=None if others is None else round(others / gib, 2),
         device_used_gib_end=round((total - free) / gib, 2),
         losses=[h.get("loss") for h in trainer.state.log_history if "loss" in h],
         device=torch.cuda.get_device_name(0), versions=versions(), dynamo=dynamo_counters(),
         command="python " + " ".join(sys.argv))
+    res.update(world_size=n, tokens_per_s_per_gpu=round(res["tokens_per_s"] / n, 1))
+    if rank != 0:
+        return
     print(json.dumps(res), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

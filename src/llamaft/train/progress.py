@@ -95,6 +95,9 @@ class MemoryPeak:
     def __init__(self, device, interval: float = 0.05):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            # the sampling thread's own current device is GPU 0, whatever this process's is
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.peak_bytes = 0
         self.allocated_bytes: int | None = None
         self.reserved_bytes: int | None = None
