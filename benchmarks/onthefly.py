@@ -113,5 +113,11 @@ def _mark_4bit(model) -> None:
     model.config.quantization_config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_use_double_quant=True)
+    from transformers.quantizers import AutoHfQuantizer
+
+    # the Trainer asks the quantizer whether the model may be trained (transformers >= 5.17 reads
+    # model.hf_quantizer; is_quantized is a property of it on newer versions)
+    model.hf_quantizer = AutoHfQuantizer.from_config(model.config.quantization_config, pre_quantized=True)
     model.is_loaded_in_4bit = True
-    model.is_quantized = True
+    if not isinstance(getattr(type(model), "is_quantized", None), property):
+        model.is_quantized = True

@@ -51,3 +51,9 @@ def test_each_layer_is_quantized_before_the_next_exists(one_thread):
     model = onthefly.build(_tiny_llama(), "qlora", "cpu", dtype=torch.float32, quantize=quantize)
     assert seen == [(0, "cpu", {"meta"}), (1, "cpu", {"meta"}), (2, "cpu", set())]
     assert model.config.quantization_config.bnb_4bit_quant_type == "nf4" and model.is_loaded_in_4bit
+    # the Trainer's own check accepts it for LoRA training, as a from_pretrained QLoRA model
+    from peft import LoraConfig, get_peft_model
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    assert model.hf_quantizer.is_trainable and model.is_quantized
+    validate_quantization_for_training(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])))
