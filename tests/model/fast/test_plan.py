@@ -434,3 +434,15 @@ def test_micro_batch_tokens():
     assert mem.micro_batch_tokens(cfg(data__max_seq_length=100), None)(3) == 300
     tokens_of = mem.micro_batch_tokens(cfg(data__max_seq_length=100), [50, 300, 20])
     assert (tokens_of(1), tokens_of(2), tokens_of(4)) == (100, 150, 270)  # longest first, capped; then the cap
+
+
+def test_compiled_layers_under_ddp_skip_dynamos_ddp_optimizer(monkeypatch):
+    """Several processes: dynamo's DDPOptimizer (graph splits at gradient buckets) is off before any
+    layer is compiled -- on 2 x H200 it failed to compile a decoder layer; one process: left as is."""
+    from llamaft.model.fast.compile import compile_blocks
+
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert compile_blocks([torch.nn.Linear(2, 2)]) == 1 and torch._dynamo.config.optimize_ddp is True
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert compile_blocks([torch.nn.Linear(2, 2)]) == 1 and torch._dynamo.config.optimize_ddp is False
