@@ -172,6 +172,28 @@ def parse_args(argv=None):
     return args
 
 
+# Dense bf16 tensor-core peak per GPU (NVIDIA's datasheet, without sparsity), for MFU.
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+MFU_FORMULA = ("model FLOPs per token = k*N + 6*L*h*n (k = 4 for LoRA / QLoRA: forward + input gradients, the frozen "
+               "base has no weight gradients; k = 6 for full fine-tuning; N = the decoder's and lm_head's matrix "
+               "weights; attention 6*L*h*n with n = the token-weighted mean sequence length, causal); recomputation "
+               "not counted (model FLOPs, not hardware FLOPs); MFU = that x tokens/s / (GPUs x dense bf16 peak)")
+
+
+def model_flops_per_token(config, mode: str, lengths: list[int]) -> float:
+    """MFU_FORMULA's model FLOPs per trained token, from the model's config and the sequence lengths."""
+    h, i, layers, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kvh = h // config.num_attention_heads * getattr(config, "num_key_value_heads", config.num_attention_heads)
+    matrices = layers * (h * (2 * h + 2 * kvh) + 3 * h * i) + v * h
+    n = sum(x * x for x in lengths) / max(sum(lengths), 1)
+    return (6 if mode == "full" else 4) * matrices + 6 * layers * h * n
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, gpus: int, device_name: str) -> float | None:
+    peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in device_name), None)
+    return None if peak is None else round(flops_per_token * tokens_per_s / (gpus * peak), 4)
+
+
 def workload(args):
     n = args.bs * args.ga * (args.steps + 2 + args.profile) * world()[1]  # BS x GA sequences per GPU and step
     if not args.fixed_len:
@@ -303,7 +325,8 @@ def train(args):
     tr.train()
     phase["bwd"] = max(phase["bwd"], torch.cuda.max_memory_allocated())
     phase["reserved"] = torch.cuda.max_memory_reserved()
-    run = dict(micro_batch_run=bs, accumulation_run=ga, plan=plan_record(args, plan), profile=prof_out.get("profile"))
+    run = dict(micro_batch_run=bs, accumulation_run=ga, plan=plan_record(args, plan), profile=prof_out.get("profile"),
+               config=model.config, lengths=[min(len(r["input_ids"]), args.seq) for r in rows])
     return run, stamps, phase, tr, load_s
 
 
@@ -430,6 +453,9 @@ def write_result(args, run, stamps, phase, trainer, load_s, device_peak, others)
         device=torch.cuda.get_device_name(0), versions=versions(), dynamo=dynamo_counters(),
         command="python " + " ".join(sys.argv))
     res.update(world_size=n, tokens_per_s_per_gpu=round(res["tokens_per_s"] / n, 1))
+    flops = model_flops_per_token(run["config"], args.mode, run["lengths"])
+    res.update(model_flops_per_token=round(flops), mfu=mfu(flops, res["tokens_per_s"], n, res["device"]),
+               mfu_formula=MFU_FORMULA)
     if rank != 0:
         return
     print(json.dumps(res), flush=True)

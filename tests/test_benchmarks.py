@@ -302,3 +302,20 @@ def test_trace_gaps_blames_idle_gpu_time(tmp_path):
                          dict(culprit="waited on a stream: record_stream_wait", ms=0.1, count=1),
                          dict(culprit="launch: aten::silu", ms=0.04, count=1)]
     assert trace_gaps.summarize([op("x", 0, 1)]) == {"error": "no GPU events in the trace"}
+
+
+def test_bench_model_flops_and_mfu():
+    """The MFU formula on Llama-3.1-8B: 7.50e9 matrix weights (embeddings excluded, lm_head counted),
+    4 FLOPs each per token for LoRA, 6 for full, plus causal attention over the token-weighted length."""
+    import bench
+    import onthefly
+
+    c = onthefly.llama_config("llama-3.1-8b")
+    matrices = 32 * (4096 * (2 * 4096 + 2 * 1024) + 3 * 4096 * 14336) + 128256 * 4096
+    assert matrices == 7_504_658_432
+    assert bench.model_flops_per_token(c, "lora", [0]) == 4 * matrices
+    assert bench.model_flops_per_token(c, "full", [0]) == 6 * matrices
+    # two sequences, 100 and 300 tokens: n = (100^2 + 300^2) / 400 = 250
+    assert bench.model_flops_per_token(c, "qlora", [100, 300]) == 4 * matrices + 6 * 32 * 4096 * 250
+    assert bench.mfu(1e9, 989.4e3, 1, "NVIDIA H200") == 1.0 and bench.mfu(1e9, 989.4e3, 2, "NVIDIA H100 80GB HBM3") == 0.5
+    assert bench.mfu(1e9, 1.0, 1, "Some other GPU") is None
