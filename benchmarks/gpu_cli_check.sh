@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the device from the repo root, with bitsandbytes/pydantic/llama-models wheels in .whl/ (see benchmarks/README.md):
-#   bash benchmarks/gpu_cli_check.sh            (SKIP_LORA=1 for the qlora part only)
+#   bash benchmarks/gpu_cli_check.sh            (SKIP_LORA=1 for the qlora part only; NPROC=2: DDP and FSDP2 too)
 # GPU end-to-end check of the real CLI on a tiny random Llama-3.1-shaped model (real 128,256 tokenizer):
 # train (lora fast path default, qlora fast path) with generation eval, eval --compare-base, merge, stop check.
 set -x
@@ -54,3 +54,25 @@ out = m.generate(**ids, max_new_tokens=20, do_sample=False)
 new = out[0, ids["input_ids"].shape[1]:].tolist()
 print("generated:", new, repr(t.decode(new)), "stopped:", new[-1] in (128001, 128008, 128009))
 PY
+# Several GPUs (NPROC=2 on a 2-GPU machine): the same run under DDP and FSDP2 through the CLI -- the fast
+# path's reasons under each strategy, per-step losses against the one-process run above (same global
+# batch), every adapter tensor in the FSDP checkpoint, and a merge of the FSDP-trained run.
+[ "${NPROC:-1}" -gt 1 ] || exit 0
+B="train.micro_batch_size=$((8 / NPROC)) train.gradient_accumulation=$NPROC"   # the config's batch is global
+python3 -m llamaft train $W/run.yaml $B train.output_dir=$W/lora_one 2>&1 | grep -v "it/s]" | tail -3
+for s in ddp fsdp; do
+  python3 -m llamaft train $W/run.yaml --nproc "$NPROC" distributed.strategy=$s train.output_dir=$W/lora_$s $B \
+    2>&1 | grep -v "it/s]" | tail -8
+  cp $W/lora_$s/summary.json $OUT/e2e_lora_${s}_summary.json
+done
+python3 - <<'PY'
+import json
+def losses(d):
+    return {r["step"]: r["train/loss"] for r in map(json.loads, open(f"/tmp/e2e/{d}/metrics.jsonl")) if "train/loss" in r}
+one = losses("lora_one")
+for s in ("ddp", "fsdp"):
+    many = losses(f"lora_{s}")
+    common = sorted(set(one) & set(many))
+    print(s, "max |loss - one process| over", len(common), "steps:", max(abs(one[k] - many[k]) for k in common))
+PY
+python3 -m llamaft merge $W/lora_fsdp --out $W/merged_fsdp 2>&1 | tail -2
