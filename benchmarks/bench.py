@@ -79,6 +79,7 @@ def run_config(args):
                   "learning_rate": 1e-5 if args.mode == "full" else 1e-4,
                   # our config names the optimizers users choose; torch's fused AdamW is a bench-only extra
                   "optimizer": args.optim if args.optim in ("adamw_8bit", "paged_adamw_8bit") else "adamw_torch"},
+        "distributed": {"strategy": args.strategy},
         "fast": {"enabled": args.variant == "fast", "compile": args.compile, "regroup_batches": args.regroup,
                  "offload_checkpoints": args.offload, "partial_checkpointing": args.partial,
                  "memory_gib": args.memory_gib, "nf4_kernel": args.nf4, "cpu_embeddings": args.cpu_emb},
@@ -109,7 +110,7 @@ def load_model(args):
 
         model = onthefly.build(args.dir.split(":", 1)[1], args.mode, "cuda")
     else:
-        model = _from_disk(args)
+        model = _from_disk(args, "cpu" if args.strategy == "fsdp" else torch.cuda.current_device())
     if args.mode != "full":
         from peft import LoraConfig, get_peft_model
 
@@ -118,10 +119,11 @@ def load_model(args):
     return model
 
 
-def _from_disk(args):
+def _from_disk(args, device):
+    """FSDP2: loaded in CPU memory, each process's shard moved to its GPU by accelerate (as llamaft.train)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kw = dict(dtype=torch.bfloat16, device_map={"": torch.cuda.current_device()}, attn_implementation="sdpa")
+    kw = dict(dtype=torch.bfloat16, device_map={"": device}, attn_implementation="sdpa")
     if args.mode == "qlora":
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
@@ -161,6 +163,8 @@ def parse_args(argv=None):
     ap.add_argument("--memory-gib", type=float, default=None, help="fast.memory_gib: the plan's memory budget")
     ap.add_argument("--nf4", choices=["auto", "off"], default="auto")
     ap.add_argument("--cpu-emb", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                    help="under torchrun: DDP, or FSDP2 as llamaft.train runs it (train/fsdp.py; lora / full)")
     ap.add_argument("--optim", default=None, help="default: adamw_torch (lora), paged_adamw_8bit (qlora, full)")
     ap.add_argument("--fixed-len", type=int, default=0, help="every sequence this long (seq 2048/8192 workloads)")
     ap.add_argument("--profile", action="store_true",
@@ -315,7 +319,8 @@ def train(args):
         bf16=True, max_steps=args.steps + 2 + args.profile, logging_steps=1, save_strategy="no", report_to=[],
         warmup_steps=1, lr_scheduler_type="linear", dataloader_drop_last=True,
         remove_unused_columns=False, seed=0, max_grad_norm=0.0 if args.mode == "full" else 1.0,
-        logging_nan_inf_filter=False)  # as llamaft.train: its non-finite guard checks each step instead
+        logging_nan_inf_filter=False,  # as llamaft.train: its non-finite guard checks each step instead
+        **fsdp_arguments(args, cfg))
     optimizers = (in_backward_optimizer(model, targs), None) if in_backward else (None, None)
     prof_out = {}
     callbacks = [Clock()] + ([step_profile(args.steps + 2, prof_out)] if args.profile else [])
@@ -405,6 +410,18 @@ def summarize_profile(prof, at, wall):
                 kernels=len(kernels),
                 by_kind_ms={k: round(v / 1e3, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
                 top=[dict(name=n[:120], ms=round(us / 1e3, 2), calls=c) for n, (us, c) in top])
+
+
+def fsdp_arguments(args, cfg) -> dict:
+    """TrainingArguments' FSDP2 fields as llamaft.train sets them (train/fsdp.py), under torchrun with
+    --strategy fsdp; none otherwise (DDP is the Trainer's default for several processes)."""
+    if args.strategy != "fsdp" or world()[1] == 1:
+        return {}
+    if args.mode == "qlora":
+        raise SystemExit("bench.py: --strategy fsdp with qlora needs the 4-bit storage llamaft.train loads with; not here")
+    from llamaft.train.fsdp import trainer_arguments
+
+    return trainer_arguments(cfg, "fsdp")
 
 
 def in_backward_optimizer(model, targs):
