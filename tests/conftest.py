@@ -27,12 +27,10 @@ def absl_handler_on_real_stderr():
 @pytest.fixture
 def one_thread():
     """Tiny matmuls on a shared CPU: extra threads only contend (use with pytest.mark.usefixtures)."""
-    import torch
+    from train_helpers import one_torch_thread
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

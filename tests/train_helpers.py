@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,20 @@ def chat_tokenizer():
     t.add_special_tokens({"additional_special_tokens": ["<eot>"]})
     t.chat_template = TEMPLATE
     return t
+
+
+@contextmanager
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core CPU: extra threads only contend (2 threads ~50x slower than 1).
+    The fixture `one_thread` (conftest.py) for a test; this for a module- or session-wide fixture."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def tiny_model_dir(root: Path) -> Path:

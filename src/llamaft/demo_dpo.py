@@ -66,10 +66,10 @@ def dpo_demo_rows(seed: int = 0, n_val: int = 8) -> dict[str, list[dict]]:
     return {"train": pairs[n_val:], "concise_val": pairs[:n_val]}
 
 
-def write_dpo_demo_data(out_dir: Path, seed: int = 0, n_val: int = 8) -> dict[str, Path]:
+def write_dpo_demo_data(out_dir: Path, splits: dict[str, list[dict]]) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, rows in dpo_demo_rows(seed, n_val).items():
+    for name, rows in splits.items():
         paths[name] = out_dir / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return paths
@@ -102,8 +102,10 @@ def run_dpo_demo(out_dir: str = "runs/demo-dpo", steps: int | None = None, *, n_
     console = make_console()
     out = fresh_demo_dir(Path(out_dir))
     model_dir = prepare_smollm2(console)
-    data = write_dpo_demo_data(demo_data_dir(out), n_val=n_val)
-    example = dpo_demo_rows()["train"][0]
+    # built once: the example shown is a row of the split written and trained on (whatever n_val is)
+    rows = dpo_demo_rows(n_val=n_val)
+    data = write_dpo_demo_data(demo_data_dir(out), rows)
+    example = rows["train"][0]
     console.print(f"preference: concise answers over rambling ones, e.g. {example['prompt']!r}\n"
                   f"  chosen:   {example['chosen']!r}\n  rejected: {example['rejected']!r}", highlight=False)
     from .train import train

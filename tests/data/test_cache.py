@@ -62,7 +62,7 @@ def test_second_read_comes_from_the_cache_and_is_identical(model_dir, data_cfg, 
 
 def test_key_follows_content_settings_tokenizer_and_template_not_paths_or_mtime(model_dir, data_cfg, tmp_path):
     tok, rules = _tok(model_dir, data_cfg)
-    key, rkey = tokens_key(data_cfg, tok, rules), rows_key(data_cfg)
+    key, rkey = tokens_key(rows_key(data_cfg), tok, rules), rows_key(data_cfg)
     train = tmp_path / "train.jsonl"
     stat = train.stat()
     # the same bytes under another name: same key
@@ -75,14 +75,29 @@ def test_key_follows_content_settings_tokenizer_and_template_not_paths_or_mtime(
     os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert train.stat().st_size == stat.st_size and rows_key(data_cfg) != rkey
     train.write_text(text)
-    assert tokens_key(data_cfg, tok, rules) == key
+    assert tokens_key(rows_key(data_cfg), tok, rules) == key
     # length policy, template, tokenizer: each a new key
-    assert tokens_key(data_cfg.model_copy(update={"max_seq_length": 32}), tok, rules) != key
+    assert tokens_key(rows_key(data_cfg.model_copy(update={"max_seq_length": 32})), tok, rules) != key
     tok.chat_template = tok.chat_template + " "
-    assert tokens_key(data_cfg, tok, rules) != key
+    assert tokens_key(rows_key(data_cfg), tok, rules) != key
     tok2, rules2 = _tok(model_dir, data_cfg)
     tok2.add_tokens(["brandnew"])
-    assert tokens_key(data_cfg, tok2, rules2) != key
+    assert tokens_key(rows_key(data_cfg), tok2, rules2) != key
+
+
+def test_an_edit_between_reading_and_tokenizing_never_keys_old_tokens_by_new_bytes(model_dir, data_cfg, tmp_path, count_encode):
+    """The rows key is computed once, when the rows are read: the token entry is keyed by the rows it
+    was built from, so the next run, reading the edited file, encodes it again."""
+    cache, train = tmp_path / "cache", tmp_path / "train.jsonl"
+    tok, rules = _tok(model_dir, data_cfg)
+    splits = cached_splits(data_cfg, cache)
+    train.write_text("".join(json.dumps(r) + "\n" for r in qa_rows(12, 7)))  # edited while the tokenizer loads
+    cached_datasets(data_cfg, tok, rules, splits, cache)
+    count_encode.clear()
+    got = cached_datasets(data_cfg, tok, rules, cached_splits(data_cfg, cache), cache)
+    assert len(count_encode) == 16, "the edited rows are encoded, not served the old rows' tokens"
+    want = build_datasets(data_cfg, tok, rules, splits=split_conversations(data_cfg))
+    assert [e.input_ids for e in got.train] == [e.input_ids for e in want.train]
 
 
 def test_preference_rows_bypass_the_cache_and_encode_as_without_it(model_dir, tmp_path):

@@ -110,3 +110,12 @@ def test_report_without_eval_results(tmp_path):
 def test_report_on_an_empty_run_dir_still_writes_a_page(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "No losses in metrics.jsonl" in text
+
+
+def test_the_terminal_table_and_the_report_format_numbers_alike():
+    from llamaft.eval.evaluate import fmt_value
+    from llamaft.eval.report import _fmt
+
+    for v in (0.123456, 4.48, 999.95, 1234.5, 12345.6, -2500.0, float("nan"), float("inf"), 24, "x"):
+        assert _fmt(v) == fmt_value(v), v
+    assert (fmt_value(12345.6), fmt_value(0.123456), fmt_value(None), _fmt(None)) == ("12,346", "0.1235", "-", "–")

@@ -4,18 +4,13 @@ import pytest
 
 from distributed_helpers import _project
 from llamaft.cli import main
+from train_helpers import one_torch_thread
 
 
 @pytest.fixture(scope="session")
 def one_process(tmp_path_factory):
     """The reference: the same project trained in this process."""
-    import torch
-
     root = tmp_path_factory.mktemp("one")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         assert main(["train", str(_project(root))]) == 0
-    finally:
-        torch.set_num_threads(threads)
     return root / "run"

@@ -14,16 +14,14 @@ from safetensors.torch import load_file
 
 from llamaft.train import train
 from llamaft.train.checkpoint import AtomicCheckpointTrainer
-from train_helpers import run_config, tiny_project
+from train_helpers import one_torch_thread, run_config, tiny_project
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # tiny matmuls: on a shared 2-core box, 2 threads are ~50x slower than 1 (contention)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    # module-wide (conftest's is per test): the module-scoped runs below train under it too
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@
 Unknown keys and wrong types raise `ConfigError` naming the dotted key (and the closest valid key).
 Our config names what users choose; `train/` maps it onto HF `TrainingArguments`.
 
+    base.py       the sections' base: unknown keys are errors, bare on/off read as typed
     sections.py   the sections (model, lora, quantization, data, train, fast, distributed, eval) and RunConfig
     load.py       YAML reading, overrides, error messages, relative paths (a run's: against the run), save_config
 """

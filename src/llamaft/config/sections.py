@@ -6,26 +6,12 @@ on assignment. Our config names what users choose; `train/` maps it onto HF `Tra
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from .base import _Section
 from .preference import DpoConfig, OrpoConfig, check_objective
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _on_off(cls, v: Any, info: ValidationInfo) -> Any:
-        """YAML 1.1 reads a bare `on` / `off` (also yes/no) as a boolean: for the switches written
-        `auto | on | off` that means the words the user typed, `true` -> "on", `false` -> "off"."""
-        if isinstance(v, bool) and info.field_name:
-            ann = cls.model_fields[info.field_name].annotation
-            if get_origin(ann) is Literal and "off" in get_args(ann):
-                return "on" if v else "off"
-        return v
 
 
 class ModelConfig(_Section):

@@ -83,12 +83,12 @@ def rows_key(data_cfg) -> str:
     return h.hexdigest()[:32]
 
 
-def tokens_key(data_cfg, tokenizer, rules) -> str | None:
+def tokens_key(rows: str, tokenizer, rules) -> str | None:
     """Key of the token examples: the rows' key + the tokenizer and its rules (None: not cacheable)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    h = hashlib.sha256(rows_key(data_cfg).encode())
+    h = hashlib.sha256(rows.encode())
     h.update(backend.to_str().encode())
     h.update(json.dumps({"class": type(tokenizer).__name__, "template": getattr(tokenizer, "chat_template", None),
                          "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
@@ -106,10 +106,12 @@ def cached_splits(data_cfg, cache_dir: str | Path | None) -> pipeline.Splits:
     """`split_conversations(data_cfg)`, read from / written to `cache_dir` when given."""
     if cache_dir is None:
         return pipeline.split_conversations(data_cfg)
-    entry = Path(cache_dir) / f"rows-{rows_key(data_cfg)}"
+    key = rows_key(data_cfg)  # once, before reading: tokens are keyed by the files as they were read
+    entry = Path(cache_dir) / f"rows-{key}"
     if (entry / _ROWS).is_file():
-        return _splits_from_json(json.loads((entry / _ROWS).read_text(encoding="utf-8")))
+        return _splits_from_json(json.loads((entry / _ROWS).read_text(encoding="utf-8")), key)
     splits = pipeline.split_conversations(data_cfg)
+    splits.key = key
     if not _conversations_only(splits):
         return splits
     try:
@@ -122,8 +124,10 @@ def cached_splits(data_cfg, cache_dir: str | Path | None) -> pipeline.Splits:
 
 
 def cached_datasets(data_cfg, tokenizer, rules, splits: pipeline.Splits, cache_dir: str | Path | None) -> pipeline.Datasets:
-    """`build_datasets(data_cfg, tokenizer, rules, splits=splits)`, read from / written to `cache_dir`."""
-    key = tokens_key(data_cfg, tokenizer, rules) if cache_dir is not None and _conversations_only(splits) else None
+    """`build_datasets(data_cfg, tokenizer, rules, splits=splits)`, read from / written to `cache_dir`
+    (keyed by the rows key cached_splits gave `splits`: the files are not hashed a second time)."""
+    cacheable = cache_dir is not None and splits.key is not None and _conversations_only(splits)
+    key = tokens_key(splits.key, tokenizer, rules) if cacheable else None
     if key is None:
         return pipeline.build_datasets(data_cfg, tokenizer, rules, splits=splits)
     entry = Path(cache_dir) / f"tokens-{key}"
@@ -175,10 +179,10 @@ def _splits_to_json(s: pipeline.Splits) -> dict:
             "formats": s.formats}
 
 
-def _splits_from_json(d: dict) -> pipeline.Splits:
+def _splits_from_json(d: dict, key: str) -> pipeline.Splits:
     convs = lambda rows: [Conversation(**r) for r in rows]  # noqa: E731
     return pipeline.Splits(convs(d["train"]), {n: convs(rows) for n, rows in d["validation"]}, convs(d["test"]),
-                           d["formats"])
+                           d["formats"], key)
 
 
 def _datasets_files(data: pipeline.Datasets) -> dict[str, bytes]:

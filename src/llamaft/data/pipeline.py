@@ -49,6 +49,7 @@ class Splits:
     validation: dict[str, list[Conversation]]  # named sets, in config order
     test: list[Conversation]
     formats: dict[str, str]  # file -> the format its rows were read as
+    key: str | None = None  # data/cache.py's rows key, when read through the cache (tokens are keyed by it)
 
 
 @dataclass

@@ -295,13 +295,14 @@ def _free() -> None:
 # Terminal output
 
 
-def _fmt(value) -> str:
+def fmt_value(value, missing: str = "-") -> str:
+    """A metric for people (this table, report.md): 4 significant digits, large values whole with separators."""
     if value is None:
-        return "-"
+        return missing
     if isinstance(value, float):
-        if math.isinf(value) or math.isnan(value):
+        if not math.isfinite(value):
             return str(value)
-        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
 
 
@@ -321,9 +322,9 @@ def print_results(console, tuned: dict, base: dict | None, tuned_rows: list[dict
             if base:
                 b = base.get(name, {}).get(key)
                 delta = value - b if isinstance(value, (int, float)) and isinstance(b, (int, float)) else None
-                cells += [_fmt(b), _fmt(value), ("+" if delta and delta > 0 else "") + _fmt(delta) if delta is not None else "-"]
+                cells += [fmt_value(b), fmt_value(value), ("+" if delta and delta > 0 else "") + fmt_value(delta) if delta is not None else "-"]
             else:
-                cells.append(_fmt(value))
+                cells.append(fmt_value(value))
             table.add_row(*cells)
     console.print(table)
     if base_rows:

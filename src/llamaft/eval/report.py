@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 
 from ..paths import write_text_atomic
-from .evaluate import differing_rows
+from .evaluate import differing_rows, fmt_value
 from .plots import LOWER_IS_BETTER, NOT_SCORES, before_after_bars, line_panels, plot_losses, set_panels
 
 TIMING = {"runtime_s", "runtime", "samples_per_second", "steps_per_second"}  # the trainer's eval timings: left out
@@ -118,13 +118,7 @@ def eval_sets(series: dict) -> dict[str, list[str]]:
 
 
 def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)
+    return fmt_value(v, missing="–")
 
 
 def _change(metric: str, before, after) -> str:

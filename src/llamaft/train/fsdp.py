@@ -41,13 +41,11 @@ def resolve_strategy(cfg, model) -> tuple[str, str | None]:
 
 def settle_strategy(cfg, model, resume_from: Path | None) -> tuple[str, list[str]]:
     """(strategy, lines for the run's output): `resolve_strategy`, a checkpoint of the other strategy refused
-    (`resume_check`, printed by rank 0 only), and the per-process cfg copy told the strategy that runs, so
-    the fast-path plan and summary.json read it (one process: cfg is the user's own, left as it is)."""
+    (`resume_check`, on rank 0: every rank stops with its one line), and the per-process cfg copy told the
+    strategy that runs, so the fast-path plan and summary.json read it (one process: cfg is the user's own,
+    left as it is)."""
     strategy, why = resolve_strategy(cfg, model)
-    try:
-        resume_check(resume_from, strategy)
-    except ConfigError as err:
-        raise distributed.once(err) from None
+    distributed.on_main(lambda: resume_check(resume_from, strategy), "checking the checkpoint's strategy")
     if strategy == "single":
         return strategy, []
     cfg.distributed.strategy = strategy
