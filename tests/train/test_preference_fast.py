@@ -26,15 +26,20 @@ def _rows():
     return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in PAIRS]
 
 
-def _policy():
-    from peft import LoraConfig, get_peft_model
+def _llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
                       bos_token_id=None, eos_token_id=1)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+    return LlamaForCausalLM(cfg)
+
+
+def _policy():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                              target_modules=["q_proj", "v_proj", "gate_proj"]))
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -42,17 +47,18 @@ def _policy():
     return model
 
 
-def _trainer(model, collator, tmp_path, name):
+def _trainer(model, collator, tmp_path, name, ref_model=None):
     from datasets import Dataset
     from trl import DPOConfig
 
     from train_helpers import chat_tokenizer
 
+    # fp32 throughout: DPOConfig's bf16=True default would autocast the reference model TRL prepares
     args = DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=len(PAIRS), max_steps=1,
-                     learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no", remove_unused_columns=False,
+                     learning_rate=1e-2, use_cpu=True, bf16=False, report_to=[], save_strategy="no", remove_unused_columns=False,
                      max_length=None, beta=2.0, loss_type=["sigmoid"], pad_to_multiple_of=None)
     return _dpo_class()(model=model, args=args, train_dataset=Dataset.from_list(_rows()), data_collator=collator,
-                        processing_class=chat_tokenizer())
+                        processing_class=chat_tokenizer(), ref_model=ref_model)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +156,29 @@ def test_reference_is_the_adapter_disabled_model_without_grad(trainers):
     torch.testing.assert_close(rejected, base[n:], atol=1e-5, rtol=0)
     assert (policy - base).abs().max() > 1e-2  # the adapter matters: this is not the policy again
     assert list(packed.model.peft_config) == ["default"]  # TRL's "ref" adapter copy was removed
+
+
+def test_full_finetuning_against_a_frozen_reference_model(tmp_path):
+    """No adapter: the reference is a second model (dpo.reference=auto for full, or a path); it reads the
+    packed rows with the policy's kernel and gives TRL's padded numbers."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    def frozen(seed):
+        return _llama(seed).requires_grad_(False).eval()
+
+    plain = _trainer(_llama(0), DataCollatorForPreference(pad_token_id=0), tmp_path, "plain", ref_model=frozen(1))
+    policy = _llama(0)
+    install_attention(policy, "reference")
+    packed = _trainer(policy, PackedPairCollator(), tmp_path, "packed", ref_model=frozen(1))
+    assert packed.ref_model.config._attn_implementation == "llamaft_ref"
+    pad_batch, pack_batch = plain.data_collator(_rows()), packed.data_collator(_rows())
+    loss_a, metrics_a, grads_a = _step(plain, pad_batch)
+    loss_b, metrics_b, grads_b = _step(packed, pack_batch)
+    assert abs(loss_a.item() - loss_b.item()) < 1e-5 and metrics_a["rewards/margins"] != 0.0
+    for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/rejected"):
+        assert metrics_b[k] == pytest.approx(metrics_a[k], abs=1e-5), k
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)
 
 
 class _Shapes(torch.utils._python_dispatch.TorchDispatchMode):
