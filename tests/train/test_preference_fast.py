@@ -47,7 +47,7 @@ def _policy():
     return model
 
 
-def _trainer(model, collator, tmp_path, name, ref_model=None):
+def _trainer(model, collator, tmp_path, name, ref_model=None, **args):
     from datasets import Dataset
     from trl import DPOConfig
 
@@ -56,7 +56,7 @@ def _trainer(model, collator, tmp_path, name, ref_model=None):
     # fp32 throughout: DPOConfig's bf16=True default would autocast the reference model TRL prepares
     args = DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=len(PAIRS), max_steps=1,
                      learning_rate=1e-2, use_cpu=True, bf16=False, report_to=[], save_strategy="no", remove_unused_columns=False,
-                     max_length=None, beta=2.0, loss_type=["sigmoid"], pad_to_multiple_of=None)
+                     max_length=None, beta=2.0, loss_type=["sigmoid"], pad_to_multiple_of=None, **args)
     return _dpo_class()(model=model, args=args, train_dataset=Dataset.from_list(_rows()), data_collator=collator,
                         processing_class=chat_tokenizer(), ref_model=ref_model)
 
@@ -179,6 +179,15 @@ def test_full_finetuning_against_a_frozen_reference_model(tmp_path):
         assert metrics_b[k] == pytest.approx(metrics_a[k], abs=1e-5), k
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)
+
+
+def test_what_the_packed_path_cannot_honour_is_refused(trainers, tmp_path):
+    with pytest.raises(ValueError, match="ld_alpha"):  # TRL weights the reference's tokens only on padded pairs
+        _trainer(_policy(), PackedPairCollator(), tmp_path, "ld", ld_alpha=0.5)
+    _, packed = trainers
+    _, batch = _batches(trainers)
+    with pytest.raises(ValueError, match="not logits"), torch.no_grad():  # compute_metrics: TRL asks for logits
+        packed.compute_loss(packed.model, packed._prepare_inputs(batch), return_outputs=True)
 
 
 class _Shapes(torch.utils._python_dispatch.TorchDispatchMode):
