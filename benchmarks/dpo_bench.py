@@ -2,15 +2,18 @@
 
     python benchmarks/dpo_bench.py --out benchmarks/results/dpo_bench_h200.json            # 8B shape, GPU
     python benchmarks/dpo_bench.py --layers 1 --hidden 16 --inter 32 --heads 2 --kv-heads 1 --steps 2 --pairs 4 --batch 2 \
-        --prompt-words 6 --answer-words 3 --out /tmp/dpo_dry.json    # CPU dry run (~20 s; not in the test suite)
+        --prompt-words 6 --answer-words 3 --packing on --out /tmp/dpo_dry.json   # CPU dry run (~40 s; not in the test suite)
 
-Both tools get the same random model directory (Llama 3.1 tokenizer and chat template), the same
+Every tool gets the same random model directory (Llama 3.1 tokenizer and chat template), the same
 conversational pairs, LoRA r=16 on every linear layer, the same batch, steps, learning rate and
 precision. "trl" is TRL's DPOTrainer given the dataset and a peft_config (TRL tokenizes);
-"llamaft" is `llamaft train` with train.objective=dpo (our tokens, TRL's loss; the fast path is
-off for preference objectives). Per tool: tokens/s (real tokens of both sequences of every pair,
-measured after the first step), the device's peak allocated memory and the losses of every step.
-No speedup is claimed by this script: it measures.
+"llamaft" is `llamaft train` with train.objective=dpo and fast.preference_packing=--packing (our
+tokens, TRL's loss; auto packs the pairs where the fast path runs, i.e. on the GPU);
+"llamaft_padded" the same with fast.preference_packing=off (TRL's padded pairs). Per tool:
+tokens/s (real tokens of both sequences of every pair, measured after the first step), the
+device's peak allocated memory, the losses of every step and, for llamaft, the plan's reason
+lines (`fast_path`: whether the pairs were packed, with which attention). No speedup is claimed by
+this script: it measures.
 """
 
 from __future__ import annotations
@@ -108,22 +111,24 @@ def run_trl(model_dir: Path, rows: list[dict], a, work: Path) -> dict:
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
-def run_llamaft(model_dir: Path, rows: list[dict], a, work: Path) -> dict:
+def run_llamaft(model_dir: Path, rows: list[dict], a, work: Path, packing: str | None = None) -> dict:
     import torch
 
     from llamaft.config import config_from_dict
     from llamaft.train import train
 
+    packing = packing or a.packing
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     cuda = torch.cuda.is_available()
     cfg = config_from_dict({
         "model": {"name": str(model_dir), "method": "lora"}, "lora": {"r": 16, "alpha": 16, "target_modules": "all-linear"},
         "data": {"train": [str(data)], "val_ratio": 0.0, "max_seq_length": 8192},
-        "train": {"output_dir": str(work / "llamaft"), "objective": "dpo", "max_steps": a.steps, "micro_batch_size": a.batch,
+        "train": {"output_dir": str(work / f"llamaft_{packing}"), "objective": "dpo", "max_steps": a.steps, "micro_batch_size": a.batch,
                   "learning_rate": a.lr, "scheduler": "constant", "save_every": 0, "eval_every": 0, "logging_every": 1,
                   "report_to": [], "gradient_checkpointing": "on" if cuda else "off"},
         "dpo": {"beta": 0.1},
+        "fast": {"preference_packing": packing},
     })
     meter = _Meter()
     if cuda:
@@ -131,12 +136,22 @@ def run_llamaft(model_dir: Path, rows: list[dict], a, work: Path) -> dict:
     run = train(cfg, callbacks=[meter])
     summary = json.loads((Path(run) / "summary.json").read_text())
     return {"tokens_per_s": (summary.get("throughput") or {}).get("tokens_per_s"), "losses": meter.losses,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "fast_path": summary.get("fast_path")}
+
+
+def run_llamaft_padded(model_dir: Path, rows: list[dict], a, work: Path) -> dict:
+    return run_llamaft(model_dir, rows, a, work, packing="off")
+
+
+TOOLS = {"trl": run_trl, "llamaft": run_llamaft, "llamaft_padded": run_llamaft_padded}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tools", default="trl,llamaft")
+    p.add_argument("--tools", default="trl,llamaft,llamaft_padded", help=f"comma-separated, of {', '.join(TOOLS)}")
+    p.add_argument("--packing", default="auto", choices=["auto", "on", "off"],
+                   help="fast.preference_packing of the 'llamaft' tool (auto: packed pairs on the GPU)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--inter", type=int, default=14336)
@@ -157,7 +172,7 @@ def main(argv=None) -> dict:
         work = Path(tmp)
         model_dir = make_model_dir(work, a)
         for tool in a.tools.split(","):
-            result["tools"][tool] = {"trl": run_trl, "llamaft": run_llamaft}[tool](model_dir, rows, a, work)
+            result["tools"][tool] = TOOLS[tool](model_dir, rows, a, work)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

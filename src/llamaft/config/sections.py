@@ -201,6 +201,10 @@ class FastConfig(_Section):
     single_sequence_sdpa: Literal["auto", "off"] = Field(
         "auto", description="Rows holding one example (long context): causal SDPA (cuDNN on H100) instead of varlen's FA2."
     )
+    preference_packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="train.objective=dpo: pack chosen/rejected pairs into padding-free rows, the reference on the same rows "
+        "(auto: where the fast path runs, CUDA; on: also on CPU, with the per-example reference attention)."
+    )
 
 
 class FsdpConfig(_Section):

@@ -16,20 +16,21 @@ The losses are TRL's (DPOTrainer, trl.experimental.orpo.ORPOTrainer); what is ou
   rejected reward), reward_margin, logps_chosen, logps_rejected, ... in metrics.jsonl,
   TensorBoard and summary.json.
 
-The GPU fast path (model/fast) is off for preference objectives: its fused loss and packing are
-written for SFT labels; TRL's DPOTrainer computes the log-probs with its own chunked LM head
-(no full-vocabulary logits), and pairs are padded, not packed (see the plan's reason line).
+The fast path for DPO (fast.preference_packing; model/fast/plan_preference.py decides, its reason
+lines say what runs): pairs packed into padding-free rows (data/pack_pairs.py), the policy and the
+reference each one forward over them, TRL's chunked log-prob head (no full-vocabulary logits) and
+TRL's loss and metrics (train/preference_fast.py). Otherwise, and for ORPO, pairs are padded.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.chat import PreferenceExample
 from ..model.load import load_base
 from .checkpoint import AtomicCheckpointTrainer
+from .preference_fast import PackedPairsDPO
 from .setup import ListDataset, gradient_checkpointing, pick_collator_and_plan
 
 # TRL's metric names -> ours (eval/<set>/<name>, train/<name>); others keep theirs with '/' -> '_'.
@@ -42,8 +43,6 @@ METRIC_NAMES = {
 # What summary.json's `eval` keeps per set (besides the loss).
 SUMMARY_METRICS = ("preference_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "logps_chosen",
                    "logps_rejected", "nll_loss", "log_odds_ratio")
-FAST_PATH_OFF = ("off for train.objective={}: TRL's trainer computes the pair log-probs with its own chunked LM head "
-                 "(no full-vocabulary logits); pairs are padded, not packed")
 
 
 @dataclass
@@ -55,7 +54,7 @@ class TrainerParts:
     eval: dict
     args_cls: type | None = None  # None: HF TrainingArguments
     args: dict = field(default_factory=dict)  # extra TrainingArguments / TRL config fields
-    collator: Any = None  # None: the fast path's collator (SFT); TRL's pair collators with our pad id (never EOS)
+    collator: Any = None  # None: pick_plan's (SFT, DPO); ORPO: TRL's pair collator with our pad id (never EOS)
     kwargs: dict = field(default_factory=dict)
     lengths: list[int] = field(default_factory=list)
 
@@ -91,26 +90,31 @@ def objective_parts(cfg, run, dtype) -> TrainerParts:
                             padding_value=run.rules.pad_id), DPODataCollatorWithPadding(pad_token_id=run.rules.pad_id),
                             kwargs={"processing_class": run.tokenizer})
     from trl import DPOConfig
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     d = cfg.dpo
     args = dict(common, loss_type=[d.loss_type], label_smoothing=d.label_smoothing, pad_to_multiple_of=None)
-    return TrainerParts(_dpo_class(), train, evals, DPOConfig, args, DataCollatorForPreference(pad_token_id=run.rules.pad_id),
+    return TrainerParts(_dpo_class(), train, evals, DPOConfig, args,  # the collator: pick_plan's (packed or padded)
                         kwargs={"processing_class": run.tokenizer, "ref_model": reference_model(cfg, run, dtype)})
 
 
 def pick_plan(cfg, model, pad_id: int, lengths: list[int]):
-    """setup.pick_collator_and_plan; preference objectives get the plain path (no packing), and their
-    first reason line says why."""
+    """setup.pick_collator_and_plan for SFT; dpo / orpo: model/fast/plan_preference's plan (packed DPO
+    pairs, or padded pairs), installed, and its collator (ORPO's comes with objective_parts)."""
     if cfg.train.objective == "sft":
         return pick_collator_and_plan(cfg, model, pad_id, lengths)
-    gc = "on" if gradient_checkpointing(cfg.train) else "off"  # the plain path's rule (auto: on for GPUs)
-    plain = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"enabled": False}),
-                                   "data": cfg.data.model_copy(update={"packing": "off"}),
-                                   "train": cfg.train.model_copy(update={"gradient_checkpointing": gc})})
-    model, collator, plan = pick_collator_and_plan(plain, model, pad_id, lengths)
-    why = FAST_PATH_OFF.format(cfg.train.objective)
-    return model, collator, dataclasses.replace(plan, reasons=(f"fast path {why}", *plan.reasons[1:]))
+    from ..model.fast import apply_fast_path
+    from ..model.fast.plan_preference import preference_plan
+
+    plan = preference_plan(cfg, model, gc=gradient_checkpointing(cfg.train))  # HF's, plain rule: auto = on for GPUs
+    if plan.packing:
+        from ..data.pack_pairs import PackedPairCollator
+
+        collator = PackedPairCollator()
+    else:
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+        collator = DataCollatorForPreference(pad_token_id=pad_id)
+    return apply_fast_path(model, plan), collator, plan
 
 
 def reference_model(cfg, run, dtype):
@@ -153,8 +157,8 @@ class _PerSetMetrics:
 def _dpo_class():
     from trl import DPOTrainer
 
-    class DPOOnOurIds(_PerSetMetrics, AtomicCheckpointTrainer, DPOTrainer):
-        """DPOTrainer on data/chat's ids, with our checkpoints and non-finite guard."""
+    class DPOOnOurIds(PackedPairsDPO, _PerSetMetrics, AtomicCheckpointTrainer, DPOTrainer):
+        """DPOTrainer on data/chat's ids (packed pairs: preference_fast.py), with our checkpoints and non-finite guard."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)

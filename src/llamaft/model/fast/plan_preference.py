@@ -1,0 +1,61 @@
+"""The plan for preference objectives (train.objective dpo / orpo): `preference_plan(cfg, model, gc)`.
+
+    plan = preference_plan(cfg, model, gc=True)    # a FastPlan: pair packing + its attention, or plain
+    print("\\n".join(plan.reasons))               # summary.json's `fast_path`
+
+Of the SFT fast path, DPO takes what works on the batch and inside attention: pairs packed into
+padding-free rows (data/pack_pairs.py) and the packed attention kernel (varlen / flex on CUDA, the
+per-example reference where neither runs). The log-probs come from TRL's own chunked log-prob head
+(trl's add_fused_lm_head, installed by DPOTrainer): no full-vocabulary logits, on packed rows as on
+padded pairs. Everything else stays off (PREFERENCE_OFF); ORPO stays on TRL's plain padded path.
+Deciders return (value, reason), as in plan.py.
+"""
+
+from __future__ import annotations
+
+from . import attention as _attention
+from .plan import FastPlan, Facts, _cuda_target
+
+PREFERENCE_OFF = ("off for preference objectives: our fused loss and parked lm_head (TRL's chunked log-prob head "
+                  "computes the pair log-probs, no full-vocabulary logits), fused LoRA / NF4 kernels (the reference "
+                  "runs with the adapter disabled: not validated with them), our checkpointing, CPU embeddings, "
+                  "torch.compile, the memory budget and micro-batch regrouping (written and measured for SFT)")
+
+
+def preference_packing(cfg, facts: Facts):
+    """((packing, attention), first reason line): DPO pairs packed where the SFT fast path would run
+    (auto: fast.enabled on CUDA with a packed kernel), or anywhere when fast.preference_packing=on."""
+    objective, setting = cfg.train.objective, cfg.fast.preference_packing
+    head = f"fast path off for train.objective={objective}"
+    plain = "sdpa" if cfg.fast.attention == "auto" else cfg.fast.attention  # padded rows: HF's mask path
+    if objective != "dpo":
+        return (False, plain), (f"{head}: TRL's ORPOTrainer on padded pairs (full-vocabulary logits; "
+                                "fast.preference_packing is DPO's)")
+    if setting == "off":
+        return (False, plain), f"{head}: pairs padded, not packed (fast.preference_packing=off)"
+    kernel = cfg.fast.attention if cfg.fast.attention in ("varlen", "flex") else facts.packed_kernel
+    if setting == "auto" and not (cfg.fast.enabled and facts.cuda and kernel):
+        where = "fast.enabled=false" if not cfg.fast.enabled else "no CUDA device" if not facts.cuda else "no packed kernel"
+        return (False, plain), (f"{head}: pairs padded, not packed (fast.preference_packing=auto, {where}); "
+                                "TRL's chunked log-prob head (no full-vocabulary logits)")
+    attention = kernel or "reference"
+    how = "per-example reference attention: correct, not fast" if attention == "reference" else f"attention {attention}"
+    return (True, attention), (f"fast path for train.objective=dpo: chosen/rejected pairs packed into padding-free rows "
+                               f"(fast.preference_packing={setting}), {how}; policy and reference log-probs from the "
+                               "same packed rows by TRL's chunked log-prob head; TRL's loss and metrics")
+
+
+def preference_plan(cfg, model=None, gc: bool = False, facts: Facts | None = None) -> FastPlan:
+    """The FastPlan of a dpo / orpo run: packing and its attention kernel (install.apply_fast_path
+    installs only those and HF's checkpointing), every other piece off. `gc`: HF's gradient
+    checkpointing as the plain path decides it (train/setup.gradient_checkpointing)."""
+    if facts is None:  # the device and its best packed kernel (probed even with fast.enabled=false: `on` wins)
+        cuda = _cuda_target(model)
+        facts = Facts(cuda=cuda, packed_kernel=_attention.best_packed_attention() if cuda else None)
+    (packing, attention), first = preference_packing(cfg, facts)
+    reasons = [first]
+    if packing:
+        reasons.append(f"other fast-path pieces {PREFERENCE_OFF}")
+    reasons.append(f"gradient checkpointing {'on' if gc else 'off'} (train.gradient_checkpointing="
+                   f"{cfg.train.gradient_checkpointing})")
+    return FastPlan(packing, attention, False, gc, False, tuple(reasons))
