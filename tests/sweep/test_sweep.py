@@ -5,7 +5,6 @@ visibly: every answer is the same three words, so full fine-tuning at lr 0.1 lea
 One in-process sweep (grid, median pruner) is looked at by several tests; a second sweep runs in a
 child process with 2 worker processes, is killed with SIGKILL mid-trial and resumed."""
 
-import json
 import os
 import signal
 import threading
@@ -13,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from llamaft.cli import main
 from llamaft.config import load_config

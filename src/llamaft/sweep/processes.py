@@ -39,6 +39,8 @@ def train_in_processes(trial, sweep) -> str | None:
     if code in (130, 143):
         trial.set_user_attr("interrupted", True)
         trial.set_user_attr("reason", "interrupted: the sweep stopped during this trial")
+        # the launcher caught the signal; this process's own handler now gets it (`llamaft sweep`: exit 130 / 143)
+        signal.raise_signal(signal.SIGINT if code == 130 else signal.SIGTERM)
         raise KeyboardInterrupt
     if code == 3:
         raise optuna.TrialPruned(reason)
