@@ -117,3 +117,17 @@ def test_pruners_and_samplers_are_optunas():
     assert isinstance(pruner(median), optuna.pruners.MedianPruner) and isinstance(sampler(median), optuna.samplers.GridSampler)
     none = parse_spec(_spec({"lora.r": [8, 16]}, method="random", pruner="none"), base, "s")
     assert isinstance(pruner(none), optuna.pruners.NopPruner) and isinstance(sampler(none), optuna.samplers.RandomSampler)
+
+
+def test_the_base_config_is_read_once_with_or_without_its_sweep_section(tmp_path, monkeypatch):
+    from llamaft.config import load as config_load
+    from llamaft.sweep.command import load_base
+
+    reads, real = [], config_load.read_yaml
+    monkeypatch.setattr(config_load, "read_yaml", lambda p: reads.append(p) or real(p))
+    run = "model: {name: some/model}\ndata: {train: [t.jsonl]}\ntrain: {output_dir: out}\n"
+    for name, text, spec in (("plain.yaml", run, None), ("inline.yaml", run + "sweep: {objective: x}\n", {"objective": "x"})):
+        (tmp_path / name).write_text(text)
+        cfg, found = load_base(tmp_path / name, ["train.learning_rate=0.1"])
+        assert (found, cfg.train.learning_rate, cfg.model.name) == (spec, 0.1, "some/model")
+    assert reads == [tmp_path / "plain.yaml", tmp_path / "inline.yaml"]

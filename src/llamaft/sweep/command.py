@@ -57,11 +57,8 @@ def read_spec_file(path: str | Path) -> Any:
 
 def load_base(path: str | Path, overrides: list[str]):
     """(run config, its `sweep:` section or None): a run config may carry its sweep spec with it."""
-    from ..config import apply_overrides, config_from_dict, load_config, resolve_paths
+    from ..config import load_config
 
-    p = Path(path)
-    raw = _yaml(p)
-    if not (isinstance(raw, dict) and "sweep" in raw):
-        return load_config(p, overrides), None
-    spec = raw.pop("sweep")
-    return resolve_paths(config_from_dict(apply_overrides(raw, overrides), str(p)), p.parent), spec
+    raw = _yaml(Path(path)) or {}  # read once: load_config takes it as read
+    spec = raw.pop("sweep", None) if isinstance(raw, dict) else None
+    return load_config(path, overrides, raw=raw), spec
