@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from llamaft.cli import main
-from distributed_helpers import _env, _processes_naming
+from distributed_helpers import TIMEOUT, _env, _processes_naming
 from sweep_helpers import _project, _trials, _write
 from train_helpers import strict_json
 
@@ -30,7 +31,13 @@ def test_each_trial_trains_in_two_processes_and_rank_0_alone_reports(tmp_path, c
         "objective": "eval/alpha/loss", "method": "grid", "gpus_per_trial": 2, "pruner": {"median": {"startup_trials": 1}},
         "space": {"train.learning_rate": [0.1, 10.0]}, "start_with": [{"train.learning_rate": lr} for lr in (0.1, 10.0)]})
     sweep = tmp_path / "sweep"
-    assert main(["sweep", str(base), str(spec), "--out", str(sweep)]) == 0
+    # a hang (ranks that disagree on stopping wait in DDP's next all-reduce) fails the trial after TIMEOUT
+    hang = threading.Timer(TIMEOUT, lambda: [os.kill(pid, signal.SIGKILL) for pid in _processes_naming(str(sweep))])
+    hang.start()
+    try:
+        assert main(["sweep", str(base), str(spec), "--out", str(sweep)]) == 0
+    finally:
+        hang.cancel()
     assert "each trial trains in 2 processes (gloo, on CPU)" in capsys.readouterr().out
     rows = {r["trial"]: r for r in strict_json((sweep / "results.json").read_text())["trials"]}
     assert [(n, rows[n]["state"]) for n in sorted(rows)] == [(0, "completed"), (1, "pruned")]
@@ -48,7 +55,7 @@ def test_each_trial_trains_in_two_processes_and_rank_0_alone_reports(tmp_path, c
 
 @pytest.mark.multiprocess
 def test_kill_9_of_the_sweep_leaves_no_process_of_a_trial(tmp_path):
-    base = _project(tmp_path, max_steps=400, eval_every=0)
+    base = _project(tmp_path, max_steps=100000, eval_every=0)  # far longer than the test
     spec = _write(tmp_path / "sweep.yaml", {"objective": "eval/alpha/loss", "method": "grid", "gpus_per_trial": 2,
                                             "pruner": "none", "space": {"train.learning_rate": [0.1]}})
     sweep = tmp_path / "sweep"
@@ -63,7 +70,7 @@ def test_kill_9_of_the_sweep_leaves_no_process_of_a_trial(tmp_path):
         assert len(ranks) == 2, "the trial runs in two processes of its own"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        deadline = time.time() + 20
+        deadline = time.time() + 10
         while time.time() < deadline and _processes_naming(str(sweep)):
             time.sleep(0.2)
         assert _processes_naming(str(sweep)) == []
