@@ -174,7 +174,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the sweep in DIR: finished trials are kept, interrupted "
                                                    "ones run again")
     p.add_argument("--workers", type=_count, default=None, metavar="N",
-                   help="trials at a time, one worker process per GPU (default: sweep.workers, auto = every visible GPU; 1 on CPU)")
+                   help="trials at a time, one worker process per GPU or per group of sweep.gpus_per_trial GPUs (default: "
+                        "sweep.workers, auto = as many as the visible GPUs make; 1 on CPU)")
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -263,7 +264,8 @@ TRAIN_EXIT_CODES = (
 
 SWEEP_SPEC = (
     "spec (SWEEP.yaml or a sweep: section): objective: eval/<set>/<metric> [min|max]; method: tpe | random | grid; "
-    "trials: N; timeout: 2h; pruner: median | halving | none; space: {train.learning_rate: {log_uniform: [1e-5, 5e-4]}, "
+    "trials: N; timeout: 2h; pruner: median | halving | none; workers: auto; gpus_per_trial: N (processes per trial, "
+    "as train --nproc N); space: {train.learning_rate: {log_uniform: [1e-5, 5e-4]}, "
     "lora.r: [8, 16, 32], lora.alpha: {factor_of: lora.r, values: [1, 2]}}. Exit codes: 0 done; 2 bad config, spec or data "
     "(one line, nothing trained); 130 / 143 interrupted (continue with --resume DIR)."
 )

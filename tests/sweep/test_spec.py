@@ -39,6 +39,10 @@ def _spec(space, **more):
     (_spec({"lora.r": [8]}, methd="tpe"), "sweep.methd: unknown key (did you mean 'method'?)"),
     (_spec({"lora.r": [8]}, start_with=[{"lora.r": 16}]), "sweep.start_with[0].lora.r: 16 is not one of [8]"),
     (_spec({"train.output_dir": ["a", "b"]}), "sweep.space.train.output_dir: train.output_dir is set by the sweep for each trial"),
+    (_spec({"lora.r": [8]}, gpus_per_trial=0), "sweep.gpus_per_trial: expected a whole number >= 1 (got 0)"),
+    (_spec({"lora.r": [8]}, gpus_per_trial=3), "sweep.gpus_per_trial: 3: train.gradient_accumulation=1 does not divide among 3"),
+    (_spec({"train.gradient_accumulation": [2, 3]}, gpus_per_trial=2),
+     "sweep.gpus_per_trial: 2: train.gradient_accumulation=3 does not divide among 2 processes"),
 ])
 def test_bad_specs_name_the_key(spec, message):
     with pytest.raises(ConfigError) as err:
@@ -90,7 +94,7 @@ def test_the_example_spec_parses_against_the_example_config():
     from pathlib import Path
 
     from llamaft.config import load_config
-    from llamaft.sweep.spec import read_spec_file
+    from llamaft.sweep.command import read_spec_file
 
     root = Path(__file__).resolve().parents[2]
     base = load_config(root / "configs" / "llama-3.1-8b-lora.yaml").model_dump(mode="json")
@@ -113,3 +117,17 @@ def test_pruners_and_samplers_are_optunas():
     assert isinstance(pruner(median), optuna.pruners.MedianPruner) and isinstance(sampler(median), optuna.samplers.GridSampler)
     none = parse_spec(_spec({"lora.r": [8, 16]}, method="random", pruner="none"), base, "s")
     assert isinstance(pruner(none), optuna.pruners.NopPruner) and isinstance(sampler(none), optuna.samplers.RandomSampler)
+
+
+def test_the_base_config_is_read_once_with_or_without_its_sweep_section(tmp_path, monkeypatch):
+    from llamaft.config import load as config_load
+    from llamaft.sweep.command import load_base
+
+    reads, real = [], config_load.read_yaml
+    monkeypatch.setattr(config_load, "read_yaml", lambda p: reads.append(p) or real(p))
+    run = "model: {name: some/model}\ndata: {train: [t.jsonl]}\ntrain: {output_dir: out}\n"
+    for name, text, spec in (("plain.yaml", run, None), ("inline.yaml", run + "sweep: {objective: x}\n", {"objective": "x"})):
+        (tmp_path / name).write_text(text)
+        cfg, found = load_base(tmp_path / name, ["train.learning_rate=0.1"])
+        assert (found, cfg.train.learning_rate, cfg.model.name) == (spec, 0.1, "some/model")
+    assert reads == [tmp_path / "plain.yaml", tmp_path / "inline.yaml"]

@@ -5,7 +5,6 @@ visibly: every answer is the same three words, so full fine-tuning at lr 0.1 lea
 One in-process sweep (grid, median pruner) is looked at by several tests; a second sweep runs in a
 child process with 2 worker processes, is killed with SIGKILL mid-trial and resumed."""
 
-import json
 import os
 import signal
 import threading
@@ -13,38 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from llamaft.cli import main
 from llamaft.config import load_config
-from train_helpers import InjectNaNLoss, strict_json, tiny_model_dir
+from sweep_helpers import ROWS, _project, _trials, _write
+from train_helpers import InjectNaNLoss, strict_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-ROWS = {"train": 16, "alpha": 4, "b_set": 4}
-
-
-def _project(root: Path, **train) -> Path:
-    """A tiny model, constant-answer q/a files and base.yaml (full fine-tuning, 8 steps, eval every 2)."""
-    model = tiny_model_dir(root)
-    for name, n in ROWS.items():
-        rows = [{"question": " ".join(f"w{(7 * i + j) % 50 + 10}" for j in range(4)), "answer": "w5 w6 w7"}
-                for i in range(n)]
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = {"model": {"name": str(model), "method": "full"},
-            "data": {"train": [str(root / "train.jsonl")],
-                     "validation": {"alpha": str(root / "alpha.jsonl"), "b_set": str(root / "b_set.jsonl")}},
-            "train": {"output_dir": str(root / "run"), "max_steps": 8, "micro_batch_size": 4, "gradient_accumulation": 2,
-                      "scheduler": "constant", "save_every": 0, "eval_every": 2, "report_to": [], **train},
-            "fast": {"enabled": False}}
-    (root / "base.yaml").write_text(yaml.safe_dump(base))
-    return root / "base.yaml"
-
-
-def _write(path: Path, spec: dict) -> Path:
-    path.write_text(yaml.safe_dump({"sweep": spec}))
-    return path
-
 
 # ---------------------------------------------------------------------------------------------
 # one sweep in this process: lr grid, median pruner, a diverging trial, the shared data cache
@@ -136,13 +110,6 @@ def test_report_plots_and_best_yaml_retrains_the_best_trial(grid_sweep):
 
 # ---------------------------------------------------------------------------------------------
 # 2 worker processes; one killed with SIGKILL mid-trial; the sweep resumed
-
-
-def _trials(sweep: Path):
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    return optuna.load_study(study_name="llamaft-sweep", storage=f"sqlite:///{sweep / 'study.db'}").get_trials()
 
 
 def _kill_a_worker_mid_trial(sweep: Path, seen: dict, limit: float = 300) -> None:

@@ -176,19 +176,22 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
         raise ConfigError(_format_error(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, *, snapshot: bool = False) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, *, snapshot: bool = False,
+                raw: Any = None) -> RunConfig:
     """`snapshot`: a run directory's config.yaml, possibly written by an older llamaft (kept loadable).
     A run's config.yaml is read with its relative paths against the run (see resolve_paths), also when
-    it is passed as a training config (`llamaft train RUN/config.yaml train.resume=true`)."""
+    it is passed as a training config (`llamaft train RUN/config.yaml train.resume=true`).
+    `raw`: the file's content when the caller has read it already (`llamaft sweep`: less its sweep: section)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = read_yaml(path) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if raw is None:
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = read_yaml(path) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with model:, data:, ...")
     if snapshot and isinstance(raw.get("train"), dict) and isinstance(raw["train"].get("max_steps"), int) \

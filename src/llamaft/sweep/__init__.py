@@ -7,7 +7,9 @@
     study.py     Optuna: sampler, pruner, SQLite study, budget, interrupted trials on resume
     trial.py     one trial: base config + values -> train() into SWEEP/trial-NNNN, pruning callback
     run.py       run_sweep / resume_sweep: preflight, the trial loop, the sweep directory
-    workers.py   one worker process per GPU (worker.py is what each runs)
+    workers.py   one worker process per GPU or group of GPUs (worker.py is what each runs)
+    processes.py a trial in several processes (sweep.gpus_per_trial), like `llamaft train --nproc N`
+    command.py   the CLI command: reads the config and the spec file
     results.py   results.json / results.md / best.yaml;  report.py  plots + report.md
 
 It sits above train and eval (it calls them) and below the CLI; nothing below imports it.

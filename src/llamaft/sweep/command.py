@@ -7,13 +7,15 @@
 
 from __future__ import annotations
 
-from ..errors import LlamaftError
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, LlamaftError
 
 
 def sweep_command(a) -> None:
     from ..assets import resolve_model_name
     from .run import resume_sweep, run_sweep
-    from .spec import load_base, read_spec_file
 
     words = [a.config, *a.overrides] if a.config else list(a.overrides)
     files, overrides = [w for w in words if "=" not in w], [w for w in words if "=" in w]
@@ -30,3 +32,33 @@ def sweep_command(a) -> None:
         raise LlamaftError(f"{files[0]}: no sweep: section; give the spec as a second file (llamaft sweep CFG.yaml SWEEP.yaml)")
     cfg.model.name = resolve_model_name(cfg.model.name)
     print(f"sweep directory: {run_sweep(cfg, spec, source, out=a.out, workers=a.workers)}")
+
+
+def _yaml(p: Path) -> Any:
+    """The file as YAML, read by the config's own reader (a key written twice is an error there too)."""
+    import yaml
+
+    from ..config.load import read_yaml
+
+    if not p.is_file():
+        raise ConfigError(f"{p}: file not found")
+    try:
+        return read_yaml(p)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise ConfigError(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML ({getattr(err, 'problem', err)})") from None
+
+
+def read_spec_file(path: str | Path) -> Any:
+    """The spec mapping of SWEEP.yaml (its `sweep:` section, or the whole file when it has none)."""
+    raw = _yaml(Path(path))
+    return raw.get("sweep", raw) if isinstance(raw, dict) else raw
+
+
+def load_base(path: str | Path, overrides: list[str]):
+    """(run config, its `sweep:` section or None): a run config may carry its sweep spec with it."""
+    from ..config import load_config
+
+    raw = _yaml(Path(path)) or {}  # read once: load_config takes it as read
+    spec = raw.pop("sweep", None) if isinstance(raw, dict) else None
+    return load_config(path, overrides, raw=raw), spec

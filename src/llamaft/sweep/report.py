@@ -8,13 +8,13 @@ plots/importance.png           parameter importance (Optuna's get_param_importan
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from pathlib import Path
 
 from ..paths import write_text_atomic
+from ..train.callbacks import read_metrics
 from .results import BEST, table
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,7 @@ def plot_learning_curves(sweep, rows: list[dict], out: Path) -> Path:
 
 
 def _curve(metrics: Path, key: str) -> list[tuple[int, float]]:
-    try:
-        lines = metrics.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    rows = [json.loads(line) for line in lines if line.strip()]
-    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return [(r["step"], r[key]) for r in read_metrics(metrics) if isinstance(r.get(key), (int, float))]
 
 
 def importance(sweep, study) -> dict[str, float] | None:

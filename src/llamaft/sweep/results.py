@@ -17,6 +17,7 @@ import yaml
 
 from ..config import config_from_dict
 from ..paths import write_text_atomic
+from ..train.callbacks import json_safe
 from .spec import apply_params, get_key
 
 BEST = "best.yaml"
@@ -77,7 +78,7 @@ def write_results(sweep) -> dict:
     best = rows[0] if rows and rows[0]["state"] == "completed" else None
     results = {"objective": sweep.spec.objective, "direction": sweep.spec.direction, "method": sweep.spec.method,
                "budget": sweep.spec.trials, "best": best, "trials": rows}
-    write_text_atomic(sweep.dir / "results.json", json.dumps(_finite(results), indent=2, allow_nan=False))
+    write_text_atomic(sweep.dir / "results.json", json.dumps(json_safe(results), indent=2, allow_nan=False))
     write_text_atomic(sweep.dir / "results.md", table(rows, sweep.spec) + "\n")
     if best is not None:
         write_best(sweep, study.trials[best["trial"]].params, best)
@@ -87,9 +88,9 @@ def write_results(sweep) -> dict:
 
 def write_best(sweep, params: dict, best: dict) -> Path:
     """best.yaml: the base config with the best trial's values, training into SWEEP/best."""
-    raw = apply_params(sweep.base, sweep.spec.params, params)
-    raw["train"]["output_dir"] = str((sweep.dir / "best").resolve())
-    raw["train"]["resume"] = False
+    from .trial import trial_config
+
+    raw = trial_config(sweep.base, sweep.spec, params, (sweep.dir / "best").resolve())
     cfg = config_from_dict(raw, BEST)  # valid, as every trial's config was
     head = (f"# best trial of the sweep {sweep.dir.resolve()}: trial {best['trial']}, {sweep.spec.objective} = "
             f"{best['objective']:.6g}\n# swept: {', '.join(f'{k}={v}' for k, v in best['config'].items())}\n"
@@ -124,13 +125,3 @@ def table(rows: list[dict], spec) -> str:
 def _note(r: dict) -> str:
     note = (r["reason"] or "").splitlines()[0][:160] if r["state"] != "completed" else ""
     return note + (f" (retry of trial {r['retry_of']})" if r.get("retry_of") is not None else "")
-
-
-def _finite(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_finite(x) for x in v]
-    return v

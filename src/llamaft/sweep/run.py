@@ -109,10 +109,13 @@ def _run(sweep: Sweep, workers: int | None) -> Path:
     from .results import write_results
     from .workers import plan_workers, run_workers
 
-    devices = plan_workers(workers if workers is not None else sweep.spec.workers)
+    per_trial = sweep.spec.gpus_per_trial
+    devices = plan_workers(workers if workers is not None else sweep.spec.workers, per_trial)
+    if per_trial > 1:
+        say(f"each trial trains in {per_trial} processes ({'one per GPU' if devices[0] else 'gloo, on CPU'})")
     try:
         if len(devices) > 1:
-            say(f"{len(devices)} workers, one trial each at a time (CUDA_VISIBLE_DEVICES: {', '.join(d or '-' for d in devices)})")
+            say(f"{len(devices)} workers, one trial each at a time (CUDA_VISIBLE_DEVICES: {' / '.join(d or '-' for d in devices)})")
             run_workers(sweep.dir, devices)
         else:
             work(sweep)

@@ -7,6 +7,7 @@
       trials: 20                             # budget (grid: default the whole grid)
       timeout: 2h                            # optional wall-time budget: no new trial starts after it
       pruner: median                         # median | halving | none, or {median: {startup_trials: 2}}
+      gpus_per_trial: 1                      # processes per trial (DDP / FSDP over that many GPUs; gloo on CPU)
       space:
         train.learning_rate: {log_uniform: [1e-5, 5e-4]}
         lora.r: [8, 16, 32, 64]
@@ -23,7 +24,6 @@ import copy
 import difflib
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -37,7 +37,7 @@ from ..train.preference import SUMMARY_METRICS as PREFERENCE_METRICS
 METHODS = ("tpe", "random", "grid")
 PRUNERS = {"median": ("startup_trials", "warmup_steps"), "halving": ("min_resource", "reduction_factor"), "none": ()}
 SPEC_KEYS = ("objective", "direction", "method", "trials", "timeout", "seed", "pruner", "space", "workers",
-             "start_with", "output_dir")
+             "gpus_per_trial", "start_with", "output_dir")
 _GEN_EXTRA = ("stops_on_eos", "mean_new_tokens")
 _KINDS = ("values", "log_uniform", "uniform", "int", "factor_of")
 _PER_TRIAL = ("train.output_dir", "train.resume")
@@ -84,6 +84,7 @@ class Spec:
     pruner: dict  # {"kind": ..., options}
     params: list[Param]
     workers: str | int = "auto"
+    gpus_per_trial: int = 1  # processes of each trial: one per GPU of the worker's group (CPU: gloo processes)
     start_with: list[dict] = field(default_factory=list)
     output_dir: str | None = None
 
@@ -161,7 +162,7 @@ def parse_spec(raw: Any, base: dict, source: str) -> Spec:
         raise ConfigError(f"{where}.trials: expected a whole number of trials >= 1 (got {trials!r})")
     spec = Spec(objective, direction, method, trials, _timeout(raw.get("timeout"), where), _int(raw, "seed", 0, where),
                 _pruner(raw.get("pruner", "median"), where), params, _workers(raw.get("workers", "auto"), where),
-                output_dir=raw.get("output_dir"))
+                _gpus_per_trial(raw.get("gpus_per_trial", 1), params, base, where), output_dir=raw.get("output_dir"))
     spec.start_with = _start_with(raw.get("start_with", []), spec, base, where)
     return spec
 
@@ -331,6 +332,22 @@ def _workers(v: Any, where: str) -> str | int:
     raise ConfigError(f"{where}.workers: expected auto (one per GPU) or a number >= 1 (got {v!r})")
 
 
+def _gpus_per_trial(v: Any, params: list[Param], base: dict, where: str) -> int:
+    """Processes per trial: the batch divides among them (train/distributed.per_process) in the base
+    config and at every listed train.gradient_accumulation (a range's odd values fail their trials)."""
+    from ..train.distributed import per_process
+
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"{where}.gpus_per_trial: expected a whole number >= 1 (got {v!r})")
+    key = "train.gradient_accumulation"
+    for accum in next((p.values for p in params if p.key == key and p.kind == "values"), [get_key(base, key)]):
+        try:
+            per_process(config_from_dict(set_key(copy.deepcopy(base), key, accum), "config"), v)
+        except ConfigError as err:
+            raise ConfigError(f"{where}.gpus_per_trial: {v}: {err}") from None
+    return v
+
+
 def _start_with(v: Any, spec: Spec, base: dict, where: str) -> list[dict]:
     """Trials to run first (Optuna's enqueue_trial): {key: value} for every swept key; a factor_of key
     takes its factor."""
@@ -355,36 +372,3 @@ def _start_with(v: Any, spec: Spec, base: dict, where: str) -> list[dict]:
         out.append({by_key[k].name: by_key[k].choices[by_key[k].values.index(v)] if by_key[k].kind in ("values", "factor_of")
                     else v for k, v in trial.items()})
     return out
-
-
-def _yaml(p: Path) -> Any:
-    """The file as YAML, read by the config's own reader (a key written twice is an error there too)."""
-    import yaml
-
-    from ..config.load import read_yaml
-
-    if not p.is_file():
-        raise ConfigError(f"{p}: file not found")
-    try:
-        return read_yaml(p)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML ({getattr(err, 'problem', err)})") from None
-
-
-def read_spec_file(path: str | Path) -> Any:
-    """The spec mapping of SWEEP.yaml (its `sweep:` section, or the whole file when it has none)."""
-    raw = _yaml(Path(path))
-    return raw.get("sweep", raw) if isinstance(raw, dict) else raw
-
-
-def load_base(path: str | Path, overrides: list[str]) -> tuple[RunConfig, Any]:
-    """(run config, its `sweep:` section or None): a run config may carry its sweep spec with it."""
-    from ..config import apply_overrides, load_config, resolve_paths
-
-    p = Path(path)
-    raw = _yaml(p)
-    if not (isinstance(raw, dict) and "sweep" in raw):
-        return load_config(p, overrides), None
-    spec = raw.pop("sweep")
-    return resolve_paths(config_from_dict(apply_overrides(raw, overrides), str(p)), p.parent), spec

@@ -72,6 +72,8 @@ class ReportToOptuna(TrainerCallback):
         self.pruned: dict | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.trial is None:  # a trial of several processes: rank 0 reports; its stop is every rank's
+            return
         value = rename_logs(dict(logs or {}), self.set_names).get(self.objective)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or self.pruned:
             return
@@ -92,7 +94,8 @@ class ReportToOptuna(TrainerCallback):
 
 
 def run_trial(trial, sweep, set_names: list[str]) -> float:
-    """Optuna objective: train one trial; return its objective (raises optuna.TrialPruned / LlamaftError)."""
+    """Optuna objective: train one trial, in this process or in spec.gpus_per_trial processes
+    (processes.py); return its objective (raises optuna.TrialPruned / LlamaftError / KeyboardInterrupt)."""
     import optuna
 
     spec: Spec = sweep.spec
@@ -101,27 +104,52 @@ def run_trial(trial, sweep, set_names: list[str]) -> float:
     for key, value in {"run_dir": str(out), "config": swept_values(raw, spec), "worker": os.getpid(),
                        "devices": os.environ.get("CUDA_VISIBLE_DEVICES")}.items():
         trial.set_user_attr(key, value)
-    report = ReportToOptuna(trial, spec.objective, set_names, spec.pruner["kind"])
     started = time.time()
     try:
-        train(config_from_dict(raw, f"trial {trial.number}"), callbacks=[report], data_cache=sweep.cache)
-    except TrainingDiverged as err:
-        trial.set_user_attr("reason", f"diverged: {err}")
-        raise optuna.TrialPruned(str(err)) from None
-    except KeyboardInterrupt:
-        trial.set_user_attr("interrupted", True)
-        trial.set_user_attr("reason", "interrupted: the sweep stopped during this trial")
-        raise
-    except LlamaftError as err:
-        trial.set_user_attr("reason", str(err))
-        raise
+        if spec.gpus_per_trial > 1:
+            from .processes import train_in_processes
+
+            pruned = train_in_processes(trial, sweep)
+        else:
+            pruned = train_trial(trial, trial.number, raw, sweep, set_names)
     finally:
         trial.set_user_attr("seconds", round(time.time() - started, 2))
-    if report.pruned:
-        mark_pruned(out, report.pruned)
-        trial.set_user_attr("reason", report.pruned["reason"])
-        raise optuna.TrialPruned(report.pruned["reason"])
+    if pruned:
+        raise optuna.TrialPruned(pruned)
     return objective_value(out, spec, trial)
+
+
+def train_trial(trial, number: int, raw: dict, sweep, set_names: list[str]) -> str | None:
+    """train() of the trial's config `raw`, each evaluation reported to `trial` (None: a process of a
+    trial of several other than rank 0, which alone reports and records). Returns why the pruner
+    stopped it (None: it ran to the end); how it ended otherwise is noted in the trial and raised:
+    diverged (optuna.TrialPruned), failed (LlamaftError), interrupted (KeyboardInterrupt)."""
+    import optuna
+
+    out = Path(raw["train"]["output_dir"])
+    report = ReportToOptuna(trial, sweep.spec.objective, set_names, sweep.spec.pruner["kind"])
+    try:
+        train(config_from_dict(raw, f"trial {number}"), callbacks=[report], data_cache=sweep.cache)
+    except TrainingDiverged as err:
+        _note(trial, reason=f"diverged: {err}")
+        raise optuna.TrialPruned(str(err)) from None
+    except KeyboardInterrupt:
+        _note(trial, interrupted=True, reason="interrupted: the sweep stopped during this trial")
+        raise
+    except LlamaftError as err:
+        _note(trial, reason=str(err))
+        raise
+    if report.pruned is None:
+        return None
+    mark_pruned(out, report.pruned)
+    _note(trial, reason=report.pruned["reason"])
+    return report.pruned["reason"]
+
+
+def _note(trial, **attrs) -> None:
+    for key, value in attrs.items():
+        if trial is not None:
+            trial.set_user_attr(key, value)
 
 
 def objective_value(run_dir: Path, spec: Spec, trial) -> float:

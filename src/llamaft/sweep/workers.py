@@ -1,12 +1,13 @@
-"""Trials in parallel: one worker process per GPU (CUDA_VISIBLE_DEVICES=i), all sharing the study in
-SWEEP/study.db (Optuna over SQLite hands each worker its own next trial).
+"""Trials in parallel: one worker process per GPU, or per group of `sweep.gpus_per_trial` GPUs
+(CUDA_VISIBLE_DEVICES=2,3), all sharing the study in SWEEP/study.db (Optuna over SQLite hands each
+worker its own next trial). A worker trains a one-GPU trial itself and starts a trial of several
+GPUs as that many processes (processes.py, like `llamaft train --nproc N`).
 
     python -m llamaft.sweep.worker SWEEP I    # what worker I runs (run.work in that process)
 
-A worker dies with the coordinator (Linux: PR_SET_PDEATHSIG), so `kill -9` of `llamaft sweep` leaves
-no orphan training on a GPU; Ctrl-C reaches every worker (one process group), each marks its trial
-interrupted. A trial spans one GPU; trials over several GPUs each (DDP inside a trial) are not
-implemented.
+A worker dies with the coordinator, and a trial's processes with their worker (Linux:
+PR_SET_PDEATHSIG), so `kill -9` of `llamaft sweep` leaves no orphan training on a GPU; Ctrl-C
+reaches every worker (one process group), each marks its trial interrupted.
 """
 
 from __future__ import annotations
@@ -21,23 +22,32 @@ from pathlib import Path
 from ..errors import ConfigError, LlamaftError
 
 
-def plan_workers(workers: str | int) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES of each worker: one GPU each (auto: every visible GPU); on a machine
-    without CUDA, `workers` CPU processes (None: the environment is left as it is)."""
-    import torch
+def plan_workers(workers: str | int, per_trial: int = 1) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each worker: a group of `per_trial` GPUs each (auto: as many groups as
+    the visible GPUs make); on a machine without CUDA, `workers` CPU processes (None: the environment
+    is left as it is; a trial of several processes then runs them with gloo)."""
+    from ..train.launch import visible_gpus
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible_gpus()
     if gpus == 0:
         return [None] * (1 if workers == "auto" else int(workers))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [d.strip() for d in visible.split(",")][:gpus] if visible else [str(i) for i in range(gpus)]
-    n = gpus if workers == "auto" else int(workers)
-    if n > gpus:
-        raise ConfigError(f"sweep.workers: {n} workers but {gpus} GPU{'s' if gpus > 1 else ''} visible (one trial per GPU)")
-    return ids[:n]
+    seen = f"{gpus} GPU{'s' if gpus > 1 else ''} visible"
+    if per_trial > gpus:
+        raise ConfigError(f"sweep.gpus_per_trial: {per_trial} GPUs per trial, but {seen}")
+    if workers == "auto" and gpus % per_trial:
+        raise ConfigError(f"sweep.gpus_per_trial: {per_trial} does not divide the {seen} ({gpus % per_trial} would "
+                          f"stay idle); set sweep.workers: {gpus // per_trial}, or CUDA_VISIBLE_DEVICES")
+    n = gpus // per_trial if workers == "auto" else int(workers)
+    if n * per_trial > gpus:
+        raise ConfigError(f"sweep.workers: {n} workers x {per_trial} GPU{'s' if per_trial > 1 else ''} per trial, but {seen}")
+    return [",".join(ids[i * per_trial:(i + 1) * per_trial]) for i in range(n)]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:
+    """This process gets SIGKILL when its parent dies (here: between fork and exec of a worker; processes.py:
+    a trial's process itself)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -52,7 +62,7 @@ def run_workers(sweep_dir: Path, devices: list[str | None]) -> None:
         if dev is not None:
             env["CUDA_VISIBLE_DEVICES"] = dev
         procs.append(subprocess.Popen([sys.executable, "-m", "llamaft.sweep.worker", str(sweep_dir), str(i)], env=env,
-                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
+                                      preexec_fn=die_with_parent if sys.platform.startswith("linux") else None))
     try:
         codes = [p.wait() for p in procs]
     except BaseException:  # Ctrl-C / SIGTERM of the coordinator: the workers stop their trials as interrupted

@@ -166,13 +166,15 @@ def _guarded(op, *args, **kwargs) -> None:
 def wait_for_main():
     """A Trainer callback: after each evaluation every rank waits for rank 0's generation metrics
     (callbacks.py computes them there only), through the waiting group, so that no rank runs ahead
-    into the next all-reduce. (transformers is imported here, not with this module: the launcher
-    imports it, and transformers' Trainer modules take seconds.)"""
+    into the next all-reduce; and takes rank 0's decision to stop there (a callback that reads those
+    metrics, e.g. a sweep's pruner, decides on rank 0; added last, this sees its decision).
+    (transformers is imported here, not with this module: the launcher imports it, and
+    transformers' Trainer modules take seconds.)"""
     from transformers import TrainerCallback
 
     class WaitForMain(TrainerCallback):
         def on_evaluate(self, args, state, control, **kwargs):
-            barrier()
+            control.should_training_stop = from_main(control.should_training_stop)
 
     return WaitForMain()
 

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 PROCESS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -60,8 +61,10 @@ def processes(requested: int | None) -> int:
     return requested
 
 
-def launch(argv: list[str], n: int) -> int:
-    """`llamaft ARGV` in n processes; returns the exit code (see the module docstring)."""
+def launch(argv: list[str], n: int, module: str = "llamaft") -> int:
+    """`python -m MODULE ARGV` (default: `llamaft ARGV`) in n processes; returns the exit code (see the
+    module docstring). This process's signal handlers are back afterwards (a sweep's worker launches
+    one trial after another; the launcher installs its own)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -69,12 +72,17 @@ def launch(argv: list[str], n: int) -> int:
     # Threads per process: the cores shared out (torchrun would set 1 and print a banner about it).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     _silence_launcher_log()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     try:
-        run(parse_args(["--standalone", f"--nproc-per-node={n}", "--module", "llamaft", *argv]))
+        run(parse_args(["--standalone", f"--nproc-per-node={n}", "--module", module, *argv]))
     except ChildFailedError as err:
         return _exit_code(err)
     except SignalException as err:  # Ctrl-C / SIGTERM here: the launcher passed it on to every process
         return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(err.sigval, 128 + int(err.sigval))
+    finally:
+        if threading.current_thread() is threading.main_thread():  # where the launcher installed its own
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     return 0
 
 
