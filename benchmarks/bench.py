@@ -39,6 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from llamaft.train.distributed import world  # noqa: E402 - torchrun's RANK / LOCAL_RANK / WORLD_SIZE
 
 PAD = 128004
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -86,15 +87,10 @@ def run_config(args):
     }, "bench")
 
 
-def world() -> tuple[int, int]:
-    """(this process's local rank, number of processes): torchrun's, else (0, 1)."""
-    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def others_used_bytes() -> int | None:
     """GPU memory in use before this process touches CUDA (other processes: ballast.py), by nvidia-smi."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-    rank = world()[0]
+    rank = world().local_rank
     gpu = visible[rank] if len(visible) > rank and visible[rank] else str(rank)
     try:
         out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
@@ -199,7 +195,7 @@ def mfu(flops_per_token: float, tokens_per_s: float, gpus: int, device_name: str
 
 
 def workload(args):
-    n = args.bs * args.ga * (args.steps + 2 + args.profile) * world()[1]  # BS x GA sequences per GPU and step
+    n = args.bs * args.ga * (args.steps + 2 + args.profile) * world().size  # BS x GA sequences per GPU and step
     if not args.fixed_len:
         return make_rows(n, args.seq)
     g = torch.Generator().manual_seed(1)
@@ -266,8 +262,8 @@ def plan_record(args, plan):
 
 def main():
     args = parse_args()
-    if world()[1] > 1:  # torchrun: one GPU per process; the Trainer runs DDP (llamaft's plan for several processes)
-        torch.cuda.set_device(world()[0])
+    if world().size > 1:  # torchrun: one GPU per process; the Trainer runs DDP (llamaft's plan for several processes)
+        torch.cuda.set_device(world().local_rank)
     others = others_used_bytes()  # before this process holds any CUDA memory
     if args.variant == "fast":
         from llamaft.model.fast import configure_allocator
@@ -415,7 +411,7 @@ def summarize_profile(prof, at, wall):
 def fsdp_arguments(args, cfg) -> dict:
     """TrainingArguments' FSDP2 fields as llamaft.train sets them (train/fsdp.py), under torchrun with
     --strategy fsdp; none otherwise (DDP is the Trainer's default for several processes)."""
-    if args.strategy != "fsdp" or world()[1] == 1:
+    if args.strategy != "fsdp" or world().size == 1:
         return {}
     if args.mode == "qlora":
         raise SystemExit("bench.py: --strategy fsdp with qlora needs the 4-bit storage llamaft.train loads with; not here")
@@ -449,7 +445,7 @@ def write_result(args, run, stamps, phase, trainer, load_s, device_peak, others)
     # the profiled step (last, slowed by the profiler) is not timed
     (t1, r1, c1), (t2, r2, c2) = stamps[1], stamps[-1 - bool(args.profile)]
     gib = 2**30
-    rank, n = world()
+    rank, n = world().rank, world().size
     # several processes: tokens summed over them, peaks the largest of them
     real, computed, net_peak, fwd, bwd = across_ranks(r2 - r1, c2 - c1, device_peak - (others or 0), phase)
     res = dict(

@@ -152,6 +152,19 @@ def _check_duplicate_keys(node, path: list[str], source: str) -> None:
         _check_duplicate_keys(value_node, path + [key], source)
 
 
+def read_yaml_file(path: Path, missing: str = "file not found") -> Any:
+    """`read_yaml` with a user's mistakes as one-line ConfigErrors: `path: <missing>`, or the line of
+    the YAML error."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {missing}")
+    try:
+        return read_yaml(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+
+
 def read_yaml(path: Path) -> Any:
     loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
     try:
@@ -184,14 +197,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, snapsho
     `raw`: the file's content when the caller has read it already (`llamaft sweep`: less its sweep: section)."""
     path = Path(path)
     if raw is None:
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = read_yaml(path) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        raw = read_yaml_file(path, "config file not found") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with model:, data:, ...")
     if snapshot and isinstance(raw.get("train"), dict) and isinstance(raw["train"].get("max_steps"), int) \

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, LlamaftError
+from ..errors import LlamaftError
 
 
 def sweep_command(a) -> None:
@@ -34,31 +34,19 @@ def sweep_command(a) -> None:
     print(f"sweep directory: {run_sweep(cfg, spec, source, out=a.out, workers=a.workers)}")
 
 
-def _yaml(p: Path) -> Any:
-    """The file as YAML, read by the config's own reader (a key written twice is an error there too)."""
-    import yaml
-
-    from ..config.load import read_yaml
-
-    if not p.is_file():
-        raise ConfigError(f"{p}: file not found")
-    try:
-        return read_yaml(p)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML ({getattr(err, 'problem', err)})") from None
-
-
 def read_spec_file(path: str | Path) -> Any:
     """The spec mapping of SWEEP.yaml (its `sweep:` section, or the whole file when it has none)."""
-    raw = _yaml(Path(path))
+    from ..config.load import read_yaml_file
+
+    raw = read_yaml_file(Path(path))
     return raw.get("sweep", raw) if isinstance(raw, dict) else raw
 
 
 def load_base(path: str | Path, overrides: list[str]):
     """(run config, its `sweep:` section or None): a run config may carry its sweep spec with it."""
     from ..config import load_config
+    from ..config.load import read_yaml_file
 
-    raw = _yaml(Path(path)) or {}  # read once: load_config takes it as read
+    raw = read_yaml_file(Path(path)) or {}  # read once: load_config takes it as read
     spec = raw.pop("sweep", None) if isinstance(raw, dict) else None
     return load_config(path, overrides, raw=raw), spec
