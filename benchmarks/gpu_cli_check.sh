@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run on the device from the repo root, with bitsandbytes/pydantic/llama-models wheels in .whl/ (see benchmarks/README.md):
-#   bash benchmarks/gpu_cli_check.sh            (SKIP_LORA=1 for the qlora part only; NPROC=2: DDP and FSDP2 too)
+#   bash benchmarks/gpu_cli_check.sh            (SKIP_LORA=1 for the qlora part only; NPROC=2: DDP and FSDP2 too;
+#                                                MULTI_ONLY=1 with NPROC=2: only the several-process part)
 # GPU end-to-end check of the real CLI on a tiny random Llama-3.1-shaped model (real 128,256 tokenizer):
 # train (lora fast path default, qlora fast path) with generation eval, eval --compare-base, merge, stop check.
 set -x
@@ -35,12 +36,13 @@ data: {train: [/tmp/e2e/data/train.jsonl], validation: /tmp/e2e/data/val, max_se
 train: {output_dir: /tmp/e2e/lora, max_steps: 12, learning_rate: 1.0e-3, micro_batch_size: 8, eval_every: 6, save_every: 6}
 eval: {generation: {parity_val: {metrics: [accuracy, macro_f1, exact_match], labels: ["yes", "no"], max_new_tokens: 8}}}
 Y
+single_process_checks() {
 [ "${SKIP_LORA:-0}" = 1 ] || { python3 -m llamaft train $W/run.yaml 2>&1 | grep -v "it/s]" | tail -25
 cp $W/lora/summary.json $OUT/e2e_lora_summary.json; cp $W/lora/metrics.jsonl $OUT/e2e_lora_metrics.jsonl; }
 python3 -m llamaft train $W/run.yaml model.method=qlora train.output_dir=$W/qlora train.optimizer=paged_adamw_8bit train.gradient_accumulation=2 2>&1 | grep -v "it/s]" | tail -12
 cp $W/qlora/summary.json $OUT/e2e_qlora_summary.json; cp $W/qlora/metrics.jsonl $OUT/e2e_qlora_metrics.jsonl
 python3 -m pytest -q -p no:cacheprovider tests/model/fast/test_gpu.py -m gpu 2>&1 | tail -3 | tee $OUT/gpu_tests.txt
-[ "${SKIP_LORA:-0}" = 1 ] && exit 0
+[ "${SKIP_LORA:-0}" = 1 ] && return 0
 python3 -m llamaft eval $W/lora --compare-base --max-samples 16 2>&1 | tail -20
 python3 -m llamaft merge $W/lora --out $W/merged 2>&1 | tail -3
 python3 - <<'PY'
@@ -54,6 +56,8 @@ out = m.generate(**ids, max_new_tokens=20, do_sample=False)
 new = out[0, ids["input_ids"].shape[1]:].tolist()
 print("generated:", new, repr(t.decode(new)), "stopped:", new[-1] in (128001, 128008, 128009))
 PY
+}
+[ "${MULTI_ONLY:-0}" = 1 ] || single_process_checks
 # Several GPUs (NPROC=2 on a 2-GPU machine): the same run under DDP and FSDP2 through the CLI -- the fast
 # path's reasons under each strategy, per-step losses against the one-process run above (same global
 # batch), every adapter tensor in the FSDP checkpoint, and a merge of the FSDP-trained run.

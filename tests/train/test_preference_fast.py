@@ -158,6 +158,31 @@ def test_reference_is_the_adapter_disabled_model_without_grad(trainers):
     assert list(packed.model.peft_config) == ["default"]  # TRL's "ref" adapter copy was removed
 
 
+def test_fused_lora_linears_give_the_same_step_and_reference(trainers, tmp_path):
+    """The CUDA plan fuses the LoRA linears (model/fast/lora.py): the policy step and the adapter-off
+    reference through them equal TRL's padded path on PEFT's own layers."""
+    from llamaft.model.fast.lora import fuse_lora
+
+    plain = trainers[0]
+    twin = _policy()  # the same seed: the fixture's model before any step
+    install_attention(twin, "reference")
+    assert fuse_lora(twin) == 2 * 3  # q, v and gate of both layers
+    fused = _trainer(twin, PackedPairCollator(), tmp_path, "fused")
+    pad_batch, pack_batch = plain.data_collator(_rows()), fused.data_collator(_rows())
+    fresh = _trainer(_policy(), plain.data_collator, tmp_path, "fresh")  # `plain` may have stepped already
+    with torch.no_grad(), fresh.model.disable_adapter():
+        base = _trl_padded_logps(fresh.model, pad_batch)
+    fused.model.train()
+    chosen, rejected = fused.packed_reference_logps(pack_batch)
+    torch.testing.assert_close(torch.cat([chosen, rejected]), base, atol=1e-5, rtol=0)
+    loss_a, metrics_a, grads_a = _step(fresh, pad_batch)
+    loss_b, metrics_b, grads_b = _step(fused, pack_batch)
+    assert abs(loss_a.item() - loss_b.item()) < 1e-5 and metrics_b["rewards/margins"] == pytest.approx(
+        metrics_a["rewards/margins"], abs=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)
+
+
 def test_full_finetuning_against_a_frozen_reference_model(tmp_path):
     """No adapter: the reference is a second model (dpo.reference=auto for full, or a path); it reads the
     packed rows with the policy's kernel and gives TRL's padded numbers."""

@@ -40,12 +40,24 @@ def test_orpo_stays_padded():
     assert (on, attention) == (False, "sdpa") and "ORPOTrainer on padded pairs" in why
 
 
-def test_the_plan_installs_only_packing_and_attention(monkeypatch):
+def test_the_plan_installs_packing_attention_and_the_decoder_kernels_on_cuda(monkeypatch):
     p = preference_plan(dpo(), gc=True, facts=CUDA)
     assert (p.packing, p.attention, p.gradient_checkpointing, p.checkpointing) == (True, "varlen", True, "hf")
-    assert not (p.fused_loss or p.compile or p.fused_lora or p.cpu_lm_head or p.cpu_embeddings or p.nf4_kernel)
+    assert p.fused_lora and not p.nf4_kernel and not p.compile  # lora under HF's checkpointing: compile not measured
+    assert not (p.fused_loss or p.cpu_lm_head or p.cpu_embeddings or p.own_checkpointing)
     assert p.budget is None and p.micro_batch_size is None
-    assert len(p.reasons) == 3 and "our fused loss" in p.reasons[1] and p.reasons[2].startswith("gradient checkpointing on")
+    assert "adapter-off forward is PEFT's" in p.reasons[1] and p.reasons[2].startswith("torch.compile off (auto")
+    assert "our fused loss" in p.reasons[3] and p.reasons[4].startswith("gradient checkpointing on")
+    assert preference_plan(dpo(), gc=False, facts=CUDA).compile  # as SFT: lora without checkpointing compiles
+    q = preference_plan(dpo(model__method="qlora"), gc=True, facts=CUDA)
+    assert q.fused_lora and q.nf4_kernel and q.compile
+    full = preference_plan(dpo(model__method="full"), gc=True, facts=CUDA)
+    assert not full.fused_lora and full.compile
+    # no decoder kernels where the SFT fast path would not run them: CPU, fast.enabled=false, padded pairs
+    for c, facts in ((dpo(fast__preference_packing="on"), CPU), (dpo(fast__preference_packing="on", fast__enabled=False), CUDA),
+                     (dpo(fast__preference_packing="off"), CUDA)):
+        q = preference_plan(c, gc=False, facts=facts)
+        assert not (q.fused_lora or q.compile or q.nf4_kernel)
     off = preference_plan(dpo(), gc=False, facts=CPU)
     assert (off.packing, off.attention, len(off.reasons)) == (False, "sdpa", 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # facts read from the machine

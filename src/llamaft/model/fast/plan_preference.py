@@ -5,21 +5,23 @@
 
 Of the SFT fast path, DPO takes what works on the batch and inside attention: pairs packed into
 padding-free rows (data/pack_pairs.py) and the packed attention kernel (varlen / flex on CUDA, the
-per-example reference where neither runs). The log-probs come from TRL's own chunked log-prob head
-(trl's add_fused_lm_head, installed by DPOTrainer): no full-vocabulary logits, on packed rows as on
-padded pairs. Everything else stays off (PREFERENCE_OFF); ORPO stays on TRL's plain padded path.
-Deciders return (value, reason), as in plan.py.
+per-example reference where neither runs), and on CUDA the decoder's kernels: fused LoRA linears (the
+NF4 one for QLoRA) and torch.compile of the layers, as SFT decides them (plan.fused_lora, nf4_kernel,
+compile_blocks). The reference forward runs the same layers with the adapter disabled: the fused
+forward hands that state to PEFT's own (model/fast/lora.py), and compile keys its graphs on it. The
+log-probs come from TRL's own chunked log-prob head (trl's add_fused_lm_head, installed by
+DPOTrainer): no full-vocabulary logits, on packed rows as on padded pairs. Everything else stays off
+(PREFERENCE_OFF); ORPO stays on TRL's plain padded path. Deciders return (value, reason), as in plan.py.
 """
 
 from __future__ import annotations
 
 from . import attention as _attention
-from .plan import FastPlan, Facts, _cuda_target
+from .plan import FastPlan, Facts, _cuda_target, compile_blocks, fused_lora, nf4_kernel
 
 PREFERENCE_OFF = ("off for preference objectives: our fused loss and parked lm_head (TRL's chunked log-prob head "
-                  "computes the pair log-probs, no full-vocabulary logits), fused LoRA / NF4 kernels (the reference "
-                  "runs with the adapter disabled: not validated with them), our checkpointing, CPU embeddings, "
-                  "torch.compile, the memory budget and micro-batch regrouping (written and measured for SFT)")
+                  "computes the pair log-probs, no full-vocabulary logits), our checkpointing, CPU embeddings, "
+                  "the memory budget and micro-batch regrouping (written and measured for SFT)")
 
 
 def preference_packing(cfg, facts: Facts):
@@ -46,16 +48,26 @@ def preference_packing(cfg, facts: Facts):
 
 
 def preference_plan(cfg, model=None, gc: bool = False, facts: Facts | None = None) -> FastPlan:
-    """The FastPlan of a dpo / orpo run: packing and its attention kernel (install.apply_fast_path
-    installs only those and HF's checkpointing), every other piece off. `gc`: HF's gradient
+    """The FastPlan of a dpo / orpo run: packing and its attention kernel, on CUDA fused LoRA / NF4 and
+    compile (install.apply_fast_path installs those and HF's checkpointing), every other piece off. `gc`: HF's gradient
     checkpointing as the plain path decides it (train/setup.gradient_checkpointing)."""
     if facts is None:  # the device and its best packed kernel (probed even with fast.enabled=false: `on` wins)
         cuda = _cuda_target(model)
         facts = Facts(cuda=cuda, packed_kernel=_attention.best_packed_attention() if cuda else None)
     (packing, attention), first = preference_packing(cfg, facts)
     reasons = [first]
+    kernels = packing and facts.cuda and cfg.fast.enabled  # the decoder's kernels where SFT's fast path runs
+    lora = nf4 = comp = False
+    if kernels:
+        if cfg.model.method != "full":
+            lora, why = fused_lora()
+            reasons.append(f"{why}; the reference's adapter-off forward is PEFT's")
+            nf4, why = nf4_kernel(cfg)
+            reasons += [why] if why else []
+        comp, why = compile_blocks(cfg, gc)
+        reasons.append(why)
     if packing:
         reasons.append(f"other fast-path pieces {PREFERENCE_OFF}")
     reasons.append(f"gradient checkpointing {'on' if gc else 'off'} (train.gradient_checkpointing="
                    f"{cfg.train.gradient_checkpointing})")
-    return FastPlan(packing, attention, False, gc, False, tuple(reasons))
+    return FastPlan(packing, attention, False, gc, comp, tuple(reasons), fused_lora=lora, nf4_kernel=nf4)
