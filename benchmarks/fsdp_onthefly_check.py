@@ -110,14 +110,20 @@ class Checks:
     def __new__(cls, initial, results):
         from transformers import TrainerCallback
 
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+        from torch.distributed.fsdp import FSDPModule
+
         class _Checks(TrainerCallback):
             def on_train_begin(self, a, state, control, model=None, **k):
                 ref = torch.load(initial, map_location="cpu", weights_only=True)
                 bad = shard_mismatches(model, ref, world().rank, world().size)
                 n = sum(1 for _ in model.parameters())
+                wrapped = sum(isinstance(m, CheckpointWrapper) for m in model.modules())
+                units = sum(isinstance(m, FSDPModule) for m in model.modules())  # one a layer, not one for all
                 results["loaded"] = not bad and n == len(ref)
                 print(f"rank {world().rank}: loaded {n} tensors (rank 0 had {len(ref)}); local shards equal rank 0's "
-                      f"initial values: {not bad} {bad[:3]}", flush=True)
+                      f"initial values: {not bad} {bad[:3]}; {units} FSDP units; {wrapped} layers under activation "
+                      "checkpointing", flush=True)
 
             def on_train_end(self, a, state, control, model=None, **k):
                 b = [(n, _local(p.detach())) for n, p in model.named_parameters() if "lora_B" in n]

@@ -10,7 +10,9 @@ A Llama-3.1-70B-shaped model is 141 GB in bf16: it cannot be written to (or read
 values (normal, std = initializer_range; norms 1, as HF's init) and, for QLoRA, each decoder layer's
 seven projections are quantized to NF4 at once (bitsandbytes' Linear4bit, exactly as from_pretrained
 with a BitsAndBytesConfig makes them), before the next layer exists: the bf16 peak is one layer.
-The architecture is the one LlamaForCausalLM(config) builds (tests/test_benchmarks.py compares them).
+Under FSDP2 (bench.py --strategy fsdp) `build_for_rank`: rank 0 builds the whole model in CPU memory
+(random init threaded over the cores), the other ranks keep it on meta, and accelerate broadcasts it.
+The architecture is the one LlamaForCausalLM(config) builds (tests/test_bench_onthefly.py compares them).
 Not for training anything real: the weights are noise.
 """
 
