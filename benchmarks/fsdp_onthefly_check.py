@@ -34,14 +34,16 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--work", default="/tmp/fsdp_onthefly_check")
-    ap.add_argument("--gc", choices=["auto", "on", "off"], default="auto", help="bench.py's --gc (on: FSDP's activation checkpointing)")
+    ap.add_argument("--gc", choices=["auto", "on", "off"], default="auto",
+                    help="bench.py's --gc (on: FSDP's activation checkpointing)")
     ap.add_argument("--all-meta", action="store_true")
     opts = ap.parse_args()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(world().local_rank)
     args = bench.parse_args([f"random:{opts.shape}", "lora", str(opts.seq), "2", "1", str(opts.steps),
-                             os.path.join(opts.work, "unused.json"), "--strategy", "fsdp", "--variant", "plain", "--gc", opts.gc])
+                             os.path.join(opts.work, "unused.json"), "--strategy", "fsdp", "--variant", "plain",
+                             "--gc", opts.gc])
     if opts.all_meta:
         onthefly.trainable_placeholders = lambda model: 0
     torch.manual_seed(0)
