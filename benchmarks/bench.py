@@ -3,7 +3,9 @@
     python benchmarks/bench.py DIR MODE SEQ BS GA STEPS OUT.json [--variant fast|plain] [--gc auto|on|off]
         [--compile|--regroup|--offload|--partial|--nf4|--cpu-emb auto|on|off] [--memory-gib N] [--optim NAME]
         DIR   a saved random Llama-3.1-8B-shaped model (`seed_baseline.py save DIR`), or random:SHAPE
-              (random:llama-3.1-70b): that shape built on the GPU layer by layer, never saved (onthefly.py)
+              (random:llama-3.1-70b): that shape built on the GPU layer by layer, never saved (onthefly.py);
+              under torchrun with --strategy fsdp: built once, by rank 0 in CPU memory, the other ranks on
+              meta, and accelerate's cpu_ram_efficient_loading broadcasts it into the FSDP2 shards
         MODE  lora | qlora | full
 
 Same workload as ../shared/bench/seed_baseline.py: identical lengths (lognormal, seed 0), token ids
@@ -101,7 +103,12 @@ def others_used_bytes() -> int | None:
 
 
 def load_model(args):
-    if args.dir.startswith("random:"):  # benchmark-only: too large to save (70B bf16 is 141 GB)
+    sharded = random_fsdp(args)
+    if sharded:  # FSDP2: rank 0 whole in CPU memory, the others on meta; accelerate broadcasts into the shards
+        import onthefly
+
+        model = onthefly.build_for_rank(args.dir.split(":", 1)[1], world().rank)
+    elif args.dir.startswith("random:"):  # benchmark-only: too large to save (70B bf16 is 141 GB)
         import onthefly
 
         model = onthefly.build(args.dir.split(":", 1)[1], args.mode, "cuda")
@@ -112,7 +119,17 @@ def load_model(args):
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
                                                  task_type="CAUSAL_LM", target_modules=TARGETS))
+    if sharded and world().rank != 0:
+        onthefly.trainable_placeholders(model)  # the LoRA weights: CPU storage for accelerate's optimizer mapping
     return model
+
+
+def random_fsdp(args) -> bool:
+    """random:SHAPE under torchrun with --strategy fsdp: built once per machine (rank 0), not once per process."""
+    fsdp = args.dir.startswith("random:") and args.strategy == "fsdp" and world().size > 1
+    if fsdp and args.mode == "qlora":
+        raise SystemExit("bench.py: --strategy fsdp with qlora needs the 4-bit storage llamaft.train loads with; not here")
+    return fsdp
 
 
 def _from_disk(args, device):
@@ -410,14 +427,18 @@ def summarize_profile(prof, at, wall):
 
 def fsdp_arguments(args, cfg) -> dict:
     """TrainingArguments' FSDP2 fields as llamaft.train sets them (train/fsdp.py), under torchrun with
-    --strategy fsdp; none otherwise (DDP is the Trainer's default for several processes)."""
+    --strategy fsdp; none otherwise (DDP is the Trainer's default for several processes). random:SHAPE adds
+    accelerate's cpu_ram_efficient_loading: only rank 0 holds the weights (`load_model`), broadcast into
+    every rank's shards by fsdp2_prepare_model."""
     if args.strategy != "fsdp" or world().size == 1:
         return {}
-    if args.mode == "qlora":
-        raise SystemExit("bench.py: --strategy fsdp with qlora needs the 4-bit storage llamaft.train loads with; not here")
+    random_fsdp(args)  # qlora refused
     from llamaft.train.fsdp import trainer_arguments
 
-    return trainer_arguments(cfg, "fsdp")
+    out = trainer_arguments(cfg, "fsdp")
+    if args.dir.startswith("random:"):
+        out["fsdp_config"] = {**out["fsdp_config"], "cpu_ram_efficient_loading": True}
+    return out
 
 
 def in_backward_optimizer(model, targs):

@@ -57,3 +57,58 @@ def test_each_layer_is_quantized_before_the_next_exists(one_thread):
 
     assert model.hf_quantizer.is_trainable and model.is_quantized
     validate_quantization_for_training(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])))
+
+
+def _bench_model(monkeypatch, rank: int):
+    """bench.load_model for `random:tiny lora --strategy fsdp` as process `rank` of 2 under torchrun."""
+    import bench
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    args = bench.parse_args(["random:tiny", "lora", "64", "2", "1", "2", "unused.json", "--strategy", "fsdp"])
+    return bench.load_model(args), args
+
+
+def test_fsdp_rank_0_builds_the_model_in_cpu_memory_and_the_others_on_meta(monkeypatch, one_thread):
+    """What accelerate's cpu_ram_efficient_loading needs: rank 0's state dict has every tensor the other ranks'
+    models name, with the same shape and dtype; only rank 0 holds the weights; the rotary table (not in a
+    state dict: every rank keeps its own) is real everywhere; the meta ranks' LoRA weights have storage of
+    their own (accelerate maps the optimizer to the shards by data_ptr, 0 for every meta tensor)."""
+    import torch
+
+    import bench
+
+    real, args = _bench_model(monkeypatch, 0)
+    meta, _ = _bench_model(monkeypatch, 1)
+    shapes = {k: (v.shape, v.dtype) for k, v in real.state_dict().items()}
+    assert shapes == {k: (v.shape, v.dtype) for k, v in meta.state_dict().items()}
+    assert any("lora_A" in k for k in shapes) and any("lora_B" in k for k in shapes)
+    assert {p.device.type for p in real.parameters()} == {"cpu"}
+    assert all(float(p.float().std()) > 0.01 for n, p in real.named_parameters() if "layers.1.mlp" in n and "lora" not in n)
+    trainable = [p for p in meta.parameters() if p.requires_grad]
+    assert {p.device.type for p in meta.parameters() if not p.requires_grad} == {"meta"}
+    assert {p.device.type for p in trainable} == {"cpu"} and len({p.data_ptr() for p in trainable}) == len(trainable)
+    for (name, a), (_, b) in zip(real.named_buffers(), meta.named_buffers()):
+        assert a.device.type == b.device.type == "cpu"
+        torch.testing.assert_close(a, b, msg=name)
+    # the FSDP fields: llamaft.train's, plus rank 0 as the only source of weights
+    fsdp_config = bench.fsdp_arguments(args, bench.run_config(args))["fsdp_config"]
+    assert fsdp_config["version"] == 2 and fsdp_config["cpu_ram_efficient_loading"] is True
+
+
+def test_cpu_random_fill_is_threaded_and_the_same_on_any_thread_count(monkeypatch):
+    import torch
+
+    import onthefly
+
+    monkeypatch.setattr(onthefly, "CHUNK", 1000)
+    fills = []
+    for threads in (1, 3):
+        tensors = [torch.empty(2500), torch.empty(40, 50, dtype=torch.bfloat16)]
+        onthefly._normal_threaded(tensors, 0.02, torch.Generator().manual_seed(7), threads=threads)
+        fills.append(tensors)
+    for a, b in zip(*fills):
+        assert torch.equal(a, b)
+    flat = fills[0][0]
+    assert abs(float(flat.std()) - 0.02) < 0.002 and not torch.equal(flat[:1000], flat[1000:2000])  # a stream a chunk
