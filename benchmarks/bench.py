@@ -333,6 +333,8 @@ def train(args):
         warmup_steps=1, lr_scheduler_type="linear", dataloader_drop_last=True,
         remove_unused_columns=False, seed=0, max_grad_norm=0.0 if args.mode == "full" else 1.0,
         logging_nan_inf_filter=False,  # as llamaft.train: its non-finite guard checks each step instead
+        # as llamaft.train (train/setup.py): DDP without HF's per-step search for unused weights
+        ddp_find_unused_parameters=False,
         **fsdp_arguments(args, cfg))
     optimizers = (in_backward_optimizer(model, targs), None) if in_backward else (None, None)
     prof_out = {}

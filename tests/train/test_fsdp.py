@@ -45,6 +45,17 @@ def test_fsdp_runs_as_accelerate_fsdp2_with_whole_tensors_in_checkpoints(tmp_pat
     assert fsdp.trainer_arguments(on, "fsdp")["fsdp_config"]["activation_checkpointing"] is True
 
 
+def test_bitsandbytes_8bit_optimizers_are_refused_under_fsdp():
+    cfg = _cfg()
+    for name in ("adamw_8bit", "paged_adamw_8bit"):
+        cfg.train.optimizer = name
+        with pytest.raises(ConfigError, match=f"train.optimizer: {name} \\(bitsandbytes\\) cannot step FSDP2"):
+            fsdp.optimizer_check(cfg, "fsdp")
+        fsdp.optimizer_check(cfg, "ddp")  # DDP steps whole tensors: allowed
+    cfg.train.optimizer = "adamw_torch"
+    fsdp.optimizer_check(cfg, "fsdp")
+
+
 def test_hybrid_sharding_replicates_across_machines(monkeypatch):
     cfg = _cfg(fsdp={"sharding": "hybrid"})
     monkeypatch.setenv("WORLD_SIZE", "8")

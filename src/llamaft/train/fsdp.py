@@ -46,6 +46,7 @@ def settle_strategy(cfg, model, resume_from: Path | None) -> tuple[str, list[str
     left as it is)."""
     strategy, why = resolve_strategy(cfg, model)
     distributed.on_main(lambda: resume_check(resume_from, strategy), "checking the checkpoint's strategy")
+    distributed.on_main(lambda: optimizer_check(cfg, strategy), "checking the optimizer")
     if strategy == "single":
         return strategy, []
     cfg.distributed.strategy = strategy
@@ -118,6 +119,17 @@ def plan_line(cfg, strategy: str) -> str | None:
     return (f"fsdp2: weights, gradients and optimizer states sharded over {distributed.world().size} processes "
             f"(sharding {sharding}); activation checkpointing {'on' if checkpointing(cfg) else 'off'}; "
             f"cpu offload {'on' if f.cpu_offload else 'off'}; checkpoints hold whole tensors (FULL_STATE_DICT)")
+
+
+def optimizer_check(cfg, strategy: str) -> None:
+    """bitsandbytes' 8-bit optimizers update plain tensors: on FSDP2's DTensor shards their first step
+    fails ("got mixed torch.Tensor and DTensor", bitsandbytes 0.50, 2 x H200:
+    benchmarks/results/scale_h200/call9_scale_2gpu_8b_full_fsdp.log). Refused before training starts."""
+    name = cfg.train.optimizer
+    if strategy == "fsdp" and name in ("adamw_8bit", "paged_adamw_8bit"):
+        raise ConfigError(f"train.optimizer: {name} (bitsandbytes) cannot step FSDP2's sharded weights; use "
+                          "train.optimizer=adamw_torch under distributed.strategy=fsdp (its states are sharded too), "
+                          "or distributed.strategy=ddp")
 
 
 def resume_check(checkpoint: Path | None, strategy: str) -> None:
