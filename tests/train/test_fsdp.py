@@ -52,8 +52,26 @@ def test_bitsandbytes_8bit_optimizers_are_refused_under_fsdp():
         with pytest.raises(ConfigError, match=f"train.optimizer: {name} \\(bitsandbytes\\) cannot step FSDP2"):
             fsdp.optimizer_check(cfg, "fsdp")
         fsdp.optimizer_check(cfg, "ddp")  # DDP steps whole tensors: allowed
-    cfg.train.optimizer = "adamw_torch"
-    fsdp.optimizer_check(cfg, "fsdp")
+    for name in ("adamw_torch", "adamw_torch_8bit"):  # torchao's 8-bit AdamW steps DTensor shards
+        cfg.train.optimizer = name
+        fsdp.optimizer_check(cfg, "fsdp")
+
+
+def test_torchaos_8bit_adamw_is_hfs_name_and_needs_torchao(monkeypatch):
+    import importlib.util
+
+    from llamaft.errors import LlamaftError
+    from llamaft.model.fast.memory import optimizer_bytes_per_param
+    from llamaft.train.setup import check_optimizer
+
+    cfg = _cfg()
+    cfg.train.optimizer = "adamw_torch_8bit"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "torchao" else real(name, *a))
+    assert check_optimizer(cfg.train) == "adamw_torch_8bit" and optimizer_bytes_per_param("adamw_torch_8bit") == 2
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(LlamaftError, match=r"adamw_torch_8bit needs torchao: run `pip install torchao`"):
+        check_optimizer(cfg.train)
 
 
 def test_hybrid_sharding_replicates_across_machines(monkeypatch):

@@ -126,7 +126,9 @@ class TrainConfig(_Section):
         1, gt=0, description="Micro-batches per optimizer step, over all processes: with N processes each runs "
         "gradient_accumulation / N, so an optimizer step trains micro_batch_size x gradient_accumulation sequences whatever N."
     )
-    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw_torch")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit"] = Field(
+        "adamw_torch", description="adamw_8bit / paged_adamw_8bit: bitsandbytes' 8-bit AdamW (one process or DDP); "
+        "adamw_torch_8bit: torchao's 8-bit AdamW, which also steps FSDP2's sharded weights.")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="Recompute activations to save memory (auto: off on CPU).")

@@ -124,12 +124,13 @@ def plan_line(cfg, strategy: str) -> str | None:
 def optimizer_check(cfg, strategy: str) -> None:
     """bitsandbytes' 8-bit optimizers update plain tensors: on FSDP2's DTensor shards their first step
     fails ("got mixed torch.Tensor and DTensor", bitsandbytes 0.50, 2 x H200:
-    benchmarks/results/scale_h200/call9_scale_2gpu_8b_full_fsdp.log). Refused before training starts."""
+    benchmarks/results/scale_h200/call9_scale_2gpu_8b_full_fsdp.log). Refused before training starts.
+    torchao's AdamW8bit (adamw_torch_8bit) steps the shards: 8B full on 2 x H200, call14_*.json."""
     name = cfg.train.optimizer
     if strategy == "fsdp" and name in ("adamw_8bit", "paged_adamw_8bit"):
         raise ConfigError(f"train.optimizer: {name} (bitsandbytes) cannot step FSDP2's sharded weights; use "
-                          "train.optimizer=adamw_torch under distributed.strategy=fsdp (its states are sharded too), "
-                          "or distributed.strategy=ddp")
+                          "train.optimizer=adamw_torch_8bit (torchao's 8-bit AdamW) or adamw_torch under "
+                          "distributed.strategy=fsdp, or distributed.strategy=ddp")
 
 
 def resume_check(checkpoint: Path | None, strategy: str) -> None:

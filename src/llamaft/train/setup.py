@@ -24,7 +24,8 @@ from ..model.tokenizer import load_tokenizer
 from . import distributed
 from .fsdp import trainer_arguments
 
-_OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+_OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
+               "adamw_torch_8bit": "adamw_torch_8bit"}  # the last: torchao's AdamW8bit (DTensor-aware: FSDP2)
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -46,9 +47,22 @@ class ListDataset(torch.utils.data.Dataset):
         return {"input_ids": list(ex.input_ids), "labels": list(ex.labels)}
 
 
+def require_torchao(what: str) -> None:
+    """torchao (its low-bit optimizers, through HF's optim name) is optional: llamaft[gpu] brings it."""
+    import importlib.util
+
+    from ..errors import LlamaftError
+
+    if importlib.util.find_spec("torchao") is None:
+        raise LlamaftError(f"{what} needs torchao: run `pip install torchao` (or `pip install llamaft[gpu]`); "
+                           "or use train.optimizer=adamw_torch")
+
+
 def check_optimizer(train_cfg) -> str:
-    """HF optim name; 8-bit optimizers need CUDA + bitsandbytes (checked before any model loads)."""
-    if train_cfg.optimizer != "adamw_torch":
+    """HF optim name; 8-bit optimizers need CUDA + bitsandbytes, or torchao (checked before any model loads)."""
+    if train_cfg.optimizer == "adamw_torch_8bit":
+        require_torchao("train.optimizer=adamw_torch_8bit")
+    elif train_cfg.optimizer != "adamw_torch":
         require_bitsandbytes(f"train.optimizer={train_cfg.optimizer}", "use train.optimizer=adamw_torch on CPU")
     return _OPTIMIZERS[train_cfg.optimizer]
 

@@ -43,15 +43,17 @@ def test_orpo_stays_padded():
 def test_the_plan_installs_packing_attention_and_the_decoder_kernels_on_cuda(monkeypatch):
     p = preference_plan(dpo(), gc=True, facts=CUDA)
     assert (p.packing, p.attention, p.gradient_checkpointing, p.checkpointing) == (True, "varlen", True, "hf")
-    assert p.fused_lora and not p.nf4_kernel and not p.compile  # lora under HF's checkpointing: compile not measured
+    assert p.fused_lora and not p.nf4_kernel and not p.compile  # compile only when asked (preference_compile)
     assert not (p.fused_loss or p.cpu_lm_head or p.cpu_embeddings or p.own_checkpointing)
     assert p.budget is None and p.micro_batch_size is None
-    assert "adapter-off forward is PEFT's" in p.reasons[1] and p.reasons[2].startswith("torch.compile off (auto")
+    assert "adapter-off forward is PEFT's" in p.reasons[1] and p.reasons[2].startswith("torch.compile off (auto: off for DPO")
     assert "our fused loss" in p.reasons[3] and p.reasons[4].startswith("gradient checkpointing on")
-    assert preference_plan(dpo(), gc=False, facts=CUDA).compile  # as SFT: lora without checkpointing compiles
+    assert not preference_plan(dpo(), gc=False, facts=CUDA).compile  # SFT would compile this one
+    on = preference_plan(dpo(fast__compile="on"), gc=False, facts=CUDA)
+    assert on.compile and "round apart in bf16" in on.reasons[2]
     q = preference_plan(dpo(model__method="qlora"), gc=True, facts=CUDA)
-    assert q.fused_lora and q.nf4_kernel and q.compile
-    full = preference_plan(dpo(model__method="full"), gc=True, facts=CUDA)
+    assert q.fused_lora and q.nf4_kernel and not q.compile
+    full = preference_plan(dpo(model__method="full", fast__compile="on"), gc=True, facts=CUDA)
     assert not full.fused_lora and full.compile
     # no decoder kernels where the SFT fast path would not run them: CPU, fast.enabled=false, padded pairs
     for c, facts in ((dpo(fast__preference_packing="on"), CPU), (dpo(fast__preference_packing="on", fast__enabled=False), CUDA),

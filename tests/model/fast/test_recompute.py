@@ -300,6 +300,11 @@ def test_plan_full_ft_on_a_48_gb_card_steps_in_the_backward_and_checkpoints_only
     # a budget too small even so: not chosen, and the line says why
     tiny = choose_plan(w512(model__method="full", train__optimizer="adamw_8bit", fast__memory_gib=30), model, lens)
     assert not tiny.optimizer_in_backward and any("would not fit either" in r for r in tiny.reasons)
+    # torchao's 8-bit AdamW is not one train/in_backward.py builds: stepped after the backward, said so when asked
+    ao = choose_plan(w512(model__method="full", train__optimizer="adamw_torch_8bit", fast__memory_gib=46,
+                          fast__optimizer_in_backward="on"), model, lens)
+    assert not ao.optimizer_in_backward and any("after the backward (train.optimizer=adamw_torch_8bit)" in r
+                                                for r in ao.reasons)
 
 
 def test_deferred_mlp_in_chunks_matches_plain_model(monkeypatch):

@@ -112,7 +112,7 @@ def estimate_peak_bytes(cfg, model, checkpointing: bool | int, tokens: int | Non
         # (measured, W512 full 32 x 1: forward peak 20.7 GiB, backward + step 31.0 GiB)
         dynamic = max(ckpts + kept + loss_bytes + head_grad, grads + ckpts + live + step_tmp)
     states = trainable * optimizer_bytes_per_param(cfg.train.optimizer)
-    if full and "8bit" in cfg.train.optimizer:
+    if full and cfg.train.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
         states += c.vocab_size * h * 6  # the input embeddings keep 32-bit states, as HF sets up bitsandbytes
     return weights + states + dynamic + ESTIMATE_SLACK_BYTES
 

@@ -129,6 +129,8 @@ def optimizer_in_backward(cfg, model, own: bool, tokens_of, distributed: bool):
     if cfg.model.method != "full" or setting == "off":
         return False, None
     after = "gradient clipping (train.max_grad_norm) is not applied; one micro-batch per optimizer step"
+    if cfg.train.optimizer == "adamw_torch_8bit":  # train/in_backward.py builds torch's and bitsandbytes' AdamW only
+        return False, "optimizer steps after the backward (train.optimizer=adamw_torch_8bit)" if setting == "on" else None
     if distributed:
         return False, "optimizer steps after the backward (multi-process run)" if setting == "on" else None
     if setting == "on":

@@ -6,9 +6,9 @@
 Of the SFT fast path, DPO takes what works on the batch and inside attention: pairs packed into
 padding-free rows (data/pack_pairs.py) and the packed attention kernel (varlen / flex on CUDA, the
 per-example reference where neither runs), and on CUDA the decoder's kernels: fused LoRA linears (the
-NF4 one for QLoRA) and torch.compile of the layers, as SFT decides them (plan.fused_lora, nf4_kernel,
-compile_blocks). The reference forward runs the same layers with the adapter disabled: the fused
-forward hands that state to PEFT's own (model/fast/lora.py), and compile keys its graphs on it. The
+NF4 one for QLoRA) as SFT decides them (plan.fused_lora, nf4_kernel), and torch.compile of the layers
+only when asked (`preference_compile`). The reference forward runs the same layers with the adapter
+disabled: the fused forward hands that state to PEFT's own (model/fast/lora.py). The
 log-probs come from TRL's own chunked log-prob head (trl's add_fused_lm_head, installed by
 DPOTrainer): no full-vocabulary logits, on packed rows as on padded pairs. Everything else stays off
 (PREFERENCE_OFF); ORPO stays on TRL's plain padded path. Deciders return (value, reason), as in plan.py.
@@ -17,7 +17,7 @@ DPOTrainer): no full-vocabulary logits, on packed rows as on padded pairs. Every
 from __future__ import annotations
 
 from . import attention as _attention
-from .plan import FastPlan, Facts, _cuda_target, compile_blocks, fused_lora, nf4_kernel
+from .plan import FastPlan, Facts, _cuda_target, fused_lora, nf4_kernel
 
 PREFERENCE_OFF = ("off for preference objectives: our fused loss and parked lm_head (TRL's chunked log-prob head "
                   "computes the pair log-probs, no full-vocabulary logits), our checkpointing, CPU embeddings, "
@@ -47,6 +47,23 @@ def preference_packing(cfg, facts: Facts):
                                "same packed rows by TRL's chunked log-prob head; TRL's loss and metrics")
 
 
+def preference_compile(cfg):
+    """torch.compile of the decoder layers for DPO: only with fast.compile=on. Compiled, the policy's
+    layers (adapter on, with grad) and the reference's (adapter off, no grad) become different graphs
+    whose bf16 rounding differs: at step 1, where policy and reference are the same model, the loss
+    was 0.660 instead of ln 2 = 0.693 on the H200 (benchmarks/results/dpo_h200/dpo_fixed_nogc.json:
+    compiled, checkpointing off), a reward offset summed over every token of a sequence. The eager runs
+    gave exactly ln 2 (dpo_fixed.json, dpo_mixed.json: checkpointing on, which leaves the forward's
+    arithmetic as it is): eager, both run the same kernels."""
+    on = cfg.fast.compile == "on"
+    if on:
+        return True, ("torch.compile on (fast.compile=on); the policy's and the reference's compiled layers round "
+                      "apart in bf16 (step-1 loss not exactly ln 2)")
+    why = "fast.compile=off" if cfg.fast.compile == "off" else (
+        "auto: off for DPO, the policy's and reference's compiled layers round apart in bf16; fast.compile=on to take it")
+    return False, f"torch.compile off ({why})"
+
+
 def preference_plan(cfg, model=None, gc: bool = False, facts: Facts | None = None) -> FastPlan:
     """The FastPlan of a dpo / orpo run: packing and its attention kernel, on CUDA fused LoRA / NF4 and
     compile (install.apply_fast_path installs those and HF's checkpointing), every other piece off. `gc`: HF's gradient
@@ -64,7 +81,7 @@ def preference_plan(cfg, model=None, gc: bool = False, facts: Facts | None = Non
             reasons.append(f"{why}; the reference's adapter-off forward is PEFT's")
             nf4, why = nf4_kernel(cfg)
             reasons += [why] if why else []
-        comp, why = compile_blocks(cfg, gc)
+        comp, why = preference_compile(cfg)
         reasons.append(why)
     if packing:
         reasons.append(f"other fast-path pieces {PREFERENCE_OFF}")
