@@ -3,6 +3,7 @@ weights, the merged base written once per adapter into the cache (staged, then r
 and how a run trained from another run finds its base again (or refuses a changed adapter)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,7 +12,6 @@ from inference_helpers import make_run_dir
 from llamaft.cli import main
 from llamaft.config import config_from_dict
 from llamaft.errors import LlamaftError
-from llamaft.model import from_run
 from llamaft.model.from_run import adapter_key, find_run, run_base, start_from_run
 from path_helpers import hidden, one_error_line
 
@@ -115,3 +115,21 @@ def test_cli_errors_are_one_line(sft, tmp_path, capsys):
     assert main(["train", str(path), f"model.name={sft}", "model.from_run=stack"]) == 2
     one_error_line(capsys.readouterr().err, "train", "model.from_run", "not yet supported; use merge")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_base_another_run_published_meanwhile_is_kept(sft, cache, monkeypatch):
+    import shutil
+
+    import llamaft.model.merged as merged
+
+    real = merged.stage_merge
+
+    def racing(run, out, dtype):  # another process publishes the same merge while this one stages
+        staged = real(run, out, dtype)
+        shutil.copytree(staged, out)
+        (out / "theirs").write_text("")
+        return staged
+
+    monkeypatch.setattr(merged, "stage_merge", racing)
+    cfg, _ = start_from_run(_model_cfg(sft))
+    assert (Path(cfg.name) / "theirs").is_file() and hidden(cache) == []  # theirs kept, ours removed

@@ -104,3 +104,16 @@ def test_sft_continues_from_a_run_on_the_same_cached_base(runs, tmp_path):
     cfg.model.name = str(runs["sft"])
     started = json.loads((train(cfg) / "summary.json").read_text())["started_from"]
     assert started == json.loads((runs["dpo"] / "summary.json").read_text())["started_from"]
+
+
+def test_a_run_started_from_a_run_is_itself_a_start(runs, tmp_path):
+    """DPO from the DPO run: its base is SFT merged, then the DPO adapter merged (what `llamaft merge` of it writes)."""
+    from safetensors.torch import load_file
+
+    from llamaft.model.from_run import start_from_run
+
+    model_cfg, started = start_from_run(preference_config(runs["dpo"], tmp_path / "x").model)
+    assert started["run"] == str(runs["dpo"].resolve()) and started["adapter_sha256"] == adapter_key(runs["dpo"] / "adapter")
+    got = load_file(str(Path(model_cfg.name) / "model.safetensors"))
+    want = load_file(str(merge(runs["dpo"], tmp_path / "m", dtype="bfloat16") / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

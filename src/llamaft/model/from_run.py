@@ -79,7 +79,7 @@ def cache_path(start: StartRun) -> Path:
 
 def merged_base(start: StartRun, say=None) -> Path:
     """The run's adapter merged into its base: the cached directory, written first if absent."""
-    from ..paths import check_output_dir, publish_dir
+    from ..paths import check_output_dir, publish_dir, remove
     from .merged import stage_merge
 
     out = cache_path(start)
@@ -88,7 +88,11 @@ def merged_base(start: StartRun, say=None) -> Path:
     check_output_dir(out, "the merged base's cache (LLAMAFT_CACHE)")
     (say or _stderr)(f"model.name: merging the adapter of {start.path} into its base ({MERGE_DTYPE}), once, into {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return publish_dir(stage_merge(start.path, out, MERGE_DTYPE), out)
+    staged = stage_merge(start.path, out, MERGE_DTYPE)
+    if _is_model_dir(out):  # another run merged the same adapter meanwhile: never swap a base under its feet
+        remove(staged)
+        return out
+    return publish_dir(staged, out)
 
 
 def start_from_run(model_cfg, say=None):
