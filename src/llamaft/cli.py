@@ -161,7 +161,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config YAML (see configs/); model.name: a hub id, a local directory, a .gguf "
-                                  "file, or embedded:smollm2 (the bundled SmolLM2-135M-Instruct: try your data on a CPU)")
+                                  "file, embedded:smollm2 (the bundled SmolLM2-135M-Instruct: try your data on a CPU), "
+                                  "or a llamaft run directory (e.g. an SFT run to start DPO from; model.from_run)")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                    help="dotted overrides, anywhere on the line, e.g. lora.r=32 train.learning_rate=2e-4 data.packing=on")
 

@@ -25,12 +25,12 @@ def run(tmp_path_factory):
 def no_model_load(monkeypatch):
     """Any model load fails the test: the command had to stop before it."""
     import llamaft.export.hf as hf_mod
-    import llamaft.export.merge as merge_mod
+    import llamaft.model.merged as merged_mod
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the output path was checked")
 
-    for module in (merge_mod, hf_mod):  # the modules that load (they imported the name)
+    for module in (merged_mod, hf_mod):  # the modules that load (they imported the name)
         monkeypatch.setattr(module, "load_for_inference", boom)
 
 
@@ -167,9 +167,9 @@ def test_kquant_without_quantizer_fails_before_the_merge(tmp_path, monkeypatch, 
     before = _tree(merged)
     stamp = (merged / "model.safetensors").stat().st_mtime_ns
     _without_quantizer(monkeypatch, tmp_path)
-    import llamaft.export.merge as merge_mod
+    import llamaft.model.merged as merged_mod
 
-    monkeypatch.setattr(merge_mod, "load_for_inference", lambda *a, **k: pytest.fail("merged before checking --quant"))
+    monkeypatch.setattr(merged_mod, "load_for_inference", lambda *a, **k: pytest.fail("merged before checking --quant"))
     capsys.readouterr()
     assert main(["export", str(run), "--format", "gguf", "--quant", "q4_k_m"]) == 2
     one_error_line(capsys.readouterr().err, "export", "q4_k_m", "llama-quantize")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llamaft.errors import LlamaftError
-from llamaft.model import load, preflight
+from llamaft.model import load
 from llamaft.model.inference import is_run_dir, torch_dtype
 
 
@@ -22,8 +22,6 @@ def test_is_run_dir(tmp_path):
     assert not is_run_dir(full)  # weights without a run config: a model directory's business
     (full / "config.yaml").write_text("model: {}\n")
     assert is_run_dir(full)
-    assert "train from its weights" in preflight._run_dir_hint(str(full))
-    assert "llamaft merge" in preflight._run_dir_hint(str(run))
 
 
 def test_one_dtype_map():

@@ -200,7 +200,8 @@ def load_run_base(cfg, tokenizer, rules, dtype: torch.dtype, adapter_dir: Path |
 def locate_base(cfg, run_dir: Path):
     """The run's base as this machine finds it: `embedded:smollm2` resolved to this machine's cache of
     the embedded model (converted once), and one line, before any load, for a local base model,
-    tokenizer or chat template that is not where config.yaml says (a run moved to another machine)."""
+    tokenizer or chat template that is not where config.yaml says (a run moved to another machine);
+    a base that is another run: the model directory it trained on (model/from_run.py)."""
     from ..assets import resolve_model_name
 
     cfg.model.name = resolve_model_name(cfg.model.name)
@@ -211,6 +212,9 @@ def locate_base(cfg, run_dir: Path):
             copied = _copied_from(value, run_dir)
             raise LlamaftError(f"{key}: {value} not found (the run {run_dir} was trained with it{copied}); put it back "
                                f"there, or set {key} in {Path(run_dir) / 'config.yaml'} to where it is now")
+    from .from_run import run_base
+
+    cfg.model = run_base(cfg.model, run_dir)  # model.name another run (e.g. DPO from SFT): the base it trained on
     return cfg
 
 

@@ -122,13 +122,8 @@ def _first_line(err: Exception) -> str:
 
 
 def _run_dir_hint(name: str) -> str:
-    from .inference import is_run_dir
-
+    # (A llamaft run directory never gets here: training resolves it to its base first, model/from_run.py.)
     p = Path(name)
-    if is_run_dir(p) and (p / "model").is_dir():
-        return f"; it is a llamaft run directory: train from its weights, model.name={p / 'model'}"
-    if is_run_dir(p):
-        return f"; it is a llamaft run directory: merge it (llamaft merge {name} --out DIR) and train from DIR"
     if p.is_dir() and not (p / "config.json").is_file():
         return "; a model directory needs config.json and the weights (save_pretrained writes both)"
     return ""

@@ -139,7 +139,7 @@ def preflight(sweep: Sweep, cfg) -> None:
     from ..train.setup import check_inputs
 
     check_hardware(cfg)
-    _, _, data = check_inputs(cfg, sweep.cache)
+    data = check_inputs(cfg, sweep.cache).data
     if sweep.spec.set_name not in data.validation:
         raise ConfigError(f"{sweep.source}: sweep.objective: no validation set named '{sweep.spec.set_name}' "
                           f"(sets: {', '.join(data.validation) or 'none'})")

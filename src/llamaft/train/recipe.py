@@ -37,6 +37,7 @@ from ..eval.report import write_report
 from ..model.adapters import count_parameters, save_trained
 from ..model.fast import restore_parked
 from ..model.finite import first_nonfinite_param
+from ..model.from_run import as_named
 from ..model.load import quantization_config, resolve_precision
 from ..model.tokenizer import load_tokenizer, save_tokenizer
 from ..paths import write_text_atomic
@@ -68,6 +69,12 @@ class Run:
     tokenizer: Any
     rules: Any  # model.tokenizer.TokenRules
     started: float  # time.time() when setup began
+    started_from: dict | None = None  # model.name another run: that run, its adapter hash, the base loaded
+
+    @property
+    def snapshot(self):
+        """The config as config.yaml keeps it: model.name the run the user named, not the base it resolved to."""
+        return as_named(self.cfg, self.started_from)
 
     @property
     def out(self) -> Path:
@@ -137,13 +144,15 @@ def setup(cfg, data_cache=None) -> Run:
     def checked_inputs():
         check_hardware(cfg)
         run_dir, resume_from = prepare_run_dir(cfg)
-        splits, loaded["tokenizer"], data = check_inputs(cfg, data_cache)
+        inputs = check_inputs(cfg, data_cache, say)  # model.name a run: its merged base, once (model/from_run.py)
+        loaded["tokenizer"] = inputs.tokenizer, inputs.rules
         run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir, resume_from, splits, data
+        return run_dir, resume_from, inputs.splits, inputs.data, inputs.cfg, inputs.started_from
 
-    run_dir, resume_from, splits, data = distributed.on_main(checked_inputs, "checking the config and reading the data")
-    tokenizer, rules = loaded.get("tokenizer") or load_tokenizer(cfg.model, cfg.data)
-    return Run(cfg, run_dir, resume_from, splits, data, tokenizer, rules, started)
+    run_dir, resume_from, splits, data, load_cfg, started_from = distributed.on_main(
+        checked_inputs, "checking the config and reading the data")
+    tokenizer, rules = loaded.get("tokenizer") or load_tokenizer(load_cfg.model, load_cfg.data)
+    return Run(load_cfg, run_dir, resume_from, splits, data, tokenizer, rules, started, started_from)
 
 
 def check_hardware(cfg) -> None:
@@ -232,7 +241,7 @@ def _start_outputs(run: Run) -> None:
     """Only now is the run directory written to (by rank 0): a run that is already complete stays untouched."""
     if not distributed.is_main():
         return
-    save_run_config(run.cfg, run.dir, run.splits)  # paths that hold from anywhere; eval data copied in (portable.py)
+    save_run_config(run.snapshot, run.dir, run.splits)  # paths that hold from anywhere; eval data copied in (portable.py)
     if run.resume_from is not None:
         truncate_metrics(run.metrics_path, _step_of(run.resume_from))
         say(f"resuming from {run.resume_from}")
@@ -331,7 +340,7 @@ def finish(run: Run, trainer, plan, outcome: Outcome) -> None:
     if not distributed.is_main():
         return
     rows = read_metrics(run.metrics_path)
-    plot_losses(rows, run.set_names, run.dir / "loss.png", title=f"{run.cfg.model.name} ({run.cfg.model.method})")
+    plot_losses(rows, run.set_names, run.dir / "loss.png", title=f"{run.snapshot.model.name} ({run.cfg.model.method})")
     summary = run_summary(run, trainer, plan, outcome, rows)
     write_text_atomic(run.dir / "summary.json", json.dumps(json_safe(summary), indent=2, allow_nan=False))
     for cb in trainer.callback_handler.callbacks:
@@ -359,8 +368,9 @@ def run_summary(run: Run, trainer, plan, outcome: Outcome, rows: list[dict]) -> 
     return {
         "status": outcome.status,
         **({"stopped": outcome.stopped} if outcome.stopped else {}),
-        "model": cfg.model.name,
+        "model": run.snapshot.model.name,
         "method": cfg.model.method,
+        **({"started_from": run.started_from} if run.started_from else {}),
         "train_loss": train_losses[-1] if train_losses else None,  # the last logged value (null: not finite)
         # mean over this process's steps (HF's train_loss); null when none ran or one was not finite
         "train_loss_mean": outcome.result.training_loss if outcome.result is not None and steps_run > 0 else None,

@@ -17,6 +17,7 @@ from ..data.preference import check_objective_formats
 from ..errors import LlamaftError
 from ..eval.generation import check_generation_sets
 from ..model.adapters import apply_adapters
+from ..model.from_run import start_from_run
 from ..model.fast import apply_fast_path, choose_plan, configure_allocator, make_collator
 from ..model.load import cuda_available, load_base, require_bitsandbytes
 from ..model.preflight import check_model
@@ -216,15 +217,30 @@ def place_on_gpu(cfg, model):
     return model
 
 
-def check_inputs(cfg, data_cache=None) -> tuple[Splits, tuple, Datasets]:
-    """(splits, (tokenizer, rules), token examples) after every data and model check that needs no
-    weights (a sweep runs the same before its first trial)."""
+@dataclass
+class Inputs:
+    """What check_inputs established (a sweep runs the same before its first trial)."""
+
+    splits: Splits
+    tokenizer: Any
+    rules: Any
+    data: Datasets
+    cfg: Any  # the config to load with: model.name a run directory → the base it names (model/from_run.py)
+    started_from: dict | None = None  # where the run starts when model.name is a run (summary.json)
+
+
+def check_inputs(cfg, data_cache=None, say=None) -> Inputs:
+    """Rows, tokenizer and token examples after every data and model check that needs no weights;
+    model.name a run directory: its base (a LoRA run's adapter merged once, cached) after the data
+    checks, before the tokenizer."""
     splits = cached_splits(cfg.data, data_cache)  # bad rows fail here, in seconds, before any tokenizer/model load
     check_objective_formats(cfg.train.objective, splits.formats)  # preference rows for dpo / orpo, SFT rows for sft
+    model_cfg, started = start_from_run(cfg.model, say)
+    cfg = cfg if started is None else cfg.model_copy(update={"model": model_cfg})
     tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
     data = cached_datasets(cfg.data, tokenizer, rules, splits, data_cache)
     if not data.train:
         raise LlamaftError("data.train: no training examples left after filtering; check data.max_seq_length")
     check_generation_sets(cfg.eval, list(data.validation))  # eval.generation names and metrics
     check_model(cfg.model, cfg.lora, tokenizer, rules)  # source, vocabulary, lora.target_modules on the meta device
-    return splits, (tokenizer, rules), data
+    return Inputs(splits, tokenizer, rules, data, cfg, started)

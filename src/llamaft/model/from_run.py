@@ -1,0 +1,145 @@
+"""Training from a llamaft run directory: `model.name: runs/sft` (an SFT run, or any finished run).
+
+    model_cfg, started = start_from_run(cfg.model, say)   # (cfg.model, None) for any other model.name
+
+A run with a LoRA / QLoRA adapter (`model.from_run: merge`): its adapter merged into its base in
+bf16, exactly as `llamaft merge` does (model/merged.py), written once into
+CACHE/from-run/<run>-<adapter hash> (staged, then renamed into place: a crash leaves nothing
+behind) and reused while the adapter's files are unchanged. That directory is the base the new run
+loads: a new LoRA / QLoRA adapter's reference (the adapter disabled) is exactly the SFT model, and
+QLoRA quantizes the merged weights at load as usual. A full fine-tuning run: its model/ is the base.
+
+The new run's config.yaml keeps `model.name: /abs/runs/sft` and its summary.json records where it
+started (`started_from`: run, adapter hash, merged base). Loading the new run later (merge, export,
+chat, eval: inference.locate_base calls run_base) finds the same merged base, rebuilds it from the
+SFT run on a machine without it, and refuses an SFT adapter that changed since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LlamaftError
+
+MERGE_DTYPE = "bfloat16"  # what `llamaft merge` writes by default
+CACHE_SUBDIR = "from-run"
+
+
+@dataclass
+class StartRun:
+    """The run model.name points at."""
+
+    path: Path        # what model.name names: a run directory, or an adapter / checkpoint dir inside one
+    kind: str         # "adapter" (LoRA / QLoRA) | "full" (its model/ holds the weights)
+    weights: Path     # the adapter dir, or RUN/model
+    key: str | None   # the adapter's content hash (adapter runs): names its merged base in the cache
+
+
+def find_run(name: str) -> StartRun | None:
+    """The llamaft run `name` names, or None (hub ids, model directories, GGUF files). A run without
+    final weights (interrupted, stopped, still training) is one line saying why."""
+    from .inference import resolve_source
+
+    p = Path(name).expanduser()
+    if not p.is_dir() or (p / "config.json").is_file():
+        return None
+    if not ((p / "config.yaml").is_file() or (p / "adapter_config.json").is_file()):
+        return None
+    try:
+        src = resolve_source(p)
+    except LlamaftError as err:
+        raise LlamaftError(f"model.name: {err}") from None
+    if src.kind == "model":
+        return None
+    key = adapter_key(src.weights) if src.kind == "adapter" else None
+    return StartRun(p.resolve(), src.kind, src.weights.resolve(), key)
+
+
+def adapter_key(weights: Path) -> str:
+    """sha256 (16 hex digits) of an adapter's config and weights: a retrained adapter gets a new key."""
+    h = hashlib.sha256()
+    for f in sorted([weights / "adapter_config.json", *weights.glob("*.safetensors")]):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def cache_path(start: StartRun) -> Path:
+    from ..assets import cache_dir
+
+    run = start.weights.parent if start.weights.name == "adapter" else start.weights
+    return cache_dir() / CACHE_SUBDIR / f"{run.name}-{start.key}"
+
+
+def merged_base(start: StartRun, say=None) -> Path:
+    """The run's adapter merged into its base: the cached directory, written first if absent."""
+    from ..paths import check_output_dir, publish_dir, remove
+    from .merged import stage_merge
+
+    out = cache_path(start)
+    if _is_model_dir(out):
+        return out
+    check_output_dir(out, "the merged base's cache (LLAMAFT_CACHE)")
+    (say or _stderr)(f"model.name: merging the adapter of {start.path} into its base ({MERGE_DTYPE}), once, into {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = stage_merge(start.path, out, MERGE_DTYPE)
+    if _is_model_dir(out):  # another run merged the same adapter meanwhile: never swap a base under its feet
+        remove(staged)
+        return out
+    return publish_dir(staged, out)
+
+
+def start_from_run(model_cfg, say=None):
+    """(model config to load, `started_from` record or None): model.name a run → its base directory."""
+    start = find_run(model_cfg.name)
+    if start is None:
+        return model_cfg, None
+    base = start.weights if start.kind == "full" else merged_base(start, say)
+    started = {"run": str(start.path), "kind": start.kind, "adapter_sha256": start.key, "base": str(base),
+               **({"from_run": model_cfg.from_run, "dtype": MERGE_DTYPE} if start.kind == "adapter" else {})}
+    return model_cfg.model_copy(update={"name": str(base), "gguf_file": None, "revision": None}), started
+
+
+def as_named(cfg, started: dict | None):
+    """A run config whose model.name was resolved by start_from_run, with the run the user named back."""
+    if started is None:
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": started["run"]})})
+
+
+def run_base(model_cfg, run_dir: Path):
+    """The base a run trained on, when its model.name is another run: the merged base it recorded
+    (summary.json's started_from) if it is still there, else rebuilt from that run, whose adapter
+    must be the one it trained from."""
+    record = _started_from(run_dir)
+    recorded = Path(record.get("base") or "")
+    if record.get("run") == str(Path(model_cfg.name).expanduser().resolve()) and _is_model_dir(recorded):
+        return model_cfg.model_copy(update={"name": str(recorded), "gguf_file": None, "revision": None})
+    start = find_run(model_cfg.name)
+    if start is not None and record.get("adapter_sha256") and start.key != record["adapter_sha256"]:
+        raise LlamaftError(f"model.name: the adapter of {start.path} changed since {run_dir} trained from it "
+                           f"(sha256 {record['adapter_sha256']}, now {start.key}); put the original adapter back")
+    return start_from_run(model_cfg)[0]
+
+
+def _started_from(run_dir: Path) -> dict:
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    record = summary.get("started_from") if isinstance(summary, dict) else None
+    return record if isinstance(record, dict) else {}
+
+
+def _is_model_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
