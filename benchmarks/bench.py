@@ -81,7 +81,7 @@ def run_config(args):
         "train": {"micro_batch_size": args.bs, "gradient_accumulation": args.ga, "gradient_checkpointing": args.gc,
                   "learning_rate": 1e-5 if args.mode == "full" else 1e-4,
                   # our config names the optimizers users choose; torch's fused AdamW is a bench-only extra
-                  "optimizer": args.optim if args.optim in ("adamw_8bit", "paged_adamw_8bit") else "adamw_torch"},
+                  "optimizer": args.optim if args.optim in ("adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit") else "adamw_torch"},
         "distributed": {"strategy": args.strategy},
         "fast": {"enabled": args.variant == "fast", "compile": args.compile, "regroup_batches": args.regroup,
                  "offload_checkpoints": args.offload, "partial_checkpointing": args.partial,
@@ -113,7 +113,9 @@ def load_model(args):
 
         model = onthefly.build(args.dir.split(":", 1)[1], args.mode, "cuda")
     else:
-        model = _from_disk(args, "cpu" if args.strategy == "fsdp" else torch.cuda.current_device())
+        fsdp = args.strategy == "fsdp" and world().size > 1
+        # FSDP2 bf16: CPU memory, accelerate moves each shard; QLoRA is quantized on the GPU (as llamaft.train)
+        model = _from_disk(args, "cpu" if fsdp and args.mode != "qlora" else torch.cuda.current_device(), fsdp)
     if args.mode != "full":
         from peft import LoraConfig, get_peft_model
 
@@ -128,19 +130,21 @@ def random_fsdp(args) -> bool:
     """random:SHAPE under torchrun with --strategy fsdp: built once per machine (rank 0), not once per process."""
     fsdp = args.dir.startswith("random:") and args.strategy == "fsdp" and world().size > 1
     if fsdp and args.mode == "qlora":
-        raise SystemExit("bench.py: --strategy fsdp with qlora needs the 4-bit storage llamaft.train loads with; not here")
+        raise SystemExit("bench.py: random:SHAPE qlora under --strategy fsdp is not built (onthefly quantizes with "
+                         "uint8 storage); a saved model's qlora runs under fsdp")
     return fsdp
 
 
-def _from_disk(args, device):
-    """FSDP2: loaded in CPU memory, each process's shard moved to its GPU by accelerate (as llamaft.train)."""
+def _from_disk(args, device, sharded: bool = False):
+    """The saved model on `device`; QLoRA with llamaft's BitsAndBytesConfig (model/load.bnb_arguments;
+    sharded by FSDP2: the 4-bit weights stored in bf16, so that FSDP can shard them)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from llamaft.model.load import bnb_arguments
 
     kw = dict(dtype=torch.bfloat16, device_map={"": device}, attn_implementation="sdpa")
     if args.mode == "qlora":
-        kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True)
+        kw["quantization_config"] = BitsAndBytesConfig(**bnb_arguments(run_config(args).quantization, sharded))
     return AutoModelForCausalLM.from_pretrained(args.dir, **kw)
 
 
@@ -177,7 +181,7 @@ def parse_args(argv=None):
     ap.add_argument("--nf4", choices=["auto", "off"], default="auto")
     ap.add_argument("--cpu-emb", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
-                    help="under torchrun: DDP, or FSDP2 as llamaft.train runs it (train/fsdp.py; lora / full)")
+                    help="under torchrun: DDP, or FSDP2 as llamaft.train runs it (train/fsdp.py; qlora: 4-bit weights stored in bf16)")
     ap.add_argument("--optim", default=None, help="default: adamw_torch (lora), paged_adamw_8bit (qlora, full)")
     ap.add_argument("--fixed-len", type=int, default=0, help="every sequence this long (seq 2048/8192 workloads)")
     ap.add_argument("--profile", action="store_true",

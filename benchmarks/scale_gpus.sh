@@ -6,7 +6,7 @@
 #     NPROC   processes (GPUs 0 .. NPROC-1)
 #     MODEL   8b (the saved random Llama-3.1-8B, $M) | 70b (random:llama-3.1-70b, built on each GPU)
 #     METHOD  lora | qlora | full
-#     STRATEGY ddp (default) | fsdp (FSDP2 as llamaft.train sets it up; lora / full)
+#     STRATEGY ddp (default) | fsdp (FSDP2 as llamaft.train sets it up; qlora with bf16-stored 4-bit weights)
 #     OPTIM   bench.py --optim (default: adamw_torch for lora, paged_adamw_8bit for qlora / full)
 #   e.g. bash benchmarks/scale_gpus.sh 1:8b:lora 2:8b:lora 2:8b:lora:10:fsdp 1:8b:full 2:8b:full:10:fsdp 1:70b:qlora:3
 # Results: $OUT/scale_<NPROC>gpu_<MODEL>_<METHOD>[_fsdp].json (+ .log), a line each in $OUT/scale_log.txt.
