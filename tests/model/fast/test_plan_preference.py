@@ -60,7 +60,12 @@ def test_the_plan_installs_packing_attention_and_the_decoder_kernels_on_cuda(mon
                      (dpo(fast__preference_packing="off"), CUDA)):
         q = preference_plan(c, gc=False, facts=facts)
         assert not (q.fused_lora or q.compile or q.nf4_kernel)
+    fsdp = preference_plan(dpo(model__method="qlora"), gc=False, facts=Facts(cuda=True, packed_kernel="varlen", fsdp=True))
+    assert fsdp.packing and not (fsdp.fused_lora or fsdp.nf4_kernel or fsdp.compile)
+    assert "under FSDP2: fused LoRA / NF4 kernels and torch.compile off" in fsdp.reasons[1]
     off = preference_plan(dpo(), gc=False, facts=CPU)
     assert (off.packing, off.attention, len(off.reasons)) == (False, "sdpa", 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # facts read from the machine
     assert preference_plan(dpo(fast__preference_packing="on")).attention == "reference"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # several processes under FSDP2: no decoder kernels
+    assert "under FSDP2" in preference_plan(dpo(fast__preference_packing="on", distributed__strategy="fsdp")).reasons[1]

@@ -16,6 +16,10 @@ DPOTrainer): no full-vocabulary logits, on packed rows as on padded pairs. Every
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 from . import attention as _attention
 from .plan import FastPlan, Facts, _cuda_target, fused_lora, nf4_kernel
 
@@ -69,11 +73,17 @@ def preference_plan(cfg, model=None, gc: bool = False, facts: Facts | None = Non
     compile (install.apply_fast_path installs those and HF's checkpointing), every other piece off. `gc`: HF's gradient
     checkpointing as the plain path decides it (train/setup.gradient_checkpointing)."""
     if facts is None:  # the device and its best packed kernel (probed even with fast.enabled=false: `on` wins)
-        cuda = _cuda_target(model)
-        facts = Facts(cuda=cuda, packed_kernel=_attention.best_packed_attention() if cuda else None)
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        fsdp = distributed and cfg.distributed.strategy == "fsdp"
+        # under FSDP a bf16 model waits in CPU memory until fully_shard moves each shard to its GPU
+        cuda = _cuda_target(model) or (fsdp and torch.cuda.is_available())
+        facts = Facts(cuda=cuda, packed_kernel=_attention.best_packed_attention() if cuda else None,
+                      distributed=distributed, fsdp=fsdp)
     (packing, attention), first = preference_packing(cfg, facts)
     reasons = [first]
-    kernels = packing and facts.cuda and cfg.fast.enabled  # the decoder's kernels where SFT's fast path runs
+    kernels = packing and facts.cuda and cfg.fast.enabled and not facts.fsdp  # where SFT's fast path runs them
+    if packing and facts.fsdp:
+        reasons.append("under FSDP2: fused LoRA / NF4 kernels and torch.compile off (not validated on sharded weights)")
     lora = nf4 = comp = False
     if kernels:
         if cfg.model.method != "full":
