@@ -129,17 +129,18 @@ def install_fused_loss(model, chunk: int | None = None, park_head: bool = False)
         parked = park_lm_head(lm, getattr(decoder, "layers", None))
     lm._llamaft_parked_head = parked
 
-    def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+    # the KV cache rides in kwargs under this transformers' name (`past_key_values`, `cache` from 5.24, where
+    # passing `past_key_values` at all is deprecated: removed in 5.40)
+    def forward(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         if labels is None:
             if parked is not None:
                 parked.acquire()  # evaluation / generation: the head stays on the GPU from here
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                            logits_to_keep=logits_to_keep, **kwargs)
+                            inputs_embeds=inputs_embeds, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                      inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         head = parked.acquire() if parked is not None else lm.lm_head.weight
         loss = fused_causal_lm_loss(out.last_hidden_state, head, labels, num_items, chunk)
         if parked is not None and torch.is_grad_enabled():
