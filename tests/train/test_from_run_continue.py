@@ -142,3 +142,20 @@ def test_continue_takes_the_sft_adapters_own_lora_settings_and_says_so(runs, cap
     assert "lora: continuing the adapter" in capsys.readouterr().out
     with pytest.raises(LlamaftError, match="model.from_run: continue trains the LoRA adapter"):
         start_from_run(cfg.model.model_copy(update={"method": "full"}))
+
+
+@pytest.mark.parametrize("objective", ["sft", "orpo"])
+def test_sft_and_orpo_train_the_adapter_further(runs, objective, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMAFT_CACHE", str(runs["root"] / "cache"))
+    if objective == "sft":
+        cfg = run_config(runs["root"] / "sft" / "tiny-llama", tmp_path / "run", max_steps=1, eval_every=0, save_every=0)
+        cfg.model.name, cfg.model.from_run = str(runs["sft"]), "continue"
+    else:
+        cfg = _dpo(runs["root"], runs["sft"], "orpo", "off", max_steps=1, objective="orpo")
+        cfg.train.output_dir = str(tmp_path / "run")
+    cfg.lora.r = 8  # does not apply: the SFT adapter keeps its r=4
+    with one_torch_thread():
+        run = train(cfg)
+    assert json.loads((run / "summary.json").read_text())["started_from"]["from_run"] == "continue"
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4  # the SFT adapter's, not lora.r
+    assert adapter_key(run / "adapter") != adapter_key(runs["sft"] / "adapter")
