@@ -294,3 +294,37 @@ def test_trl_internals_the_override_relies_on():
                    'inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]', 'inputs["completion_mask"]',
                    "outputs.log_probs[:, -seq_len:]", "outputs.entropy", "outputs.mean_logits", "outputs.is_top1"):
         assert needle in src, needle
+
+
+def test_fused_lora_reference_is_the_ref_adapter_when_continuing_one(tmp_path):
+    """model.from_run: continue keeps TRL's "ref" copy of the adapter: the packed reference runs it
+    (not the adapter off), and the fused LoRA linears (fused for "default") fall back to PEFT's for it."""
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    from llamaft.model.fast.lora import fuse_lora
+    from train_helpers import chat_tokenizer
+
+    twin = _policy()
+    install_attention(twin, "reference")
+    assert fuse_lora(twin) == 2 * 3
+    args = DPOConfig(output_dir=str(tmp_path / "c"), per_device_train_batch_size=len(PAIRS), max_steps=1, use_cpu=True,
+                     bf16=False, report_to=[], save_strategy="no", remove_unused_columns=False, max_length=None,
+                     beta=2.0, loss_type=["sigmoid"], pad_to_multiple_of=None)
+    trainer = _dpo_class()(model=twin, args=args, train_dataset=Dataset.from_list(_rows()), data_collator=PackedPairCollator(),
+                           processing_class=chat_tokenizer(), keep_ref_adapter=True)
+    assert list(trainer.model.peft_config) == ["default", "ref"]
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    plain = _trainer(_policy(), DataCollatorForPreference(pad_token_id=0), tmp_path, "p")  # the adapter as it was
+    pad_batch = plain.data_collator(_rows())
+    with torch.no_grad():
+        want = _trl_padded_logps(plain.model, pad_batch)  # what "ref" must give
+        for model in (twin, plain.model):
+            for name, p in model.named_parameters():
+                if ".default." in name and "lora_B" in name:
+                    p.add_(0.5)  # the policy moved on (as training does); "ref" did not
+        moved = _trl_padded_logps(plain.model, pad_batch)
+    chosen, rejected = trainer.packed_reference_logps(trainer.data_collator(_rows()))
+    torch.testing.assert_close(torch.cat([chosen, rejected]), want, atol=1e-5, rtol=0)
+    assert (moved - want).abs().max() > 1e-2 and trainer.model.active_adapter == "default"

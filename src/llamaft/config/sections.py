@@ -29,16 +29,18 @@ class ModelConfig(_Section):
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust the source.")
     add_pad_token: bool = Field(False, description="Add a new <|pad|> token (resizing embeddings) when no unused special token exists.")
-    from_run: Literal["merge", "stack"] = Field(
+    from_run: Literal["merge", "continue", "stack"] = Field(
         "merge", description="When `name` is a llamaft run directory with a LoRA/QLoRA adapter (e.g. an SFT run): merge = "
-        "train from its adapter merged into its base (bf16, written once to a cache); stack (not yet supported)."
+        "a new adapter on its adapter merged into its base (bf16, written once to a cache); continue = train its adapter "
+        "further on its own base (its lora settings, not this run's; DPO's reference: that adapter as it was); "
+        "stack (not yet supported)."
     )
 
     @field_validator("from_run")
     @classmethod
     def _from_run(cls, v: str) -> str:
         if v == "stack":  # a frozen SFT adapter under a new trainable one: not built yet
-            raise ValueError("stack is not yet supported; use merge")
+            raise ValueError("stack is not yet supported; use merge or continue")
         return v
 
 

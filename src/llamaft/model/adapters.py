@@ -41,8 +41,10 @@ def lora_config(model_cfg, lora_cfg, added_token_ids: list[int] | None = None):
     )
 
 
-def apply_adapters(model, model_cfg, lora_cfg):
-    """Wrap `model` for training according to model.method; logs the trainable parameter count."""
+def apply_adapters(model, model_cfg, lora_cfg, continued: Path | None = None):
+    """Wrap `model` for training according to model.method; logs the trainable parameter count.
+    `continued`: an existing adapter directory (model.from_run: continue), loaded trainable with its
+    own LoRA config: the lora section does not apply (one line says so)."""
     added = list(getattr(model, ADDED_TOKENS_ATTR, []) or [])
     if model_cfg.method == "full":
         for p in model.parameters():
@@ -52,17 +54,37 @@ def apply_adapters(model, model_cfg, lora_cfg):
 
         if model_cfg.method == "qlora":
             prepare_quantized(model)
+        if continued is not None:
+            return _continue_adapter(model, continued, added)
         try:
             model = get_peft_model(model, lora_config(model_cfg, lora_cfg, added))
         except ValueError as err:
             first = str(err).strip().splitlines()[0]
             raise LlamaftError(f"lora.target_modules: {first} (use all-linear, or names like q_proj, v_proj)") from None
         setattr(model, ADDED_TOKENS_ATTR, added)
-    trainable, total = count_parameters(model)
-    msg = f"{model_cfg.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+    return _counted(model, model_cfg.method)
+
+
+def _continue_adapter(model, adapter: Path, added: list[int]):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    setattr(model, ADDED_TOKENS_ATTR, added)
+    own = model.peft_config["default"]
+    _say(f"lora: continuing the adapter {adapter} with its own settings (r={own.r}, alpha={own.lora_alpha}); "
+         f"this config's lora section does not apply")
+    return _counted(model, "lora (continued)")
+
+
+def _say(msg: str) -> None:
     log.info(msg)
     if os.environ.get("RANK", "0") == "0":  # several processes (DDP): one line per run, not one per process
         print(msg)
+
+
+def _counted(model, method: str):
+    trainable, total = count_parameters(model)
+    _say(f"{method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
     return model
 
 
@@ -114,6 +136,8 @@ def save_trained(model, out_dir: str | Path, state_dict: dict | None = None) -> 
     given = {"state_dict": state_dict} if state_dict is not None else {}
     if is_peft(model):
         added = bool(getattr(model, ADDED_TOKENS_ATTR, None))
-        model.save_pretrained(str(out_dir), save_embedding_layers=added, **given)
+        # DPO continuing an adapter: TRL's frozen "ref" copy of it is no part of what the run trained
+        only = {"selected_adapters": ["default"]} if "ref" in model.peft_config else {}
+        model.save_pretrained(str(out_dir), save_embedding_layers=added, **given, **only)
     else:
         model.save_pretrained(str(out_dir), **given)

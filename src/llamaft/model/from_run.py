@@ -13,6 +13,11 @@ The new run's config.yaml keeps `model.name: /abs/runs/sft` and its summary.json
 started (`started_from`: run, adapter hash, merged base). Loading the new run later (merge, export,
 chat, eval: inference.locate_base calls run_base) finds the same merged base, rebuilds it from the
 SFT run on a machine without it, and refuses an SFT adapter that changed since.
+
+`model.from_run: continue`: no merge. The new run loads the SFT run's own base and trains the SFT
+adapter itself further (model/adapters.apply_adapters, `started_from.adapter`); DPO's reference is
+TRL's frozen "ref" copy of that adapter as loaded (train/preference.py). The new run's adapter is
+then relative to the SFT run's base, which is what loading it later finds (run_base).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class StartRun:
     kind: str         # "adapter" (LoRA / QLoRA) | "full" (its model/ holds the weights)
     weights: Path     # the adapter dir, or RUN/model
     key: str | None   # the adapter's content hash (adapter runs): names its merged base in the cache
+    run_dir: Path | None = None  # the run directory (its config.yaml names its base)
 
 
 def find_run(name: str) -> StartRun | None:
@@ -56,7 +62,7 @@ def find_run(name: str) -> StartRun | None:
     if src.kind == "model":
         return None
     key = adapter_key(src.weights) if src.kind == "adapter" else None
-    return StartRun(p.resolve(), src.kind, src.weights.resolve(), key)
+    return StartRun(p.resolve(), src.kind, src.weights.resolve(), key, src.run_dir and Path(src.run_dir).resolve())
 
 
 def adapter_key(weights: Path) -> str:
@@ -100,10 +106,36 @@ def start_from_run(model_cfg, say=None):
     start = find_run(model_cfg.name)
     if start is None:
         return model_cfg, None
+    if start.kind == "adapter" and model_cfg.from_run == "continue":
+        return _continued(model_cfg, start)
     base = start.weights if start.kind == "full" else merged_base(start, say)
     started = {"run": str(start.path), "kind": start.kind, "adapter_sha256": start.key, "base": str(base),
                **({"from_run": model_cfg.from_run, "dtype": MERGE_DTYPE} if start.kind == "adapter" else {})}
     return model_cfg.model_copy(update={"name": str(base), "gguf_file": None, "revision": None}), started
+
+
+def _continued(model_cfg, start: StartRun):
+    """The SFT run's own base (as loading that run finds it), its adapter to train further."""
+    from ..config import load_config
+    from .inference import locate_base
+
+    if model_cfg.method == "full":
+        raise LlamaftError(f"model.from_run: continue trains the LoRA adapter of {start.path} further: use "
+                           f"model.method lora or qlora (or from_run: merge for full fine-tuning on it merged)")
+    if start.run_dir is None:
+        raise LlamaftError(f"model.from_run: continue needs a llamaft run directory (its config.yaml names the base); "
+                           f"{start.path} has none")
+    base = locate_base(load_config(start.run_dir / "config.yaml", snapshot=True), start.run_dir).model
+    update = {"name": base.name, "gguf_file": base.gguf_file, "revision": base.revision,
+              "tokenizer": model_cfg.tokenizer or base.tokenizer}
+    started = {"run": str(start.path), "kind": "adapter", "adapter_sha256": start.key, "from_run": "continue",
+               "adapter": str(start.weights), "base": base.name}
+    return model_cfg.model_copy(update=update), started
+
+
+def continued_adapter(started: dict | None) -> Path | None:
+    """The adapter a run trains further (`model.from_run: continue`), or None."""
+    return Path(started["adapter"]) if started and started.get("from_run") == "continue" else None
 
 
 def as_named(cfg, started: dict | None):
@@ -117,6 +149,8 @@ def run_base(model_cfg, run_dir: Path):
     """The base a run trained on, when its model.name is another run: the merged base it recorded
     (summary.json's started_from) if it is still there, else rebuilt from that run, whose adapter
     must be the one it trained from."""
+    if model_cfg.from_run == "continue":  # the new adapter is relative to that run's own base
+        return start_from_run(model_cfg)[0]
     record = _started_from(run_dir)
     recorded = Path(record.get("base") or "")
     if record.get("run") == str(Path(model_cfg.name).expanduser().resolve()) and _is_model_dir(recorded):

@@ -9,7 +9,8 @@ The losses are TRL's (DPOTrainer, trl.experimental.orpo.ORPOTrainer); what is ou
   tokens are exactly SFT's and inference's and each completion ends with its trained turn-end token;
 - the reference (dpo.reference): LoRA / QLoRA train against the base with the adapter disabled (TRL
   would add a second "ref" adapter: it is removed, nothing is copied), full fine-tuning against a
-  second frozen copy of the base, or any model path;
+  second frozen copy of the base, or any model path; continuing a run's adapter (model.from_run:
+  continue): TRL's frozen "ref" copy of that adapter, kept out of adapter/ and checkpoints;
 - the Trainer: our AtomicCheckpointTrainer (atomic, finite-only checkpoints, the non-finite guard)
   mixed in front of TRL's, so checkpoints, resume, summary and callbacks are those of SFT;
 - the metric names, per named validation set: eval/<set>/preference_accuracy (chosen reward >
@@ -93,8 +94,10 @@ def objective_parts(cfg, run, dtype) -> TrainerParts:
 
     d = cfg.dpo
     args = dict(common, loss_type=[d.loss_type], label_smoothing=d.label_smoothing, pad_to_multiple_of=None)
+    keep = bool(run.started_from and run.started_from.get("from_run") == "continue")  # reference: the adapter as loaded
     return TrainerParts(_dpo_class(), train, evals, DPOConfig, args,  # the collator: pick_plan's (packed or padded)
-                        kwargs={"processing_class": run.tokenizer, "ref_model": reference_model(cfg, run, dtype)})
+                        kwargs={"processing_class": run.tokenizer, "ref_model": reference_model(cfg, run, dtype),
+                                "keep_ref_adapter": keep})
 
 
 def pick_plan(cfg, model, pad_id: int, lengths: list[int]):
@@ -160,12 +163,23 @@ def _dpo_class():
     class DPOOnOurIds(PackedPairsDPO, _PerSetMetrics, AtomicCheckpointTrainer, DPOTrainer):
         """DPOTrainer on data/chat's ids (packed pairs: preference_fast.py), with our checkpoints and non-finite guard."""
 
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, keep_ref_adapter: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             peft_config = getattr(self.model, "peft_config", {})
-            if "ref" in peft_config:  # TRL copies a PeftModel's adapter as "ref"; ours starts at zero: the base is the reference
+            # TRL copies a PeftModel's adapter as "ref": a fresh adapter starts at zero, so the base is the
+            # reference and the copy goes; a continued one (model.from_run: continue) keeps it (TRL uses it)
+            if "ref" in peft_config and not keep_ref_adapter:
                 self.model.delete_adapter("ref")
                 self.model.set_adapter("default")
+
+        def _save(self, output_dir=None, state_dict=None):
+            """Checkpoints hold the trained adapter only: "ref" is rebuilt from the run started from at every start."""
+            super()._save(output_dir, state_dict)
+            if "ref" in getattr(self.model, "peft_config", {}):
+                import shutil
+                from pathlib import Path
+
+                shutil.rmtree(Path(output_dir or self.args.output_dir) / "ref", ignore_errors=True)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # already prompt_ids / chosen_ids / rejected_ids (data/chat.encode_pair)

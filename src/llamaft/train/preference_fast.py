@@ -103,11 +103,14 @@ class PackedPairsDPO:
     @torch.no_grad()
     def packed_reference_logps(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) reference log-probs of the packed batch, summed per sequence as TRL sums its
-        padded rows: the frozen reference model, or the policy with its adapter disabled."""
+        padded rows: the frozen reference model, or the policy with its "ref" adapter or its adapter disabled."""
         if self.ref_model is not None:
             out = forward_packed(self.ref_model, inputs)
-        else:
-            with self.accelerator.unwrap_model(self.model).disable_adapter():
+        else:  # as TRL: the "ref" adapter when continuing one (preference.py), else the adapter disabled
+            from trl.trainer.utils import use_adapter  # the fused LoRA forward falls back to PEFT's on "ref"
+
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            with use_adapter(unwrapped, "ref" if "ref" in unwrapped.peft_config else None):
                 out = forward_packed(self.model, inputs)
         logps = padded(out.log_probs, inputs["pair_index"], inputs["pair_mask"]).sum(dim=1)
         return logps.chunk(2, dim=0)  # the padded layout is [chosen..., rejected...]

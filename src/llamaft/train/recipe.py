@@ -176,7 +176,7 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     # Seed before the adapters are initialised (the Trainer seeds only later): same config, same
     # LoRA init, so reruns and resumed runs start from identical weights.
     set_seed(cfg.train.seed)
-    model = build_model(cfg, run.tokenizer, run.rules, dtype)
+    model = build_model(cfg, run.tokenizer, run.rules, dtype, run.started_from)
     strategy, lines = settle_strategy(cfg, model, run.resume_from)  # DDP or FSDP2 (fsdp.py): the plan reads it
     for line in lines:
         say(line)
