@@ -41,3 +41,16 @@ def preference_config(model_dir: Path, out_dir: Path, objective: str = "dpo", **
         "fast": {"enabled": False},
     }
     return config_from_dict(raw)
+
+
+def model_spy(event: str = "on_train_end"):
+    """A Trainer callback that records the model the recipe built (`spy.models`) at `event`, to look at
+    its adapters and reference."""
+    from transformers import TrainerCallback
+
+    def record(self, args, state, control, model=None, **kwargs):
+        self.models.append(model)
+
+    spy = type("ModelSpy", (TrainerCallback,), {event: record})()
+    spy.models = []
+    return spy

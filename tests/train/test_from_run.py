@@ -14,21 +14,8 @@ from llamaft.export.merge import merge
 from llamaft.model.from_run import adapter_key
 from llamaft.model.inference import load_for_inference
 from llamaft.train.recipe import train
-from preference_helpers import preference_config, preference_project
+from preference_helpers import model_spy, preference_config, preference_project
 from train_helpers import one_torch_thread, run_config, tiny_project
-
-
-class _Spy:
-    def __new__(cls):
-        from transformers import TrainerCallback
-
-        class Spy(TrainerCallback):
-            models = []
-
-            def on_train_end(self, args, state, control, model=None, **kwargs):
-                self.models.append(model)
-
-        return Spy()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +27,7 @@ def runs(tmp_path_factory):
         sft = train(run_config(tiny_project(root / "sft"), root / "runs" / "sft", **quick))
         cfg = preference_config(preference_project(root / "pref"), root / "runs" / "dpo", **quick)
         cfg.model.name = str(sft)
-        spy = _Spy()
+        spy = model_spy()
         dpo = train(cfg, callbacks=[spy])
         merged_sft = merge(sft, root / "sft-merged", dtype="bfloat16")  # what `llamaft merge runs/sft` writes
         yield {"root": root, "sft": sft, "dpo": dpo, "model": spy.models[0], "merged_sft": merged_sft}

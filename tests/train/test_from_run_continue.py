@@ -15,23 +15,10 @@ from llamaft.export.merge import merge
 from llamaft.model.from_run import adapter_key, start_from_run
 from llamaft.model.inference import load_for_inference
 from llamaft.train.recipe import train
-from preference_helpers import preference_config, preference_project
+from preference_helpers import model_spy, preference_config, preference_project
 from train_helpers import one_torch_thread, run_config, tiny_project
 
 IDS = torch.tensor([[30, 31, 40, 3, 5, 12]])
-
-
-class _Spy:
-    def __new__(cls):
-        from transformers import TrainerCallback
-
-        class Spy(TrainerCallback):
-            models = []
-
-            def on_train_end(self, args, state, control, model=None, **kwargs):
-                self.models.append(model)
-
-        return Spy()
 
 
 def _dpo(root, sft, name, packing, **train_kw):
@@ -47,7 +34,7 @@ def runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp, one_torch_thread():
         mp.setenv("LLAMAFT_CACHE", str(root / "cache"))
         sft = train(run_config(tiny_project(root / "sft"), root / "runs" / "sft", max_steps=2, eval_every=0, save_every=0))
-        spy = _Spy()
+        spy = model_spy()
         packed = train(_dpo(root, sft, "packed", "on", save_every=1), callbacks=[spy])
         padded = train(_dpo(root, sft, "padded", "off"))
         yield {"root": root, "sft": sft, "packed": packed, "padded": padded, "model": spy.models[0]}
@@ -103,7 +90,7 @@ def test_a_resumed_run_keeps_the_sft_adapter_as_its_reference(runs, tmp_path, mo
     shutil.copytree(runs["packed"], copy)
     cfg = _dpo(runs["root"], runs["sft"], "packed", "on", save_every=1, max_steps=3, resume=True)
     cfg.train.output_dir = str(copy)
-    spy = _Spy()
+    spy = model_spy()
     with one_torch_thread():
         train(cfg, callbacks=[spy])
     rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ import torch
 
 from llamaft.errors import DataError
 from llamaft.train.recipe import train
-from preference_helpers import preference_config, preference_project
+from preference_helpers import model_spy, preference_config, preference_project
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,24 +20,9 @@ def model_dir(tmp_path_factory):
     return preference_project(tmp_path_factory.mktemp("pref"))
 
 
-class _Spy:
-    """Records the Trainer the recipe built (on_train_begin), to look at its model and reference."""
-
-    def __new__(cls):
-        from transformers import TrainerCallback
-
-        class Spy(TrainerCallback):
-            models = []
-
-            def on_train_begin(self, args, state, control, model=None, **kwargs):
-                self.models.append(model)
-
-        return Spy()
-
-
 @pytest.fixture(scope="module")
 def dpo_run(model_dir, tmp_path_factory):
-    spy = _Spy()
+    spy = model_spy("on_train_begin")
     run = train(preference_config(model_dir, tmp_path_factory.mktemp("runs") / "dpo"), callbacks=[spy],
                 training_args={"eval_on_start": True})
     return run, spy.models[0]
@@ -112,7 +97,7 @@ def test_a_model_path_as_reference(model_dir, tmp_path, monkeypatch):
 
     made, real = [], preference.reference_model
     monkeypatch.setattr(preference, "reference_model", lambda *a: made.append(real(*a)) or made[-1])
-    spy = _Spy()
+    spy = model_spy("on_train_begin")
     run = train(preference_config(model_dir, tmp_path / "ref", max_steps=1, eval_every=0, save_every=0,
                                   dpo={"reference": str(model_dir), "beta": 0.2}),
                 callbacks=[spy], training_args={"eval_on_start": True})
