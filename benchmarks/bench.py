@@ -113,7 +113,7 @@ def load_model(args):
 
         model = onthefly.build(args.dir.split(":", 1)[1], args.mode, "cuda")
     else:
-        fsdp = args.strategy == "fsdp" and world().size > 1
+        fsdp = under_fsdp(args)
         # FSDP2 bf16: CPU memory, accelerate moves each shard; QLoRA is quantized on the GPU (as llamaft.train)
         model = _from_disk(args, "cpu" if fsdp and args.mode != "qlora" else torch.cuda.current_device(), fsdp)
     if args.mode != "full":
@@ -126,9 +126,14 @@ def load_model(args):
     return model
 
 
+def under_fsdp(args) -> bool:
+    """--strategy fsdp under torchrun (one process: no sharding)."""
+    return args.strategy == "fsdp" and world().size > 1
+
+
 def random_fsdp(args) -> bool:
     """random:SHAPE under torchrun with --strategy fsdp: built once per machine (rank 0), not once per process."""
-    fsdp = args.dir.startswith("random:") and args.strategy == "fsdp" and world().size > 1
+    fsdp = args.dir.startswith("random:") and under_fsdp(args)
     if fsdp and args.mode == "qlora":
         raise SystemExit("bench.py: random:SHAPE qlora under --strategy fsdp is not built (onthefly quantizes with "
                          "uint8 storage); a saved model's qlora runs under fsdp")
@@ -148,9 +153,9 @@ def _from_disk(args, device, sharded: bool = False):
     return AutoModelForCausalLM.from_pretrained(args.dir, **kw)
 
 
-def versions():
+def versions(names=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "triton")) -> dict:
     out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "triton"):
+    for name in names:
         try:
             out[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001 - a missing optional package is just not reported
@@ -436,9 +441,8 @@ def fsdp_arguments(args, cfg) -> dict:
     --strategy fsdp; none otherwise (DDP is the Trainer's default for several processes). random:SHAPE adds
     accelerate's cpu_ram_efficient_loading: only rank 0 holds the weights (`load_model`), broadcast into
     every rank's shards by fsdp2_prepare_model."""
-    if args.strategy != "fsdp" or world().size == 1:
+    if not under_fsdp(args):
         return {}
-    random_fsdp(args)  # qlora refused
     from llamaft.train.fsdp import trainer_arguments
 
     out = trainer_arguments(cfg, "fsdp")

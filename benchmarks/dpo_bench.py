@@ -244,18 +244,13 @@ def main(argv=None) -> dict:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
+    """bench.py's version record (with TRL) and the device."""
     import torch
 
-    out = {"cuda": torch.version.cuda, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    for name in ("torch", "transformers", "peft", "trl", "accelerate"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    from bench import versions as package_versions
 
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return dict(package_versions(("torch", "transformers", "peft", "trl", "accelerate")), device=device)
 
 if __name__ == "__main__":
     main()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LlamaftError
+from .inference import is_model_dir
 
 MERGE_DTYPE = "bfloat16"  # what `llamaft merge` writes by default
 CACHE_SUBDIR = "from-run"
@@ -89,21 +90,22 @@ def merged_base(start: StartRun, say=None) -> Path:
     from .merged import stage_merge
 
     out = cache_path(start)
-    if _is_model_dir(out):
+    if is_model_dir(out):
         return out
     check_output_dir(out, "the merged base's cache (LLAMAFT_CACHE)")
     (say or _stderr)(f"model.name: merging the adapter of {start.path} into its base ({MERGE_DTYPE}), once, into {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = stage_merge(start.path, out, MERGE_DTYPE)
-    if _is_model_dir(out):  # another run merged the same adapter meanwhile: never swap a base under its feet
+    if is_model_dir(out):  # another run merged the same adapter meanwhile: never swap a base under its feet
         remove(staged)
         return out
     return publish_dir(staged, out)
 
 
-def start_from_run(model_cfg, say=None):
-    """(model config to load, `started_from` record or None): model.name a run → its base directory."""
-    start = find_run(model_cfg.name)
+def start_from_run(model_cfg, say=None, start: StartRun | None = None):
+    """(model config to load, `started_from` record or None): model.name a run → its base directory.
+    `start`: find_run(model_cfg.name) when the caller has it already."""
+    start = start or find_run(model_cfg.name)
     if start is None:
         return model_cfg, None
     if start.kind == "adapter" and model_cfg.from_run == "continue":
@@ -153,13 +155,13 @@ def run_base(model_cfg, run_dir: Path):
         return start_from_run(model_cfg)[0]
     record = _started_from(run_dir)
     recorded = Path(record.get("base") or "")
-    if record.get("run") == str(Path(model_cfg.name).expanduser().resolve()) and _is_model_dir(recorded):
+    if record.get("run") == str(Path(model_cfg.name).expanduser().resolve()) and is_model_dir(recorded):
         return model_cfg.model_copy(update={"name": str(recorded), "gguf_file": None, "revision": None})
     start = find_run(model_cfg.name)
     if start is not None and record.get("adapter_sha256") and start.key != record["adapter_sha256"]:
         raise LlamaftError(f"model.name: the adapter of {start.path} changed since {run_dir} trained from it "
                            f"(sha256 {record['adapter_sha256']}, now {start.key}); put the original adapter back")
-    return start_from_run(model_cfg)[0]
+    return start_from_run(model_cfg, start=start)[0]
 
 
 def _started_from(run_dir: Path) -> dict:
@@ -169,10 +171,6 @@ def _started_from(run_dir: Path) -> dict:
         return {}
     record = summary.get("started_from") if isinstance(summary, dict) else None
     return record if isinstance(record, dict) else {}
-
-
-def _is_model_dir(p: Path) -> bool:
-    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
 
 
 def _stderr(text: str) -> None:

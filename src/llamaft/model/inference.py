@@ -63,7 +63,8 @@ def run_system_prompt(run_dir: Path | None) -> str:
         return ""
 
 
-def _is_model_dir(p: Path) -> bool:
+def is_model_dir(p: Path) -> bool:
+    """A saved HF model directory: config.json and safetensors weights."""
     return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
 
 
@@ -77,7 +78,7 @@ def resolve_source(path: str | Path) -> Source:
     if (p / "config.yaml").is_file():
         if (p / "adapter" / "adapter_config.json").is_file():
             return Source("adapter", p, p / "adapter")
-        if _is_model_dir(p / "model"):
+        if is_model_dir(p / "model"):
             return Source("full", p, p / "model")
         raise LlamaftError(f"{p}: {_why_no_weights(p)}")
     if (p / "adapter_config.json").is_file():
@@ -87,7 +88,7 @@ def resolve_source(path: str | Path) -> Source:
             if (parent / "config.yaml").is_file():
                 return Source("adapter", parent, p)
         raise LlamaftError(f"{p}: adapter without a run config.yaml above it; pass the run directory")
-    if _is_model_dir(p):
+    if is_model_dir(p):
         return Source("model", None, p)
     if (p / "config.json").is_file() and any(p.glob("*.bin")):
         raise LlamaftError(f"{p}: only pickle (.bin) weights found; llamaft loads safetensors only")

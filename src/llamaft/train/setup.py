@@ -52,8 +52,6 @@ def require_torchao(what: str) -> None:
     """torchao (its low-bit optimizers, through HF's optim name) is optional: llamaft[gpu] brings it."""
     import importlib.util
 
-    from ..errors import LlamaftError
-
     if importlib.util.find_spec("torchao") is None:
         raise LlamaftError(f"{what} needs torchao: run `pip install torchao` (or `pip install llamaft[gpu]`); "
                            "or use train.optimizer=adamw_torch")

@@ -16,12 +16,10 @@ DPOTrainer): no full-vocabulary logits, on packed rows as on padded pairs. Every
 
 from __future__ import annotations
 
-import os
-
-import torch
+from dataclasses import replace
 
 from . import attention as _attention
-from .plan import FastPlan, Facts, _cuda_target, fused_lora, nf4_kernel
+from .plan import FastPlan, Facts, fused_lora, nf4_kernel, read_facts
 
 PREFERENCE_OFF = ("off for preference objectives: our fused loss and parked lm_head (TRL's chunked log-prob head "
                   "computes the pair log-probs, no full-vocabulary logits), our checkpointing, CPU embeddings, "
@@ -70,15 +68,12 @@ def preference_compile(cfg):
 
 def preference_plan(cfg, model=None, gc: bool = False, facts: Facts | None = None) -> FastPlan:
     """The FastPlan of a dpo / orpo run: packing and its attention kernel, on CUDA fused LoRA / NF4 and
-    compile (install.apply_fast_path installs those and HF's checkpointing), every other piece off. `gc`: HF's gradient
+    compile when asked (install.apply_fast_path installs those and HF's checkpointing), every other piece off. `gc`: HF's gradient
     checkpointing as the plain path decides it (train/setup.gradient_checkpointing)."""
-    if facts is None:  # the device and its best packed kernel (probed even with fast.enabled=false: `on` wins)
-        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        fsdp = distributed and cfg.distributed.strategy == "fsdp"
-        # under FSDP a bf16 model waits in CPU memory until fully_shard moves each shard to its GPU
-        cuda = _cuda_target(model) or (fsdp and torch.cuda.is_available())
-        facts = Facts(cuda=cuda, packed_kernel=_attention.best_packed_attention() if cuda else None,
-                      distributed=distributed, fsdp=fsdp)
+    if facts is None:  # as SFT's plan reads them; the packed kernel probed even with fast.enabled=false: `on` wins
+        facts = read_facts(cfg, model)
+        if facts.cuda and facts.packed_kernel is None:
+            facts = replace(facts, packed_kernel=_attention.best_packed_attention())
     (packing, attention), first = preference_packing(cfg, facts)
     reasons = [first]
     kernels = packing and facts.cuda and cfg.fast.enabled and not facts.fsdp  # where SFT's fast path runs them
