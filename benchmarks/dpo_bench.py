@@ -154,7 +154,7 @@ def run_llamaft(model_dir: Path, rows: list[dict], a, work: Path, packing: str |
                   "learning_rate": a.lr, "scheduler": "constant", "save_every": 0, "eval_every": 0, "logging_every": 1,
                   "report_to": [], "gradient_checkpointing": a.gc if cuda else "off"},
         "dpo": {"beta": 0.1},
-        "fast": {"preference_packing": packing, "compile": a.compile},
+        "fast": {"preference_packing": packing, "compile": a.compile, "offload_checkpoints": a.offload},
     })
     meter = _Meter()
     run = train(cfg, callbacks=[meter])
@@ -201,6 +201,7 @@ def parse_args(argv=None):
     p.add_argument("--gc", default="on", choices=["auto", "on", "off"],
                    help="llamaft's train.gradient_checkpointing on the GPU (TRL checkpoints by default: on)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="llamaft's fast.compile")
+    p.add_argument("--offload", default="auto", choices=["auto", "on", "off"], help="llamaft's fast.offload_checkpoints")
     p.add_argument("--vary", action="store_true", help="mixed pair lengths around the means (module doc)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--hidden", type=int, default=4096)
@@ -227,7 +228,7 @@ def main(argv=None) -> dict:
         return out
     argv = list(sys.argv[1:] if argv is None else argv)
     result = {"shape": {k: getattr(a, k) for k in ("layers", "hidden", "inter", "heads", "kv_heads")},
-              "batch_pairs": a.batch, "steps": a.steps, "vary": a.vary, "gc": a.gc, "compile": a.compile,
+              "batch_pairs": a.batch, "steps": a.steps, "vary": a.vary, "gc": a.gc, "compile": a.compile, "offload": a.offload,
               "command": "python benchmarks/dpo_bench.py " + " ".join(argv), "versions": versions(), "tools": {}}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(a.model_dir) if a.model_dir else make_model_dir(Path(tmp), a)

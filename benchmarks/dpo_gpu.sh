@@ -2,8 +2,10 @@
 # DPO on the GPU (issue 18): plain TRL vs llamaft on a random Llama-3.1-8B-shaped model, LoRA r=16 on every
 # linear layer, 4 pairs per step (dpo_bench.py: one process per tool, device-level peak, TRL's token count).
 # Two workloads side by side on a 2-GPU machine (one GPU each; on one GPU they run one after the other):
-#   GPU 0: same-length pairs  -- trl, llamaft (HF checkpointing on, as TRL), then llamaft without checkpointing
-#   GPU 1: mixed-length pairs -- trl, llamaft, then llamaft with padded pairs (fast.preference_packing=off)
+#   GPU 0: same-length pairs  -- trl, llamaft (checkpointing on, as TRL; the plan's: ours + compile), then
+#          llamaft eager (fast.compile=off)
+#   GPU 1: mixed-length pairs -- trl, llamaft; then same-length pairs, llamaft with checkpoints offloaded to CPU
+# (session 9's variants: llamaft --gc off, and --tools llamaft_padded: fast.preference_packing=off)
 #   bash benchmarks/dpo_gpu.sh            # results in $OUT (default benchmarks/results/raw): dpo_*.json + .log
 set -u
 OUT=$(realpath -m "${OUT:-benchmarks/results/raw}"); mkdir -p "$OUT"
@@ -20,8 +22,8 @@ bench() {  # GPU NAME TIMEOUT ARGS...
   local gpu=$1 name=$2 limit=$3; shift 3
   CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" python3 benchmarks/dpo_bench.py --model-dir "$MD/model" --steps "$STEPS" \
     "$@" --out "$OUT/dpo_$name.json" > "$OUT/dpo_$name.log" 2>&1
-  echo "dpo_$name rc $? $(python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['tools']; print({t: (v.get('tokens_per_s'), v.get('device_peak_gib'), v.get('failed')) for t, v in d.items()})" "$OUT/dpo_$name.json" 2>/dev/null)"
+  echo "dpo_$name rc $? $(python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['tools']; print({t: (v.get('tokens_per_s'), v.get('device_peak_gib'), (v.get('losses') or [None])[0], v.get('failed')) for t, v in d.items()})" "$OUT/dpo_$name.json" 2>/dev/null)"
 }
-fixed() { bench 0 fixed 280 --tools trl,llamaft; bench 0 fixed_nogc 150 --tools llamaft --gc off; }
-mixed() { local g=$(( gpus > 1 ? 1 : 0 )); bench $g mixed 280 --tools trl,llamaft --vary; bench $g mixed_padded 150 --tools llamaft_padded --vary; }
+fixed() { bench 0 fixed 300 --tools trl,llamaft; bench 0 fixed_eager 200 --tools llamaft --compile off; }
+mixed() { local g=$(( gpus > 1 ? 1 : 0 )); bench $g mixed 300 --tools trl,llamaft --vary; bench $g fixed_offload 200 --tools llamaft --offload on; }
 if [ "$gpus" -gt 1 ]; then fixed & mixed; wait; else fixed; mixed; fi

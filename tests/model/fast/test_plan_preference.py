@@ -42,17 +42,24 @@ def test_orpo_stays_padded():
 
 def test_the_plan_installs_packing_attention_and_the_decoder_kernels_on_cuda(monkeypatch):
     p = preference_plan(dpo(), gc=True, facts=CUDA)
-    assert (p.packing, p.attention, p.gradient_checkpointing, p.checkpointing) == (True, "varlen", True, "hf")
-    assert p.fused_lora and not p.nf4_kernel and not p.compile  # compile only when asked (preference_compile)
-    assert not (p.fused_loss or p.cpu_lm_head or p.cpu_embeddings or p.own_checkpointing)
+    assert (p.packing, p.attention, p.gradient_checkpointing, p.checkpointing) == (True, "varlen", True, "own")
+    assert p.fused_lora and not p.nf4_kernel and p.compile and not p.offload_checkpoints
+    assert not (p.fused_loss or p.cpu_lm_head or p.cpu_embeddings)
     assert p.budget is None and p.micro_batch_size is None
-    assert "adapter-off forward is PEFT's" in p.reasons[1] and p.reasons[2].startswith("torch.compile off (auto: off for DPO")
-    assert "our fused loss" in p.reasons[3] and p.reasons[4].startswith("gradient checkpointing on")
-    assert not preference_plan(dpo(), gc=False, facts=CUDA).compile  # SFT would compile this one
+    assert "adapter-off forward is PEFT's" in p.reasons[1] and p.reasons[2].startswith("checkpoints: ours, every layer")
+    assert p.reasons[3].startswith("torch.compile on (auto: with our checkpointing")
+    assert "our fused loss" in p.reasons[4] and p.reasons[5].startswith("gradient checkpointing on")
+    assert preference_plan(dpo(fast__offload_checkpoints="on"), gc=True, facts=CUDA).offload_checkpoints
+    # without our checkpointing the policy's layers would compile with grad: auto keeps compile off
+    nogc = preference_plan(dpo(), gc=False, facts=CUDA)
+    assert not nogc.compile and nogc.checkpointing == "none" and "round apart" in nogc.reasons[2]
     on = preference_plan(dpo(fast__compile="on"), gc=False, facts=CUDA)
     assert on.compile and "round apart in bf16" in on.reasons[2]
+    assert not preference_plan(dpo(fast__compile="off"), gc=True, facts=CUDA).compile
+    ddp = preference_plan(dpo(), gc=True, facts=Facts(cuda=True, packed_kernel="varlen", distributed=True))
+    assert ddp.checkpointing == "hf" and not ddp.compile and "HF's non-reentrant" in ddp.reasons[2]
     q = preference_plan(dpo(model__method="qlora"), gc=True, facts=CUDA)
-    assert q.fused_lora and q.nf4_kernel and not q.compile
+    assert q.fused_lora and q.nf4_kernel and q.compile and q.checkpointing == "own"
     full = preference_plan(dpo(model__method="full", fast__compile="on"), gc=True, facts=CUDA)
     assert not full.fused_lora and full.compile
     # no decoder kernels where the SFT fast path would not run them: CPU, fast.enabled=false, padded pairs
