@@ -85,7 +85,8 @@ def run_config(args):
         "distributed": {"strategy": args.strategy},
         "fast": {"enabled": args.variant == "fast", "compile": args.compile, "regroup_batches": args.regroup,
                  "offload_checkpoints": args.offload, "partial_checkpointing": args.partial,
-                 "memory_gib": args.memory_gib, "nf4_kernel": args.nf4, "cpu_embeddings": args.cpu_emb},
+                 "memory_gib": args.memory_gib, "nf4_kernel": args.nf4, "cpu_embeddings": args.cpu_emb,
+                 "pack_multiple": args.pack_multiple},
     }, "bench")
 
 
@@ -185,6 +186,8 @@ def parse_args(argv=None):
     ap.add_argument("--memory-gib", type=float, default=None, help="fast.memory_gib: the plan's memory budget")
     ap.add_argument("--nf4", choices=["auto", "off"], default="auto")
     ap.add_argument("--cpu-emb", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--pack-multiple", type=lambda v: v if v == "auto" else int(v), default="auto",
+                    help="fast.pack_multiple: packed rows padded to a multiple of this many tokens (0: off)")
     ap.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                     help="under torchrun: DDP, or FSDP2 as llamaft.train runs it (train/fsdp.py; qlora: 4-bit weights stored in bf16)")
     ap.add_argument("--optim", default=None, help="default: adamw_torch (lora), paged_adamw_8bit (qlora, full)")
@@ -248,16 +251,18 @@ def prepare(args, cfg, model, rows):
     return apply_fast_path(model, plan), collate, plan, steps.micro_batch_size, steps.gradient_accumulation
 
 
-def meters(model):
+def meters(model, pad_id=None):
     """Forward hooks: real / computed tokens the model sees, and peak memory by phase (forward incl.
-    the fused loss vs backward + optimizer step)."""
+    the fused loss vs backward + optimizer step). Real tokens as llamaft.train counts them (its
+    batch_tokens): `pad_id` given (plan.pack_multiple), a packed row's pad segment is not real."""
+    from llamaft.train.progress import batch_tokens
+
     seen, phase = {"real": 0, "computed": 0}, {"fwd": 0, "bwd": 0}
 
     def count(_module, _args, kwargs):
         ids = kwargs.get("input_ids")
         if ids is not None:
-            att = kwargs.get("attention_mask")
-            seen["real"] += int(att.sum()) if att is not None else ids.numel()
+            seen["real"] += int(batch_tokens(kwargs, pad_id))
             seen["computed"] += ids.numel()
 
     def mark(name):
@@ -281,6 +286,7 @@ def plan_record(args, plan):
                 checkpoint_layers=plan.checkpoint_layers, nf4_kernel=plan.nf4_kernel,
                 cpu_embeddings=plan.cpu_embeddings, cpu_lm_head=plan.cpu_lm_head, lean=plan.lean,
                 optimizer_in_backward=plan.optimizer_in_backward, unpaged_optimizer=plan.unpaged_optimizer,
+                pack_multiple=plan.pack_multiple,
                 budget_device_gib=None if plan.budget is None else round(plan.budget.device_bytes / 2**30, 2),
                 budget_cap_gib=None if plan.budget is None else round(plan.budget.cap_bytes / 2**30, 2),
                 reasons=list(plan.reasons))
@@ -319,7 +325,7 @@ def train(args):
     rows = workload(args)
     model, collate, plan, bs, ga = prepare(args, cfg, model, rows)
     print("plan:", plan, flush=True)
-    seen, phase = meters(model)
+    seen, phase = meters(model, PAD if plan.pack_multiple else None)  # PAD never occurs in make_rows' ids
     stamps = []
 
     class DS(torch.utils.data.Dataset):

@@ -46,6 +46,15 @@ def test_batch_tokens_counts_the_ones_of_the_mask_or_every_id_of_a_packed_row():
     assert PADDED["input_ids"].numel() == 6 and int(batch_tokens(PADDED)) == 5
     assert PADDED_2["input_ids"].numel() == 8 and int(batch_tokens(PADDED_2)) == 5
     assert "attention_mask" not in PACKED and int(batch_tokens(PACKED)) == 5
+    padded_row = flatten([{"input_ids": [7, 8, 9]}, {"input_ids": [7, 8]}], multiple=8, pad_id=0)  # fast.pack_multiple
+    assert padded_row["input_ids"].numel() == 8 and int(batch_tokens(padded_row, pad_id=0)) == 5
+
+
+def test_the_counter_leaves_the_pad_segment_of_padded_packed_rows_out():
+    model, counter = Toy().train(), TokenCounter(pad_id=0)
+    counter.attach(model)
+    model(**flatten([{"input_ids": [7, 8, 9]}, {"input_ids": [7, 8]}], multiple=8, pad_id=0))
+    assert counter.take() == 5
 
 
 def test_the_counter_sees_training_forwards_only():

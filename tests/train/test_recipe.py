@@ -110,6 +110,16 @@ def test_throughput_counts_every_real_token_once(full_run):
     assert all(r["train/tokens_per_s"] > 0 and r["train/step_time_s"] > 0 and r["train/mem_peak_gib"] > 0 for r in train_rows)
 
 
+def test_padded_packed_rows_count_their_real_tokens_only(model_dir, tmp_path):
+    """data.packing=on with fast.pack_multiple (the plain path: reference attention): one epoch of
+    packed rows, each padded to a multiple of 64 tokens; the pads are not counted as trained tokens."""
+    cfg = run_config(model_dir, tmp_path / "run", max_steps=4, eval_every=0, save_every=0)
+    cfg.data.packing, cfg.fast.pack_multiple, cfg.data.validation = "on", 64, None
+    summary = json.loads((train(cfg) / "summary.json").read_text())
+    assert any("multiple of 64 tokens (fast.pack_multiple=64)" in r for r in summary["fast_path"])
+    assert summary["throughput"]["train_tokens"] == summary["data"]["train"]["tokens"]["total"]
+
+
 def test_every_run_writes_its_report(full_run):
     summary = json.loads((full_run / "summary.json").read_text())
     report = (full_run / "report.md").read_text()

@@ -216,10 +216,26 @@ class FastConfig(_Section):
     single_sequence_sdpa: Literal["auto", "off"] = Field(
         "auto", description="Rows holding one example (long context): causal SDPA (cuDNN on H100) instead of varlen's FA2."
     )
+    pack_multiple: Union[Literal["auto"], int] = Field(
+        "auto", description="Packed rows of several examples padded up to a multiple of this many tokens (one pad segment, "
+        "never trained), so few distinct GEMM shapes occur; auto: 256 on the fast path (CUDA), off elsewhere; 0 or off: no padding."
+    )
     preference_packing: Literal["auto", "on", "off"] = Field(
         "auto", description="train.objective=dpo: pack chosen/rejected pairs into padding-free rows, the reference on the same rows "
         "(auto: where the fast path runs, CUDA; on: also on CPU, with the per-example reference attention)."
     )
+
+    @field_validator("pack_multiple", mode="before")
+    @classmethod
+    def _pack_multiple(cls, v: Any) -> Any:
+        if v is False or v == "off":  # YAML's bare off reads as false
+            return 0
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v % 8:
+            raise ValueError("use auto, off (0) or a positive multiple of 8 tokens, e.g. 256")
+        return v
+
 
 
 class FsdpConfig(_Section):

@@ -1,4 +1,4 @@
-"""Padding-free packing: a micro-batch's examples -> ONE row `[1, T]` with no pad token at all.
+"""Padding-free packing: a micro-batch's examples -> ONE row `[1, T]`, no pad token between them.
 
 `flatten` is a pure function over token lists; `PackedCollator` is the Trainer's data_collator the
 fast path picks (model/fast: `make_collator`). The examples sharing a row are the micro-batch the
@@ -15,6 +15,13 @@ A packed row carries, besides `input_ids` / `labels`:
 Example: lengths 3 and 2 ->
     position_ids [[0, 1, 2, 0, 1]], cu_seq_lens_q [0, 3, 5], max_length_q 3,
     labels       [[-100, l1, l2, -100, m1]]
+
+`multiple` (fast.pack_multiple, decided by the plan): a row of two or more examples is rounded up to
+a multiple of that many tokens with ONE trailing pad segment, so a run meets a few distinct row
+lengths, i.e. a few GEMM shapes that cuBLAS has already planned, instead of a new one per micro-batch.
+The pad segment is the pad id (never EOS), labels all -100, positions 0..k-1 and its own cu_seq_lens
+entry, so attention never mixes it with a real example and the loss never sees it. With multiple=4,
+lengths 3 and 2 -> input_ids [[a, b, c, d, e, PAD, PAD, PAD]], cu_seq_lens_q [0, 3, 5, 8].
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ import torch
 from .chat import IGNORE_INDEX
 
 
-def flatten(examples: Sequence[dict]) -> dict:
-    """Concatenate examples (dicts with `input_ids` and optional `labels`) into one packed row."""
+def flatten(examples: Sequence[dict], multiple: int = 0, pad_id: int | None = None) -> dict:
+    """Concatenate examples (dicts with `input_ids` and optional `labels`) into one packed row; with
+    `multiple` > 0, a row of two or more examples is padded up to a multiple of it (module doc). A row
+    of ONE example is never padded: long single sequences keep their exact shape, which the plan's
+    one-example path (fast.single_sequence_sdpa: causal SDPA / cuDNN on rows with one segment) needs."""
     ids: list[int] = []
     labels: list[int] = []
     pos: list[int] = []
@@ -47,6 +57,14 @@ def flatten(examples: Sequence[dict]) -> dict:
         cu.append(cu[-1] + len(x))
     if not ids:
         raise ValueError("cannot pack an empty batch")
+    pad = -len(ids) % multiple if multiple > 0 and len(cu) > 2 else 0
+    if pad:
+        if pad_id is None:
+            raise ValueError("padding packed rows to a multiple needs the pad id")
+        ids += [pad_id] * pad
+        labels += [IGNORE_INDEX] * pad
+        pos += range(pad)
+        cu.append(cu[-1] + pad)
     cu_t = torch.tensor(cu, dtype=torch.int32)
     max_len = int((cu_t[1:] - cu_t[:-1]).max())
     return {
@@ -61,8 +79,14 @@ def flatten(examples: Sequence[dict]) -> dict:
 
 
 class PackedCollator:
-    """Trainer data_collator: the micro-batch's examples become one padding-free row (see module doc).
+    """Trainer data_collator: the micro-batch's examples become one packed row (see module doc), padded
+    to a multiple of `multiple` tokens with `pad_id` when multiple > 0 and the row holds several examples.
     No attention_mask: its absence is what makes HF SDPA fall back to reading packed position_ids."""
 
+    def __init__(self, multiple: int = 0, pad_id: int | None = None):
+        if multiple > 0 and pad_id is None:
+            raise ValueError("PackedCollator(multiple=...) needs pad_id")
+        self.multiple, self.pad_id = multiple, pad_id
+
     def __call__(self, batch: list[dict]) -> dict:
-        return flatten(batch)
+        return flatten(batch, self.multiple, self.pad_id)

@@ -10,7 +10,7 @@ logging step and no carriage return:
 
 What the numbers are:
 - tokens: the non-padding input tokens of every micro-batch the model trains on (attention_mask's
-  ones; a packed row has no padding, so all its ids), counted by a forward pre-hook on the model while
+  ones; a packed row's ids except its pad segment's, fast.pack_multiple), counted by a forward pre-hook on the model while
   it is in train mode with gradients on, so evaluation and generation inside training never count.
   One optimizer step sums its gradient-accumulation micro-batches. Under DDP each process counts
   its own batches (tokens/s per process).
@@ -45,23 +45,28 @@ from .callbacks import rename_logs
 from .progress_display import GIB, Status, fmt_bytes, fmt_duration, fmt_eval, fmt_step_time, make_display
 
 TOKENS_COUNTED = ("non-padding input tokens of every training micro-batch (attention_mask, or every id of a "
-                  "packed row), this process only (under DDP: per process)")
+                  "packed row but its pad segment's), this process only (under DDP: per process)")
 
 
-def batch_tokens(inputs: dict):
-    """Non-padding tokens of one batch: attention_mask's ones, else (packed rows: no padding) every
-    input id. A tensor stays on its device: no host sync per micro-batch."""
+def batch_tokens(inputs: dict, pad_id: int | None = None):
+    """Non-padding tokens of one batch: attention_mask's ones, else (a packed row) every input id but
+    `pad_id`'s: the pad segment of fast.pack_multiple (the pad id is a special token, which chat.py
+    never lets into an example). A tensor stays on its device: no host sync per micro-batch."""
     mask = inputs.get("attention_mask")
     if mask is not None:
         return mask.sum()
     ids = inputs.get("input_ids")
-    return 0 if ids is None else ids.numel()
+    if ids is None:
+        return 0
+    return ids.numel() if pad_id is None else ids.numel() - (ids == pad_id).sum()
 
 
 class TokenCounter:
-    """batch_tokens of every forward of `model` that trains (train mode and grad enabled)."""
+    """batch_tokens of every forward of `model` that trains (train mode and grad enabled); `pad_id`:
+    the pad of padded packed rows (plan.pack_multiple), None when rows are not padded."""
 
-    def __init__(self):
+    def __init__(self, pad_id: int | None = None):
+        self.pad_id = pad_id
         self.total = 0
         self._pending = 0
         self._handle = None
@@ -78,7 +83,7 @@ class TokenCounter:
     def _count(self, module, args, kwargs):
         if module.training and torch.is_grad_enabled():
             inputs = kwargs if "input_ids" in kwargs or not args else {"input_ids": args[0], **kwargs}
-            self._pending = self._pending + batch_tokens(inputs)
+            self._pending = self._pending + batch_tokens(inputs, self.pad_id)
 
     def take(self) -> int:
         """Tokens counted since the last take (one host sync per optimizer step)."""
@@ -157,11 +162,11 @@ class TrainProgress(TrainerCallback):
     """Counts, times and shows the run (see the module doc); put it before the callbacks that write
     logs (metrics.jsonl, TensorBoard): it adds its numbers to every log event that has a train loss."""
 
-    def __init__(self, set_names: list[str] = (), console=None, clock=time.perf_counter):
+    def __init__(self, set_names: list[str] = (), console=None, clock=time.perf_counter, pad_id: int | None = None):
         self.set_names = list(set_names)
         self.console = console
         self.clock = clock
-        self.tokens = TokenCounter()
+        self.tokens = TokenCounter(pad_id)  # pad_id: packed rows padded to a multiple (plan.pack_multiple)
         self.memory: MemoryPeak | None = None
         self.display = None
         self.began = self.ended = self.mark = None  # clock times

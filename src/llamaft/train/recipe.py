@@ -44,8 +44,7 @@ from ..paths import write_text_atomic
 from . import distributed
 from .callbacks import (MetricsJsonlCallback, attach_eval_callback, eval_scope, json_safe, read_metrics,
                         tensorboard_callbacks, truncate_metrics)
-from .checkpoint import (clean_incomplete, completed, latest_complete, out_of_memory_message,
-                         prepare_run_dir)
+from .checkpoint import clean_incomplete, completed, latest_complete, out_of_memory_message, prepare_run_dir
 from .fsdp import full_state_dict, settle_strategy
 from .in_backward import in_backward_optimizer
 from .portable import save_run_config
@@ -195,6 +194,7 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
     # The optimizer in the backward is built here, on the model the plan installed; HF builds the LR
     # scheduler on it. None: HF's own optimizer from args.optim.
     optimizer = in_backward_optimizer(model, args) if optimizer_in_backward(plan) else None
+    pad = run.rules.pad_id if getattr(plan, "pack_multiple", 0) else None  # packed rows' pad segment: not counted
     trainer = parts.cls(
         model=model,
         args=args,
@@ -204,7 +204,7 @@ def build_trainer(run: Run, callbacks: list | None, training_args: dict | None):
         data_collator=parts.collator or collator,
         **parts.kwargs,
         # TrainProgress first: it adds tokens/s, step time and memory to the log events the next ones write
-        callbacks=[TrainProgress(run.set_names), MetricsJsonlCallback(run.metrics_path, run.set_names),
+        callbacks=[TrainProgress(run.set_names, pad_id=pad), MetricsJsonlCallback(run.metrics_path, run.set_names),
                    *tensorboard_callbacks(run.dir, cfg.train.report_to), *(callbacks or [])],
         on_nonfinite=cfg.train.on_nonfinite,
         max_nonfinite_skips=cfg.train.max_nonfinite_skips,

@@ -2,7 +2,7 @@
 
     model = apply_fast_path(model, plan)      # memory cap, attention, CPU embeddings, fused loss (+ parked
                                               # head), fused LoRA, MLP tiles, checkpointing, compile
-    collate = make_collator(plan, pad_id)     # padding-free packed rows, or right padding
+    collate = make_collator(plan, pad_id)     # packed rows (padded to plan.pack_multiple), or right padding
     restore_parked(model)                     # after training: a parked lm_head back on the GPU, no cap
 
 What a model allows (a frozen untied embedding table, a plain lm_head, decoder layers) is asked by
@@ -128,11 +128,12 @@ def restore_parked(model) -> None:
 
 
 def make_collator(plan: "FastPlan", pad_id: int) -> Callable[[list[dict]], dict[str, Any]]:
-    """The one choice of batches for the Trainer: packed single rows when plan.packing, else right padding."""
+    """The one choice of batches for the Trainer: packed single rows when plan.packing (a row of several
+    examples padded with `pad_id` to a multiple of plan.pack_multiple tokens), else right padding."""
     if plan.packing:
         from ...data.pack import PackedCollator
 
-        return PackedCollator()
+        return PackedCollator(plan.pack_multiple, pad_id)
     from ...data.collate import Collator
 
     return Collator(pad_id)

@@ -348,14 +348,14 @@ def partial_regroup(cfg, model, lengths, tokens_of, layout: Layout = Layout()) -
     return m, parts, f"cheapest estimated step with partial checkpointing ({shown})"
 
 
-def micro_batch_tokens(cfg, lengths: list[int] | None):
+def micro_batch_tokens(cfg, lengths: list[int] | None, multiple: int = 0):
     """micro-batch size -> the most tokens one micro-batch can hold: its `m` longest training
-    examples (capped at max_seq_length) when the lengths are known, else m x max_seq_length."""
+    examples (capped at max_seq_length) when the lengths are known, else m x max_seq_length; with
+    `multiple` (plan.pack_multiple) a row of several examples rounded up to it, as data.pack pads it."""
     cap = cfg.data.max_seq_length
-    if not lengths:
-        return lambda m: m * cap
-    longest = sorted((min(n, cap) for n in lengths), reverse=True)
-    return lambda m: sum(longest[:m]) if m <= len(longest) else sum(longest) + (m - len(longest)) * cap
+    longest = sorted((min(n, cap) for n in lengths or ()), reverse=True)
+    most = lambda m: sum(longest[:m]) + max(0, m - len(longest)) * cap  # noqa: E731
+    return lambda m: -(-most(m) // multiple) * multiple if multiple and m > 1 else most(m)
 
 
 def likely_tokens(cfg, lengths: list[int] | None):

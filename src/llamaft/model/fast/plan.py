@@ -40,6 +40,10 @@ QLORA_LOSS_CHUNK_ROWS = 256
 # -> run11_w512_qlora_fast_compile.json, run10_w512_qlora_fast_bs16.json -> run11_..._bs16_compile.json); full 32 x 1 with partial checkpointing +17% (7,907 vs
 # 6,763 tok/s, run19_w512_full40c.json vs run19_w512_full40.json). Checkpointed LoRA was not measured.
 COMPILE_MEASURED_FOR = ("qlora", "full")
+# auto's fast.pack_multiple: packed rows of several examples rounded up to a multiple of 256 tokens. A new
+# row length is a new M for every GEMM, and eager aten::mm spent 3-22 ms on the host per new shape (95 ms
+# of an 836 ms H200 step idle; bench.py --profile, benchmarks/README.md session 8). Not timed yet.
+PACK_MULTIPLE = 256
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class FastPlan:
     unpaged_optimizer: bool = False           # paged_adamw_8bit runs unpaged: its states inside the budget
     optimizer_in_backward: bool = False       # full: each parameter stepped as its gradient completes (train/in_backward.py)
     mlp_chunk_rows: int = 0                   # > 0: recomputed layers' MLPs deferred to the backward, in chunks (recompute.defer_mlp)
+    pack_multiple: int = 0                    # > 0: packed rows of several examples padded to a multiple of it (data.pack)
 
     def __post_init__(self):
         # frozen all the way down: lists given by callers become tuples
@@ -161,8 +166,9 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None, facts: Facts 
     log = _Log()
     if not log(fast_path(cfg, facts)):
         packing, attention = log(plain_packing(cfg))
+        multiple = log(pack_multiple(cfg, packing, fast=False))
         gc = log(plain_checkpointing(cfg))
-        return FastPlan(packing, attention, False, gc, False, tuple(log.lines))
+        return FastPlan(packing, attention, False, gc, False, tuple(log.lines), pack_multiple=multiple)
     if facts.fsdp:
         return _fsdp_plan(cfg, facts, log)
     return _fast_plan(cfg, model, lengths, facts, log)
@@ -180,17 +186,20 @@ FSDP_OFF = ("fast path under FSDP2: packing and the attention kernel kept; off: 
 def _fsdp_plan(cfg, facts: Facts, log: _Log) -> FastPlan:
     attention = log(attention_kernel(cfg, facts.packed_kernel))
     packing = log(packing_mode(cfg, attention))
+    multiple = log(pack_multiple(cfg, packing, fast=True))
     single = log(single_sequence_sdpa(cfg, attention))
     log((None, FSDP_OFF))
-    return FastPlan(packing, attention, False, False, False, tuple(log.lines), single_sdpa=single)
+    return FastPlan(packing, attention, False, False, False, tuple(log.lines), single_sdpa=single,
+                    pack_multiple=multiple)
 
 
 def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
     attention = log(attention_kernel(cfg, facts.packed_kernel))
     packing = log(packing_mode(cfg, attention))
+    multiple = log(pack_multiple(cfg, packing, fast=True))
     fused = log(fused_loss(cfg))
     log(memory_budget(facts.budget))
-    tokens_of = _memory.micro_batch_tokens(cfg, lengths if packing else None)
+    tokens_of = _memory.micro_batch_tokens(cfg, lengths if packing else None, multiple)
     gc = log(checkpointing(cfg, model, tokens_of(cfg.train.micro_batch_size)))
     own = log(own_checkpointing(gc, facts.distributed))
     lean = log(lean_memory(cfg, model, own, tokens_of))
@@ -221,7 +230,8 @@ def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
                     fused_optimizer=fused_opt, tile_mlp_rows=tile, single_sdpa=single, cpu_embeddings=cpu_emb,
                     cpu_lm_head=cpu_head, nf4_kernel=nf4, checkpoint_layers=layers, checkpoint_tokens=table,
                     loss_chunk_rows=loss_rows, budget=facts.budget, lean=lean,
-                    unpaged_optimizer=unpaged, optimizer_in_backward=in_bwd, mlp_chunk_rows=layout.mlp_rows)
+                    unpaged_optimizer=unpaged, optimizer_in_backward=in_bwd, mlp_chunk_rows=layout.mlp_rows,
+                    pack_multiple=multiple)
 
 
 # ---- the path: fast on CUDA unless switched off; the plain path's own two decisions
@@ -265,6 +275,20 @@ def packing_mode(cfg, attention: str):
     if mode == "on" or attention in ("varlen", "flex"):
         return True, f"packing on ({'data.packing=on' if mode == 'on' else 'auto'}): no pad tokens computed"
     return False, f"packing off (auto: attention {attention} has no varlen path here)"
+
+
+def pack_multiple(cfg, packing: bool, fast: bool):
+    """Packed rows of several examples padded to a multiple of N tokens (data.pack.flatten), so a run
+    meets a few row lengths (GEMM shapes) instead of a new one per micro-batch (PACK_MULTIPLE's note).
+    auto: PACK_MULTIPLE on the fast path (CUDA), no padding elsewhere (CPU: no cuBLAS to spare)."""
+    setting = cfg.fast.pack_multiple
+    if not packing:
+        return 0, None
+    n = (PACK_MULTIPLE if fast else 0) if setting == "auto" else setting
+    if not n:
+        return 0, (None if setting == "auto" else "packed rows not padded (fast.pack_multiple=0): one GEMM shape per row length")
+    return n, (f"packed rows padded to a multiple of {n} tokens (fast.pack_multiple={setting}): few distinct GEMM "
+               f"shapes; <= {n - 1} pad tokens per micro-batch")
 
 
 def fused_loss(cfg):
