@@ -228,7 +228,7 @@ def test_attention_and_packing_deciders():
     assert P.attention_kernel(cfg(), "varlen") == ("varlen", "attention varlen (auto: best packed kernel on this torch/GPU)")
     assert P.attention_kernel(cfg(), None)[0] == "sdpa"
     assert P.attention_kernel(cfg(fast__attention="flex"), "varlen") == ("flex", "attention flex (fast.attention)")
-    assert P.packing_mode(cfg(), "varlen") == (True, "packing on (auto): no pad tokens computed")
+    assert P.packing_mode(cfg(), "varlen") == (True, "packing on (auto): no pad tokens between examples")
     assert P.packing_mode(cfg(), "sdpa") == (False, "packing off (auto: attention sdpa has no varlen path here)")
     assert P.packing_mode(cfg(data__packing="on"), "sdpa")[0]
     assert P.packing_mode(cfg(data__packing="off"), "varlen") == (False, "packing off (data.packing=off)")

@@ -273,7 +273,7 @@ def packing_mode(cfg, attention: str):
     if mode == "off":
         return False, "packing off (data.packing=off)"
     if mode == "on" or attention in ("varlen", "flex"):
-        return True, f"packing on ({'data.packing=on' if mode == 'on' else 'auto'}): no pad tokens computed"
+        return True, f"packing on ({'data.packing=on' if mode == 'on' else 'auto'}): no pad tokens between examples"
     return False, f"packing off (auto: attention {attention} has no varlen path here)"
 
 
