@@ -7,7 +7,8 @@
 #     BUDGET  GiB left free on the card (16, 7.5, ...: an emulated smaller card) or none (the whole card)
 #     A CASE holding * picks from the default list ('llamaft:qlora:*', '*:*:none'); no CASE = all of it.
 #   env: GPU (index, 0)  STEPS (timed steps, 10)  OUT (benchmarks/results/raw)  CASE_TIMEOUT (s, 540)
-#        DRY_RUN=1 (print the commands, run nothing)
+#        DRY_RUN=1 (print the commands, run nothing)  LLAMAFT_ARGS (extra bench.py arguments of llamaft cases,
+#        e.g. "--pack-multiple 0")
 #   two GPUs: GPU=0 bash benchmarks/budget_curve.sh A... & GPU=1 bash benchmarks/budget_curve.sh B... & wait
 # A numeric budget: .bench/ballast.py holds memory in its own process until only BUDGET GiB are free,
 # and the tool runs its DEFAULT plan (no --memory-gib): the plan has to fit what the card has free.
@@ -55,7 +56,7 @@ expand_cases() {  # CASE... -> CASES (patterns expanded against the default list
 
 tool_cmd() {  # TOOL METHOD JSON -> the tool's command line (paths hold no spaces)
   case $1 in
-    llamaft) echo "python3 benchmarks/bench.py $M $2 512 8 4 $STEPS $3" ;;
+    llamaft) echo "python3 benchmarks/bench.py $M $2 512 8 4 $STEPS $3${LLAMAFT_ARGS:+ $LLAMAFT_ARGS}" ;;
     plain)   echo "python3 benchmarks/bench.py $M $2 512 8 4 $PLAIN_STEPS $3 --variant plain" ;;
     unsloth) echo "python3 .bench/unsloth_bench.py $M $2 512 8 4 $STEPS $3" ;;
     seed)    echo "python3 .bench/seed_baseline.py run $M $2 512 8 4 $STEPS $3" ;;
