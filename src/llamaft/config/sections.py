@@ -218,7 +218,7 @@ class FastConfig(_Section):
     )
     pack_multiple: Union[Literal["auto"], int] = Field(
         "auto", description="Packed rows of several examples padded up to a multiple of this many tokens (one pad segment, "
-        "never trained), so few distinct GEMM shapes occur; auto: 256 on the fast path (CUDA), off elsewhere; 0 or off: no padding."
+        "never trained), so few distinct GEMM shapes occur; auto / 0 / off: no padding (256 showed no gain in a 10-step H200 run)."
     )
     preference_packing: Literal["auto", "on", "off"] = Field(
         "auto", description="train.objective=dpo: pack chosen/rejected pairs into padding-free rows, the reference on the same rows "

@@ -47,13 +47,12 @@ def test_padded_rows_give_the_unpadded_loss_and_gradients(fused):
 
 
 def test_pack_multiple_decider():
-    assert P.pack_multiple(cfg(), True, fast=True) == (256, (
-        "packed rows padded to a multiple of 256 tokens (fast.pack_multiple=auto): few distinct GEMM shapes; "
+    assert P.pack_multiple(cfg(), True) == (0, None)  # opt-in: auto pads nothing (no gain measured)
+    assert P.pack_multiple(cfg(fast__pack_multiple=256), True) == (256, (
+        "packed rows padded to a multiple of 256 tokens (fast.pack_multiple=256): few distinct GEMM shapes; "
         "<= 255 pad tokens per micro-batch"))
-    assert P.pack_multiple(cfg(), True, fast=False) == (0, None)  # CPU / plain path: auto pads nothing
-    assert P.pack_multiple(cfg(), False, fast=True) == (0, None)  # no packing, nothing to pad
-    assert P.pack_multiple(cfg(fast__pack_multiple=64), True, fast=False)[0] == 64  # explicit: also off CUDA
-    assert P.pack_multiple(cfg(fast__pack_multiple="off"), True, fast=True) == (
+    assert P.pack_multiple(cfg(fast__pack_multiple=256), False) == (0, None)  # no packing, nothing to pad
+    assert P.pack_multiple(cfg(fast__pack_multiple="off"), True) == (
         0, "packed rows not padded (fast.pack_multiple=0): one GEMM shape per row length")
 
 

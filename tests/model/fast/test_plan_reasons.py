@@ -145,8 +145,8 @@ def reasons_for(name, monkeypatch) -> list[str]:
 # on purpose once since, with every diff read (issue 16: the budget became device-level, counted the
 # 8-bit states, and gained the memory-lean lora plan and the optimizer in the backward; then the
 # micro-batch shape under partial checkpointing became the cheapest estimated step, w512_lora_40; then
-# fast.pack_multiple added its line after packing's and its pad tokens to the memory estimate:
-# w512_lora_80_short and w512_full_80_short's peaks grew by 1.2 and 1.0 GiB, no decision changed).
+# packing's line became "no pad tokens between examples": fast.pack_multiple, opt-in, may end a row
+# with a pad segment).
 REASONS = json.loads((Path(__file__).parent / "plan_reasons.json").read_text(encoding="utf-8"))
 
 

@@ -40,10 +40,6 @@ QLORA_LOSS_CHUNK_ROWS = 256
 # -> run11_w512_qlora_fast_compile.json, run10_w512_qlora_fast_bs16.json -> run11_..._bs16_compile.json); full 32 x 1 with partial checkpointing +17% (7,907 vs
 # 6,763 tok/s, run19_w512_full40c.json vs run19_w512_full40.json). Checkpointed LoRA was not measured.
 COMPILE_MEASURED_FOR = ("qlora", "full")
-# auto's fast.pack_multiple: packed rows of several examples rounded up to a multiple of 256 tokens. A new
-# row length is a new M for every GEMM, and eager aten::mm spent 3-22 ms on the host per new shape (95 ms
-# of an 836 ms H200 step idle; bench.py --profile, benchmarks/README.md session 8). Not timed yet.
-PACK_MULTIPLE = 256
 
 
 @dataclass(frozen=True)
@@ -166,7 +162,7 @@ def choose_plan(cfg, model=None, lengths: list[int] | None = None, facts: Facts 
     log = _Log()
     if not log(fast_path(cfg, facts)):
         packing, attention = log(plain_packing(cfg))
-        multiple = log(pack_multiple(cfg, packing, fast=False))
+        multiple = log(pack_multiple(cfg, packing))
         gc = log(plain_checkpointing(cfg))
         return FastPlan(packing, attention, False, gc, False, tuple(log.lines), pack_multiple=multiple)
     if facts.fsdp:
@@ -186,7 +182,7 @@ FSDP_OFF = ("fast path under FSDP2: packing and the attention kernel kept; off: 
 def _fsdp_plan(cfg, facts: Facts, log: _Log) -> FastPlan:
     attention = log(attention_kernel(cfg, facts.packed_kernel))
     packing = log(packing_mode(cfg, attention))
-    multiple = log(pack_multiple(cfg, packing, fast=True))
+    multiple = log(pack_multiple(cfg, packing))
     single = log(single_sequence_sdpa(cfg, attention))
     log((None, FSDP_OFF))
     return FastPlan(packing, attention, False, False, False, tuple(log.lines), single_sdpa=single,
@@ -196,7 +192,7 @@ def _fsdp_plan(cfg, facts: Facts, log: _Log) -> FastPlan:
 def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
     attention = log(attention_kernel(cfg, facts.packed_kernel))
     packing = log(packing_mode(cfg, attention))
-    multiple = log(pack_multiple(cfg, packing, fast=True))
+    multiple = log(pack_multiple(cfg, packing))
     fused = log(fused_loss(cfg))
     log(memory_budget(facts.budget))
     tokens_of = _memory.micro_batch_tokens(cfg, lengths if packing else None, multiple)
@@ -277,18 +273,20 @@ def packing_mode(cfg, attention: str):
     return False, f"packing off (auto: attention {attention} has no varlen path here)"
 
 
-def pack_multiple(cfg, packing: bool, fast: bool):
+def pack_multiple(cfg, packing: bool):
     """Packed rows of several examples padded to a multiple of N tokens (data.pack.flatten), so a run
-    meets a few row lengths (GEMM shapes) instead of a new one per micro-batch (PACK_MULTIPLE's note).
-    auto: PACK_MULTIPLE on the fast path (CUDA), no padding elsewhere (CPU: no cuBLAS to spare)."""
+    meets a few row lengths (GEMM shapes) instead of a new one per micro-batch. Opt-in: auto pads
+    nothing. Why it was built: eager aten::mm spent 3-22 ms on the host per new shape (95 ms of an 836
+    ms H200 step idle; bench.py --profile, benchmarks/README.md session 8). Measured (H200, W512 LoRA
+    at 18 GiB, 10 steps, one call: benchmarks/results/budget_h200_pack/): 256 gave 10,763 real tok/s
+    against 10,831 unpadded, with 1.1% pad tokens computed: no gain in a short run. Longer runs meet
+    each row length more often; not measured."""
     setting = cfg.fast.pack_multiple
-    if not packing:
-        return 0, None
-    n = (PACK_MULTIPLE if fast else 0) if setting == "auto" else setting
-    if not n:
-        return 0, (None if setting == "auto" else "packed rows not padded (fast.pack_multiple=0): one GEMM shape per row length")
-    return n, (f"packed rows padded to a multiple of {n} tokens (fast.pack_multiple={setting}): few distinct GEMM "
-               f"shapes; <= {n - 1} pad tokens per micro-batch")
+    if not packing or setting in ("auto", 0):
+        return 0, (None if setting == "auto" or not packing else
+                   "packed rows not padded (fast.pack_multiple=0): one GEMM shape per row length")
+    return setting, (f"packed rows padded to a multiple of {setting} tokens (fast.pack_multiple={setting}): few "
+                     f"distinct GEMM shapes; <= {setting - 1} pad tokens per micro-batch")
 
 
 def fused_loss(cfg):
