@@ -29,12 +29,12 @@ def _model_dir(root):
     return out
 
 
-def _first_loss_and_plan(root, name, **fast):
+def _first_loss_and_plan(root, name, train_over=None, **fast):
     from llamaft.train.recipe import train
     from preference_helpers import preference_config
 
     cfg = preference_config(root / "tiny-llama", root / name, max_steps=2, eval_every=0, save_every=0,
-                            gradient_checkpointing=fast.pop("gc", "on"))
+                            gradient_checkpointing=fast.pop("gc", "on"), **(train_over or {}))
     cfg = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"enabled": True, **fast}),
                                  "lora": cfg.lora.model_copy(update={"dropout": 0.0})})
     out = train(cfg)
@@ -54,3 +54,19 @@ def test_compiled_checkpointed_dpo_starts_at_exactly_ln2(tmp_path):
     eager, _ = _first_loss_and_plan(tmp_path, "eager", compile="off")
     print(f"step-1 loss: compiled + our checkpointing {loss!r}, eager {eager!r}, ln 2 {math.log(2)!r}")
     assert loss == pytest.approx(math.log(2), abs=1e-6) and eager == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_qlora_and_full_dpo_train_on_the_cuda_plan(tmp_path, method):
+    """The same plan for QLoRA (NF4 kernel; the reference's adapter-off forward is bitsandbytes') and
+    full fine-tuning (a frozen reference copy, not compiled): trains, finite losses near ln 2 at step 1."""
+    pytest.importorskip("bitsandbytes")
+    from preference_helpers import preference_project
+
+    preference_project(tmp_path)
+    _model_dir(tmp_path)
+    loss, plan = _first_loss_and_plan(tmp_path, method, {"method": method, "learning_rate": 1e-4})
+    assert any(line.startswith("checkpoints: ours, every layer") for line in plan), plan
+    assert any(line.startswith("torch.compile on (auto") for line in plan), plan
+    print(f"{method} step-1 loss {loss!r}")
+    assert math.isfinite(loss) and abs(loss - math.log(2)) < 0.05
