@@ -49,7 +49,7 @@ def runs(tmp_path_factory):
         runs = {"root": root, "sft": sft, "packed": packed, "padded": padded, "model": spy.models[0], "models": {}}
         for name, packing in zip(STACKED, ("on", "off")):
             stack_spy = model_spy()
-            runs[name] = train(_dpo(root, sft, name, packing, "stack", save_every=1), callbacks=[stack_spy])
+            runs[name] = train(_dpo(root, sft, name, packing, "stack", save_every=int(packing == "on")), callbacks=[stack_spy])
             runs["models"][name] = stack_spy.models[0]
         yield runs
 

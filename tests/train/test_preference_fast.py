@@ -369,7 +369,7 @@ def test_a_stacked_policys_reference_is_its_frozen_adapter_alone(tmp_path):
         want = _trl_padded_logps(plain.model, pad_batch)
         for model in (policy, twin):
             frozen = get_peft_model_state_dict(model, adapter_name=FROZEN)
-            assert all(torch.equal(frozen[k], v) and v.dtype == torch.float32 for k, v in saved.items())
+            assert all(torch.equal(frozen[k], v) and frozen[k].dtype == torch.float32 for k, v in saved.items())
             assert model.active_adapters == ["default", FROZEN]
             assert {n for n, p in model.named_parameters() if p.requires_grad} == {
                 n for n, _ in model.named_parameters() if ".default." in n}

@@ -4,6 +4,9 @@
 
 qlora differs from lora only by `prepare_quantized` (freeze; no fp32 upcasts) on the 4-bit base that
 `load.py` produced — one training loop for all three methods.
+
+model.from_run: stack puts the new adapter ("default") on an existing one loaded frozen ("frozen"):
+PEFT's several active adapters, the frozen one's requires_grad kept off (`stack_on`).
 """
 
 from __future__ import annotations
@@ -99,9 +102,9 @@ def is_stacked(model) -> bool:
 
 
 def stack_on(model) -> None:
-    """Both adapters in the forward, only the new one trainable. PEFT marks every active adapter
-    trainable whenever it sets adapters (set_adapter, add_adapter, leaving disable_adapter, loading a
-    checkpoint): call this after any of them. "default" first: HF's resume loads into active_adapters[0]."""
+    """Both adapters in the forward, only the new one trainable. PEFT's set_adapter (and leaving its
+    disable_adapter) marks every active adapter trainable: call this after any of them. "default"
+    first: HF's resume loads a checkpoint's adapter into active_adapters[0]."""
     model.base_model.set_adapter(["default", FROZEN])
     model.base_model.set_requires_grad(FROZEN, False)
 

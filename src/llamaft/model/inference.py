@@ -236,7 +236,8 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, device: st
     """(model, tokenizer, rules) ready for `llamaft.model.generate`; model in eval mode on `device`.
 
     path: a run directory, an adapter/checkpoint dir inside one, or a model directory.
-    adapter=False on a run gives its base model (before/after comparisons).
+    adapter=False on a run gives its base model (before/after comparisons); a stacked run's (model.from_run:
+    stack) is the model it started from: its base with the frozen adapter merged.
     merge_adapter: fold a LoRA adapter into the (16/32-bit) base weights, the model `llamaft merge`
     writes: ~1/3 faster generation on CPU (no extra LoRA matmuls); off where the adapter must stay
     switchable (the web UI's base comparison uses disable_adapter()).

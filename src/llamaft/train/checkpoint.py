@@ -33,7 +33,7 @@ from transformers import Trainer, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..errors import LlamaftError
-from ..model.adapters import is_stacked, save_trained, stack_on
+from ..model.adapters import save_trained
 from ..model.finite import first_nonfinite_param
 from ..paths import as_os_error, check_output_dir, reason
 from . import distributed
@@ -125,12 +125,9 @@ class AtomicCheckpointTrainer(Trainer):
                 shutil.rmtree(Path(output_dir or self.args.output_dir) / name, ignore_errors=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if self.is_fsdp_enabled:
-            return load_whole(self.model, Path(resume_from_checkpoint))
-        loaded = super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if is_stacked(self.model):  # HF loads into "default" (active_adapters[0]); PEFT may mark the frozen one trainable
-            stack_on(self.model)
-        return loaded
+        if not self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        return load_whole(self.model, Path(resume_from_checkpoint))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

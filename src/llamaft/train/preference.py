@@ -166,10 +166,6 @@ def _dpo_class():
         """DPOTrainer on data/chat's ids (packed pairs: preference_fast.py), with our checkpoints and non-finite guard."""
 
         def __init__(self, *args, keep_ref_adapter: bool = False, **kwargs):
-            model = kwargs.get("model", args[0] if args else None)
-            stacked = is_stacked(model)
-            if stacked:  # the frozen adapter off while TRL sets up: its "ref" copy and QLoRA bf16 cast leave it alone
-                model.set_adapter("default")
             super().__init__(*args, **kwargs)
             peft_config = getattr(self.model, "peft_config", {})
             # TRL copies a PeftModel's adapter as "ref": a fresh adapter starts at zero, so the reference is
@@ -178,8 +174,8 @@ def _dpo_class():
             if "ref" in peft_config and not keep_ref_adapter:
                 self.model.delete_adapter("ref")
                 self.model.set_adapter("default")
-            if stacked:
-                stack_on(model)
+            if is_stacked(self.model):  # set_adapter("default") left the frozen adapter out of the forward
+                stack_on(self.model)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # already prompt_ids / chosen_ids / rejected_ids (data/chat.encode_pair)
