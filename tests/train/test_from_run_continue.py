@@ -103,6 +103,14 @@ def test_a_resumed_run_keeps_the_sft_adapter_as_its_reference(runs, name, mode, 
     shutil.copytree(runs[name], copy)
     cfg = _dpo(runs["root"], runs["sft"], name, "on", mode, save_every=1, max_steps=3, resume=True)
     cfg.train.output_dir = str(copy)
+    if mode == "stack":  # the checkpoint's adapter was trained on the SFT adapter's exact weights
+        summary = (copy / "summary.json").read_text()
+        record = json.loads(summary)
+        record["started_from"]["adapter_sha256"] = "0" * 16
+        (copy / "summary.json").write_text(json.dumps(record))
+        with pytest.raises(LlamaftError, match=f"^model.name: the adapter of {runs['sft'].resolve()} changed since"):
+            train(cfg)
+        (copy / "summary.json").write_text(summary)
     spy = model_spy()
     with one_torch_thread():
         train(cfg, callbacks=[spy])

@@ -177,20 +177,27 @@ def run_base(model_cfg, run_dir: Path):
     record = _started_from(run_dir)
     if model_cfg.from_run == "stack":  # that run's own base, its adapter under the new one: exactly as trained on
         start = find_run(model_cfg.name)
-        _refuse_changed(start, record, run_dir)
+        _refuse_changed(start and start.path, start and start.key, record, run_dir)
         return start_from_run(model_cfg, start=start)[0]
     recorded = Path(record.get("base") or "")
     if record.get("run") == str(Path(model_cfg.name).expanduser().resolve()) and is_model_dir(recorded):
         return model_cfg.model_copy(update={"name": str(recorded), "gguf_file": None, "revision": None})
     start = find_run(model_cfg.name)
-    _refuse_changed(start, record, run_dir)
+    _refuse_changed(start and start.path, start and start.key, record, run_dir)
     return start_from_run(model_cfg, start=start)[0]
 
 
-def _refuse_changed(start: StartRun | None, record: dict, run_dir: Path) -> None:
-    if start is not None and record.get("adapter_sha256") and start.key != record["adapter_sha256"]:
-        raise LlamaftError(f"model.name: the adapter of {start.path} changed since {run_dir} trained from it "
-                           f"(sha256 {record['adapter_sha256']}, now {start.key}); put the original adapter back")
+def check_resumed(started: dict | None, run_dir: Path) -> None:
+    """A stacked run resumed: its checkpoint's adapter was trained on the frozen adapter's exact weights
+    (what the run's summary.json recorded when it was interrupted or stopped)."""
+    if started and started.get("from_run") == "stack":
+        _refuse_changed(started["run"], started["adapter_sha256"], _started_from(run_dir), run_dir)
+
+
+def _refuse_changed(path, key: str | None, record: dict, run_dir: Path) -> None:
+    if path is not None and record.get("adapter_sha256") and key != record["adapter_sha256"]:
+        raise LlamaftError(f"model.name: the adapter of {path} changed since {run_dir} trained from it "
+                           f"(sha256 {record['adapter_sha256']}, now {key}); put the original adapter back")
 
 
 def _started_from(run_dir: Path) -> dict:

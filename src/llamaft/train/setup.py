@@ -17,7 +17,7 @@ from ..data.preference import check_objective_formats
 from ..errors import LlamaftError
 from ..eval.generation import check_generation_sets
 from ..model.adapters import apply_adapters
-from ..model.from_run import continued_adapter, frozen_adapter, start_from_run
+from ..model.from_run import check_resumed, continued_adapter, frozen_adapter, start_from_run
 from ..model.fast import apply_fast_path, choose_plan, configure_allocator, make_collator
 from ..model.load import cuda_available, load_base, require_bitsandbytes
 from ..model.preflight import check_model
@@ -229,13 +229,15 @@ class Inputs:
     started_from: dict | None = None  # where the run starts when model.name is a run (summary.json)
 
 
-def check_inputs(cfg, data_cache=None, say=None) -> Inputs:
+def check_inputs(cfg, data_cache=None, say=None, resumed: Path | None = None) -> Inputs:
     """Rows, tokenizer and token examples after every data and model check that needs no weights;
     model.name a run directory: its base (a LoRA run's adapter merged once, cached) after the data
-    checks, before the tokenizer."""
+    checks, before the tokenizer. `resumed`: the run directory a resumed run continues."""
     splits = cached_splits(cfg.data, data_cache)  # bad rows fail here, in seconds, before any tokenizer/model load
     check_objective_formats(cfg.train.objective, splits.formats)  # preference rows for dpo / orpo, SFT rows for sft
     model_cfg, started = start_from_run(cfg.model, say)
+    if resumed is not None:
+        check_resumed(started, resumed)  # model.from_run: stack: the frozen adapter as the checkpoint trained on it
     cfg = cfg if started is None else cfg.model_copy(update={"model": model_cfg})
     tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
     data = cached_datasets(cfg.data, tokenizer, rules, splits, data_cache)
