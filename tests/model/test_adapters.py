@@ -97,6 +97,31 @@ def test_added_pad_token_resizes_trains_and_saves_embeddings(model_dir, tmp_path
         assert torch.allclose(peft(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-6)
 
 
+def test_stack_loads_an_adapter_frozen_and_without_dropout_under_a_new_one(model_dir, tmp_path, capsys):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    from llamaft.model.adapters import FROZEN, frozen_only
+
+    dropping = PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj"])
+    sft = get_peft_model(_base(model_dir)[0], dropping)
+    sft.save_pretrained(tmp_path / "sft")
+    model, mc = _base(model_dir)
+    model = apply_adapters(model, mc, LoraConfig(r=2, dropout=0.5), frozen=tmp_path / "sft")
+    assert "lora: a new adapter (r=2, alpha=16) on the frozen adapter" in capsys.readouterr().out
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q.lora_dropout["default"], torch.nn.Dropout)
+    assert isinstance(q.lora_dropout[FROZEN], torch.nn.Identity)  # its function fixed, also while the new one trains
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable) and model.active_adapters == ["default", FROZEN]
+    with frozen_only(model):
+        assert model.active_adapters == [FROZEN]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert model.active_adapters == ["default", FROZEN]
+    model, mc = _base(model_dir, tokenizer(extra_pad=True), added=["<|pad|>"])  # trainable token rows: PEFT stacks none
+    with pytest.raises(LlamaftError, match="^model.from_run: stack: added tokens .* use model.from_run merge or continue$"):
+        apply_adapters(model, mc, LoraConfig(r=2), frozen=tmp_path / "sft")
+
+
 def test_precision_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("CPU rules")

@@ -102,6 +102,23 @@ def test_a_run_trained_from_a_run_finds_its_base(sft, cache, monkeypatch, tmp_pa
         run_base(_model_cfg(sft), dpo)
 
 
+def test_a_stacked_run_finds_the_sft_base_and_refuses_a_changed_sft_adapter(sft, cache, tmp_path):
+    from llamaft.model.from_run import frozen_adapter, frozen_under
+
+    stack = _model_cfg(sft, from_run="stack")
+    cfg, started = start_from_run(stack)
+    assert cfg.name == str(sft.parent / "base") and started["from_run"] == "stack"  # the SFT run's own base
+    assert frozen_adapter(started) == frozen_under(stack) == sft.resolve() / "adapter" and not cache.exists()
+    assert frozen_adapter({**started, "from_run": "continue"}) is None and frozen_under(_model_cfg(sft)) is None
+    dpo = tmp_path / "dpo"
+    dpo.mkdir()
+    (dpo / "summary.json").write_text(json.dumps({"started_from": started}))
+    assert run_base(stack, dpo).name == cfg.name
+    (dpo / "summary.json").write_text(json.dumps({"started_from": {**started, "adapter_sha256": "0" * 16}}))
+    with pytest.raises(LlamaftError, match=f"^model.name: the adapter of {sft} changed since {dpo} trained from it"):
+        run_base(stack, dpo)  # the new adapter was trained on that adapter's exact weights
+
+
 def test_cli_errors_are_one_line(sft, tmp_path, capsys):
     run = tmp_path / "stopped"
     run.mkdir()
@@ -112,8 +129,9 @@ def test_cli_errors_are_one_line(sft, tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 2
     one_error_line(capsys.readouterr().err, "train", f"model.name: {run}", "neither adapter/ nor model/")
-    assert main(["train", str(path), f"model.name={sft}", "model.from_run=stack"]) == 2
-    one_error_line(capsys.readouterr().err, "train", "model.from_run", "not yet supported; use merge")
+    assert main(["train", str(path), f"model.name={sft}", "model.from_run=stack", "model.method=full"]) == 2
+    one_error_line(capsys.readouterr().err, "train", "model.from_run: stack trains a new LoRA adapter on the frozen",
+                   "use model.method lora or qlora")
     assert not (tmp_path / "new").exists()
 
 

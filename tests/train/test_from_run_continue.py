@@ -1,8 +1,10 @@
-"""`model.from_run: continue` (model/from_run.py): DPO that trains an SFT run's adapter further on the
-SFT run's own base, against TRL's frozen "ref" copy of that adapter (the SFT model), end to end on a
-tiny random Llama: step 1 is ln 2 with zero rewards (packed and padded pairs), the reference is still
-the SFT model after training, adapter/ holds the one trained adapter and `llamaft merge` of the run is
-the SFT run's base + that adapter."""
+"""`model.from_run: continue` and `stack` (model/from_run.py) end to end on a tiny random Llama.
+
+continue: DPO trains an SFT run's adapter further on the SFT run's own base, against TRL's frozen "ref"
+copy of that adapter (the SFT model). stack: DPO trains a NEW adapter on top of the SFT adapter kept
+frozen, against the new adapter off (base + SFT adapter). Both: step 1 is ln 2 with zero rewards
+(packed and padded pairs), the reference is still the SFT model after training (and after a resume),
+adapter/ holds the one trained adapter and `llamaft merge` of the run is what it trained."""
 
 import json
 import math
@@ -12,8 +14,10 @@ import torch
 
 from llamaft.errors import LlamaftError
 from llamaft.export.merge import merge
+from llamaft.model.adapters import FROZEN
 from llamaft.model.from_run import adapter_key, start_from_run
 from llamaft.model.inference import load_for_inference
+from llamaft.train.preference_fast import reference_adapters
 from llamaft.train.recipe import train
 from preference_helpers import model_spy, preference_config, preference_project
 from train_helpers import one_torch_thread, run_config, tiny_project
@@ -21,10 +25,15 @@ from train_helpers import one_torch_thread, run_config, tiny_project
 IDS = torch.tensor([[30, 31, 40, 3, 5, 12]])
 
 
-def _dpo(root, sft, name, packing, **train_kw):
+STACKED = ("stack_packed", "stack_padded")
+
+
+def _dpo(root, sft, name, packing, mode="continue", **train_kw):
     train_kw = {"max_steps": 2, "eval_every": 0, "save_every": 0, **train_kw}
     cfg = preference_config(preference_project(root / "pref"), root / "runs" / name, **train_kw)
-    cfg.model.name, cfg.model.from_run = str(sft), "continue"
+    cfg.model.name, cfg.model.from_run = str(sft), mode
+    if mode == "stack":
+        cfg.lora.r = 2  # the new adapter's (the SFT adapter's is 4): tells the two apart
     return cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"preference_packing": packing})})
 
 
@@ -37,7 +46,12 @@ def runs(tmp_path_factory):
         spy = model_spy()
         packed = train(_dpo(root, sft, "packed", "on", save_every=1), callbacks=[spy])
         padded = train(_dpo(root, sft, "padded", "off"))
-        yield {"root": root, "sft": sft, "packed": packed, "padded": padded, "model": spy.models[0]}
+        runs = {"root": root, "sft": sft, "packed": packed, "padded": padded, "model": spy.models[0], "models": {}}
+        for name, packing in zip(STACKED, ("on", "off")):
+            stack_spy = model_spy()
+            runs[name] = train(_dpo(root, sft, name, packing, "stack", save_every=int(packing == "on")), callbacks=[stack_spy])
+            runs["models"][name] = stack_spy.models[0]
+        yield runs
 
 
 def _first_step(run):
@@ -45,7 +59,7 @@ def _first_step(run):
     return next(r for r in rows if r.get("step") == 1 and "train/loss" in r)
 
 
-@pytest.mark.parametrize("name", ["packed", "padded"])
+@pytest.mark.parametrize("name", ["packed", "padded", *STACKED])
 def test_step_one_is_ln2_policy_and_reference_both_the_sft_model(runs, name):
     first = _first_step(runs[name])
     assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
@@ -80,16 +94,23 @@ def test_the_run_records_its_start_and_saves_one_adapter(runs):
     assert checkpoints and not any((c / "ref").exists() for c in checkpoints)  # TRL's copy is rebuilt at each start
 
 
-def test_a_resumed_run_keeps_the_sft_adapter_as_its_reference(runs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, mode", [("packed", "continue"), ("stack_packed", "stack")])
+def test_a_resumed_run_keeps_the_sft_adapter_as_its_reference(runs, name, mode, tmp_path, monkeypatch):
     import shutil
-
-    from trl.trainer.utils import use_adapter
 
     monkeypatch.setenv("LLAMAFT_CACHE", str(runs["root"] / "cache"))
     copy = tmp_path / "resumed"
-    shutil.copytree(runs["packed"], copy)
-    cfg = _dpo(runs["root"], runs["sft"], "packed", "on", save_every=1, max_steps=3, resume=True)
+    shutil.copytree(runs[name], copy)
+    cfg = _dpo(runs["root"], runs["sft"], name, "on", mode, save_every=1, max_steps=3, resume=True)
     cfg.train.output_dir = str(copy)
+    if mode == "stack":  # the checkpoint's adapter was trained on the SFT adapter's exact weights
+        summary = (copy / "summary.json").read_text()
+        record = json.loads(summary)
+        record["started_from"]["adapter_sha256"] = "0" * 16
+        (copy / "summary.json").write_text(json.dumps(record))
+        with pytest.raises(LlamaftError, match=f"^model.name: the adapter of {runs['sft'].resolve()} changed since"):
+            train(cfg)
+        (copy / "summary.json").write_text(summary)
     spy = model_spy()
     with one_torch_thread():
         train(cfg, callbacks=[spy])
@@ -99,8 +120,77 @@ def test_a_resumed_run_keeps_the_sft_adapter_as_its_reference(runs, tmp_path, mo
     assert step3["train/reward_margin"] != pytest.approx(0, abs=1e-6)  # the policy is the checkpoint's, not the SFT's
     sft, _, _ = load_for_inference(runs["sft"], device="cpu", dtype="float32")
     model = spy.models[-1]
-    with torch.no_grad(), use_adapter(model, "ref"):
+    with torch.no_grad(), reference_adapters(model):
         torch.testing.assert_close(model(input_ids=IDS).logits, sft(input_ids=IDS).logits, atol=1e-5, rtol=0)
+    if mode == "stack":
+        _assert_the_sft_adapter_as_trained(model, runs["sft"])
+
+
+def _assert_the_sft_adapter_as_trained(model, sft):
+    """The stacked model's frozen adapter: the SFT run's tensors exactly, never trainable."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    trained = load_file(sft / "adapter" / "adapter_model.safetensors")
+    frozen = get_peft_model_state_dict(model, adapter_name=FROZEN)
+    assert frozen.keys() == trained.keys()
+    for key, value in trained.items():
+        assert torch.equal(frozen[key], value), key
+    assert not any(p.requires_grad for n, p in model.named_parameters() if f".{FROZEN}." in n)
+    assert model.active_adapters == ["default", FROZEN]
+
+
+@pytest.mark.parametrize("name", STACKED)
+def test_stacked_reference_is_base_plus_sft_adapter_and_that_adapter_never_trains(runs, name):
+    from llamaft.model.adapters import frozen_only
+
+    model = runs["models"][name]
+    sft, _, _ = load_for_inference(runs["sft"], device="cpu", dtype="float32")
+    with torch.no_grad():
+        want = sft(input_ids=IDS).logits
+        with sft.disable_adapter():  # the base alone: a reference with every adapter off would be this
+            assert (sft(input_ids=IDS).logits - want).abs().max() > 1e-3
+        with frozen_only(model):
+            torch.testing.assert_close(model(input_ids=IDS).logits, want, atol=1e-5, rtol=0)
+        assert not torch.allclose(model(input_ids=IDS).logits, want, atol=1e-4)  # both adapters on; the new one trained
+    _assert_the_sft_adapter_as_trained(model, runs["sft"])
+
+
+def test_a_stacked_run_records_its_start_and_saves_only_its_new_adapter(runs):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    sft, run = runs["sft"], runs["stack_packed"]
+    started = json.loads((run / "summary.json").read_text())["started_from"]
+    assert started["from_run"] == "stack" and started["adapter_sha256"] == adapter_key(sft / "adapter")
+    assert started["base"] == str(runs["root"] / "sft" / "tiny-llama")  # the SFT run's own base: nothing merged
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 2  # this run's lora.r
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    new = get_peft_model_state_dict(runs["models"]["stack_packed"], adapter_name="default")
+    assert saved.keys() == new.keys() and all(torch.equal(saved[k], new[k]) for k in saved)
+    assert not [p for p in (run / "adapter").iterdir() if p.is_dir()]
+    checkpoints = sorted((run / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints and not any((c / FROZEN).exists() for c in checkpoints)  # rebuilt from the SFT run at each start
+
+
+def test_loading_or_merging_a_stacked_run_is_base_plus_sft_adapter_plus_its_own(runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = runs["stack_packed"]
+    base = AutoModelForCausalLM.from_pretrained(str(runs["root"] / "sft" / "tiny-llama"), dtype=torch.float32)
+    want = PeftModel.from_pretrained(base, str(runs["sft"] / "adapter"), adapter_name="sft")
+    want.load_adapter(str(run / "adapter"), "new")
+    loaded, _, _ = load_for_inference(run, device="cpu", dtype="float32")  # what chat / eval / export / merge load
+    merged = AutoModelForCausalLM.from_pretrained(str(merge(run, tmp_path / "m", dtype="float32")))
+    with torch.no_grad():
+        want.base_model.set_adapter(["new"])
+        without_sft = want(input_ids=IDS).logits
+        want.base_model.set_adapter(["sft", "new"])
+        expected = want(input_ids=IDS).logits
+        assert (expected - without_sft).abs().max() > 1e-3
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged(input_ids=IDS).logits, expected, atol=1e-5, rtol=0)
 
 
 def test_merging_the_run_is_the_sft_base_plus_its_adapter(runs, tmp_path):
@@ -146,3 +236,15 @@ def test_sft_and_orpo_train_the_adapter_further(runs, objective, tmp_path, monke
     assert json.loads((run / "summary.json").read_text())["started_from"]["from_run"] == "continue"
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4  # the SFT adapter's, not lora.r
     assert adapter_key(run / "adapter") != adapter_key(runs["sft"] / "adapter")
+
+
+def test_sft_stacks_a_new_adapter_with_this_configs_lora_settings(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMAFT_CACHE", str(runs["root"] / "cache"))
+    cfg = run_config(runs["root"] / "sft" / "tiny-llama", tmp_path / "run", max_steps=1, eval_every=0, save_every=0)
+    cfg.model.name, cfg.model.from_run, cfg.lora.r = str(runs["sft"]), "stack", 8
+    spy = model_spy()
+    with one_torch_thread():
+        run = train(cfg, callbacks=[spy])
+    assert json.loads((run / "summary.json").read_text())["started_from"]["from_run"] == "stack"
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 8  # lora.r, not the SFT adapter's 4
+    _assert_the_sft_adapter_as_trained(spy.models[0], runs["sft"])

@@ -308,6 +308,14 @@ def test_trl_internals_the_override_relies_on():
                    'inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]', 'inputs["completion_mask"]',
                    "outputs.log_probs[:, -seq_len:]", "outputs.entropy", "outputs.mean_logits", "outputs.is_top1"):
         assert needle in src, needle
+    # a stacked run's padded reference (padded_reference_logps) is TRL's reference forward with our adapters:
+    # TRL's own picks "ref" or every adapter off
+    src = inspect.getsource(DPOTrainer.compute_ref_log_probs)
+    for needle in ('labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)',
+                   "model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs",
+                   "ref_per_token_logps[:, -shift_completion_mask.size(1) :]", "ref_per_token_logps.sum(dim=1)",
+                   'use_adapter(\n                unwrapped_model, adapter_name="ref" if "ref" in unwrapped_model.peft_config else None'):
+        assert needle in src, needle
 
 
 def test_fused_lora_reference_is_the_ref_adapter_when_continuing_one(tmp_path):
@@ -342,3 +350,47 @@ def test_fused_lora_reference_is_the_ref_adapter_when_continuing_one(tmp_path):
     chosen, rejected = trainer.packed_reference_logps(trainer.data_collator(_rows()))
     torch.testing.assert_close(torch.cat([chosen, rejected]), want, atol=1e-5, rtol=0)
     assert (moved - want).abs().max() > 1e-2 and trainer.model.active_adapter == "default"
+
+
+def test_a_stacked_policys_reference_is_its_frozen_adapter_alone(tmp_path):
+    """model.from_run: stack: a new adapter on a frozen one (here _policy's, not zero). The reference of
+    padded batches (ours, not TRL's every-adapter-off) and packed ones is the frozen adapter alone, and
+    TRL's set-up (its "ref" copy, the bf16 cast of a quantized model's trainable adapters) leaves the
+    frozen adapter as it was: fp32, not trainable."""
+    from peft import get_peft_model_state_dict
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from llamaft.config import LoraConfig, ModelConfig
+    from llamaft.model.adapters import FROZEN, apply_adapters
+
+    sft = _policy()
+    sft.save_pretrained(tmp_path / "sft")
+    saved = get_peft_model_state_dict(sft)
+
+    def stacked():
+        base = _llama()
+        base.is_loaded_in_4bit = True  # what TRL reads: QLoRA's trainable adapters go bf16
+        return apply_adapters(base, ModelConfig(name="x"), LoraConfig(r=2, target_modules=["q_proj", "k_proj"]),
+                              frozen=tmp_path / "sft")
+
+    policy, twin = stacked(), stacked()
+    install_attention(twin, "reference")
+    pad = _trainer(policy, DataCollatorForPreference(pad_token_id=0), tmp_path, "pad")
+    pack = _trainer(twin, PackedPairCollator(), tmp_path, "pack")
+    plain = _trainer(sft, DataCollatorForPreference(pad_token_id=0), tmp_path, "sft")  # the frozen adapter alone
+    pad_batch = pad.data_collator(_rows())
+    with torch.no_grad():
+        want = _trl_padded_logps(plain.model, pad_batch)
+        for model in (policy, twin):
+            frozen = get_peft_model_state_dict(model, adapter_name=FROZEN)
+            assert all(torch.equal(frozen[k], v) and frozen[k].dtype == torch.float32 for k, v in saved.items())
+            assert model.active_adapters == ["default", FROZEN]
+            assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+                n for n, _ in model.named_parameters() if ".default." in n}
+            for name, p in model.named_parameters():
+                if ".default." in name and "lora_B" in name:
+                    p.add_(0.5)  # the new adapter trained: the policy is no longer the reference
+        assert (_trl_padded_logps(policy, pad_batch) - want).abs().max() > 1e-2
+    torch.testing.assert_close(torch.cat(pad.padded_reference_logps(pad_batch)), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(pack.packed_reference_logps(pack.data_collator(_rows()))), want, atol=1e-5, rtol=0)
+    assert policy.active_adapters == twin.active_adapters == ["default", FROZEN]  # both on again for the policy

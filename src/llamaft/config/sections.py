@@ -32,16 +32,9 @@ class ModelConfig(_Section):
     from_run: Literal["merge", "continue", "stack"] = Field(
         "merge", description="When `name` is a llamaft run directory with a LoRA/QLoRA adapter (e.g. an SFT run): merge = "
         "a new adapter on its adapter merged into its base (bf16, written once to a cache); continue = train its adapter "
-        "further on its own base (its lora settings, not this run's; DPO's reference: that adapter as it was); "
-        "stack (not yet supported)."
+        "further on its own base (its lora settings, not this run's; DPO's reference: that adapter as it was); stack = "
+        "its adapter frozen on its own base under a new adapter (this run's lora settings; DPO's reference: the new one off)."
     )
-
-    @field_validator("from_run")
-    @classmethod
-    def _from_run(cls, v: str) -> str:
-        if v == "stack":  # a frozen SFT adapter under a new trainable one: not built yet
-            raise ValueError("stack is not yet supported; use merge or continue")
-        return v
 
 
 class LoraConfig(_Section):

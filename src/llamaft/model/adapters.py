@@ -4,18 +4,23 @@
 
 qlora differs from lora only by `prepare_quantized` (freeze; no fp32 upcasts) on the 4-bit base that
 `load.py` produced — one training loop for all three methods.
+
+model.from_run: stack puts the new adapter ("default") on an existing one loaded frozen ("frozen"):
+PEFT's several active adapters, the frozen one's requires_grad kept off (`stack_on`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import LlamaftError
 from .load import ADDED_TOKENS_ATTR
 
 log = logging.getLogger(__name__)
+FROZEN = "frozen"  # PEFT's name for the adapter a stacked run keeps frozen under its own ("default")
 
 
 def lora_config(model_cfg, lora_cfg, added_token_ids: list[int] | None = None):
@@ -41,28 +46,77 @@ def lora_config(model_cfg, lora_cfg, added_token_ids: list[int] | None = None):
     )
 
 
-def apply_adapters(model, model_cfg, lora_cfg, continued: Path | None = None):
+def apply_adapters(model, model_cfg, lora_cfg, continued: Path | None = None, frozen: Path | None = None):
     """Wrap `model` for training according to model.method; logs the trainable parameter count.
     `continued`: an existing adapter directory (model.from_run: continue), loaded trainable with its
-    own LoRA config: the lora section does not apply (one line says so)."""
+    own LoRA config: the lora section does not apply (one line says so). `frozen`: an existing
+    adapter directory (model.from_run: stack) loaded frozen under the new adapter."""
     added = list(getattr(model, ADDED_TOKENS_ATTR, []) or [])
     if model_cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        from peft import get_peft_model
+        from peft import PeftModel, get_peft_model
 
         if model_cfg.method == "qlora":
             prepare_quantized(model)
         if continued is not None:
             return _continue_adapter(model, continued, added)
+        if frozen is not None:
+            _refuse_added_tokens(frozen, added)
+            model = PeftModel.from_pretrained(model, str(frozen), adapter_name=FROZEN)
         try:
-            model = get_peft_model(model, lora_config(model_cfg, lora_cfg, added))
+            new = lora_config(model_cfg, lora_cfg, added)
+            model = get_peft_model(model, new) if frozen is None else _stack_adapter(model, new, frozen)
         except ValueError as err:
             first = str(err).strip().splitlines()[0]
             raise LlamaftError(f"lora.target_modules: {first} (use all-linear, or names like q_proj, v_proj)") from None
         setattr(model, ADDED_TOKENS_ATTR, added)
-    return _counted(model, model_cfg.method)
+    return _counted(model, model_cfg.method + (" (stacked)" if frozen is not None else ""))
+
+
+def _stack_adapter(model, config, frozen: Path):
+    import torch
+
+    model.add_adapter("default", config)
+    model.set_adapter("default")  # PeftModel's own active adapter: what HF / TRL save, resume and copy
+    for layer in model.modules():  # the frozen adapter is a fixed function of the input: no dropout in training
+        dropouts = getattr(layer, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict) and FROZEN in dropouts:
+            dropouts[FROZEN] = torch.nn.Identity()
+    stack_on(model)
+    _say(f"lora: a new adapter (r={config.r}, alpha={config.lora_alpha}) on the frozen adapter {frozen}")
+    return model
+
+
+def _refuse_added_tokens(frozen: Path, added: list[int]) -> None:
+    import json
+
+    if added or json.loads((frozen / "adapter_config.json").read_text(encoding="utf-8")).get("trainable_token_indices"):
+        raise LlamaftError(f"model.from_run: stack: added tokens (<|pad|>) train their own embedding rows, which PEFT "
+                           f"cannot stack on the adapter {frozen}; use model.from_run merge or continue")
+
+
+def is_stacked(model) -> bool:
+    return FROZEN in getattr(model, "peft_config", {})
+
+
+def stack_on(model) -> None:
+    """Both adapters in the forward, only the new one trainable. PEFT's set_adapter (and leaving its
+    disable_adapter) marks every active adapter trainable: call this after any of them. "default"
+    first: HF's resume loads a checkpoint's adapter into active_adapters[0]."""
+    model.base_model.set_adapter(["default", FROZEN])
+    model.base_model.set_requires_grad(FROZEN, False)
+
+
+@contextmanager
+def frozen_only(model):
+    """A stacked model as the run started from it (the new adapter off, the frozen one on): DPO's reference."""
+    model.base_model.set_adapter([FROZEN], inference_mode=True)
+    try:
+        yield
+    finally:
+        stack_on(model)
 
 
 def _continue_adapter(model, adapter: Path, added: list[int]):
@@ -136,8 +190,8 @@ def save_trained(model, out_dir: str | Path, state_dict: dict | None = None) -> 
     given = {"state_dict": state_dict} if state_dict is not None else {}
     if is_peft(model):
         added = bool(getattr(model, ADDED_TOKENS_ATTR, None))
-        # DPO continuing an adapter: TRL's frozen "ref" copy of it is no part of what the run trained
-        only = {"selected_adapters": ["default"]} if "ref" in model.peft_config else {}
+        # TRL's frozen "ref" copy of a continued adapter, a stacked run's frozen adapter: no part of what the run trained
+        only = {"selected_adapters": ["default"]} if len(model.peft_config) > 1 else {}
         model.save_pretrained(str(out_dir), save_embedding_layers=added, **given, **only)
     else:
         model.save_pretrained(str(out_dir), **given)

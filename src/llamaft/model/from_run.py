@@ -18,6 +18,12 @@ SFT run on a machine without it, and refuses an SFT adapter that changed since.
 adapter itself further (model/adapters.apply_adapters, `started_from.adapter`); DPO's reference is
 TRL's frozen "ref" copy of that adapter as loaded (train/preference.py). The new run's adapter is
 then relative to the SFT run's base, which is what loading it later finds (run_base).
+
+`model.from_run: stack`: no merge either. The new run loads the SFT run's own base, the SFT adapter
+on it FROZEN (PEFT adapter "frozen", exactly as trained) and a NEW adapter from the lora section
+("default", trained), both active (model/adapters.py). DPO's reference is the new adapter off (base
++ SFT adapter: the SFT model). adapter/ and checkpoints hold the new adapter only; loading the run
+later puts the SFT adapter (`frozen_under`; refused if it changed since) under it (inference.py).
 """
 
 from __future__ import annotations
@@ -108,29 +114,32 @@ def start_from_run(model_cfg, say=None, start: StartRun | None = None):
     start = start or find_run(model_cfg.name)
     if start is None:
         return model_cfg, None
-    if start.kind == "adapter" and model_cfg.from_run == "continue":
-        return _continued(model_cfg, start)
+    if start.kind == "adapter" and model_cfg.from_run in ("continue", "stack"):
+        return _on_own_base(model_cfg, start)
     base = start.weights if start.kind == "full" else merged_base(start, say)
     started = {"run": str(start.path), "kind": start.kind, "adapter_sha256": start.key, "base": str(base),
                **({"from_run": model_cfg.from_run, "dtype": MERGE_DTYPE} if start.kind == "adapter" else {})}
     return model_cfg.model_copy(update={"name": str(base), "gguf_file": None, "revision": None}), started
 
 
-def _continued(model_cfg, start: StartRun):
-    """The SFT run's own base (as loading that run finds it), its adapter to train further."""
+def _on_own_base(model_cfg, start: StartRun):
+    """The SFT run's own base (as loading that run finds it); its adapter to train further (continue)
+    or to keep frozen under a new one (stack)."""
     from ..config import load_config
     from .inference import locate_base
 
+    mode = model_cfg.from_run
     if model_cfg.method == "full":
-        raise LlamaftError(f"model.from_run: continue trains the LoRA adapter of {start.path} further: use "
-                           f"model.method lora or qlora (or from_run: merge for full fine-tuning on it merged)")
+        what = "trains the LoRA adapter of" if mode == "continue" else "trains a new LoRA adapter on the frozen adapter of"
+        raise LlamaftError(f"model.from_run: {mode} {what} {start.path}: use model.method lora or qlora "
+                           f"(or from_run: merge for full fine-tuning on it merged)")
     if start.run_dir is None:
-        raise LlamaftError(f"model.from_run: continue needs a llamaft run directory (its config.yaml names the base); "
+        raise LlamaftError(f"model.from_run: {mode} needs a llamaft run directory (its config.yaml names the base); "
                            f"{start.path} has none")
     base = locate_base(load_config(start.run_dir / "config.yaml", snapshot=True), start.run_dir).model
     update = {"name": base.name, "gguf_file": base.gguf_file, "revision": base.revision,
               "tokenizer": model_cfg.tokenizer or base.tokenizer}
-    started = {"run": str(start.path), "kind": "adapter", "adapter_sha256": start.key, "from_run": "continue",
+    started = {"run": str(start.path), "kind": "adapter", "adapter_sha256": start.key, "from_run": mode,
                "adapter": str(start.weights), "base": base.name}
     return model_cfg.model_copy(update=update), started
 
@@ -138,6 +147,18 @@ def _continued(model_cfg, start: StartRun):
 def continued_adapter(started: dict | None) -> Path | None:
     """The adapter a run trains further (`model.from_run: continue`), or None."""
     return Path(started["adapter"]) if started and started.get("from_run") == "continue" else None
+
+
+def frozen_adapter(started: dict | None) -> Path | None:
+    """The adapter a run keeps frozen under the one it trains (`model.from_run: stack`), or None."""
+    return Path(started["adapter"]) if started and started.get("from_run") == "stack" else None
+
+
+def frozen_under(model_cfg) -> Path | None:
+    """The adapter a stacked run's own adapter goes on when it is loaded (model.name as config.yaml
+    names it: the SFT run), or None for any other run; run_base refuses it if it changed."""
+    start = find_run(model_cfg.name) if model_cfg.from_run == "stack" else None
+    return start.weights if start is not None and start.kind == "adapter" else None
 
 
 def as_named(cfg, started: dict | None):
@@ -154,14 +175,29 @@ def run_base(model_cfg, run_dir: Path):
     if model_cfg.from_run == "continue":  # the new adapter is relative to that run's own base
         return start_from_run(model_cfg)[0]
     record = _started_from(run_dir)
+    if model_cfg.from_run == "stack":  # that run's own base, its adapter under the new one: exactly as trained on
+        start = find_run(model_cfg.name)
+        _refuse_changed(start and start.path, start and start.key, record, run_dir)
+        return start_from_run(model_cfg, start=start)[0]
     recorded = Path(record.get("base") or "")
     if record.get("run") == str(Path(model_cfg.name).expanduser().resolve()) and is_model_dir(recorded):
         return model_cfg.model_copy(update={"name": str(recorded), "gguf_file": None, "revision": None})
     start = find_run(model_cfg.name)
-    if start is not None and record.get("adapter_sha256") and start.key != record["adapter_sha256"]:
-        raise LlamaftError(f"model.name: the adapter of {start.path} changed since {run_dir} trained from it "
-                           f"(sha256 {record['adapter_sha256']}, now {start.key}); put the original adapter back")
+    _refuse_changed(start and start.path, start and start.key, record, run_dir)
     return start_from_run(model_cfg, start=start)[0]
+
+
+def check_resumed(started: dict | None, run_dir: Path) -> None:
+    """A stacked run resumed: its checkpoint's adapter was trained on the frozen adapter's exact weights
+    (what the run's summary.json recorded when it was interrupted or stopped)."""
+    if started and started.get("from_run") == "stack":
+        _refuse_changed(started["run"], started["adapter_sha256"], _started_from(run_dir), run_dir)
+
+
+def _refuse_changed(path, key: str | None, record: dict, run_dir: Path) -> None:
+    if path is not None and record.get("adapter_sha256") and key != record["adapter_sha256"]:
+        raise LlamaftError(f"model.name: the adapter of {path} changed since {run_dir} trained from it "
+                           f"(sha256 {record['adapter_sha256']}, now {key}); put the original adapter back")
 
 
 def _started_from(run_dir: Path) -> dict:

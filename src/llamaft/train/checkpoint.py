@@ -116,6 +116,14 @@ class AtomicCheckpointTrainer(Trainer):
             save_trained(self.model, output_dir or self.args.output_dir, state)
         return None
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints hold the trained adapter only: a continued adapter's "ref" copy (DPO) and a stacked
+        run's frozen adapter, which PEFT writes into subfolders, are rebuilt from the run started from."""
+        super()._save(output_dir, state_dict)
+        for name in getattr(self.model, "peft_config", {}):
+            if name != "default":
+                shutil.rmtree(Path(output_dir or self.args.output_dir) / name, ignore_errors=True)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -10,7 +10,8 @@ The losses are TRL's (DPOTrainer, trl.experimental.orpo.ORPOTrainer); what is ou
 - the reference (dpo.reference): LoRA / QLoRA train against the base with the adapter disabled (TRL
   would add a second "ref" adapter: it is removed, nothing is copied), full fine-tuning against a
   second frozen copy of the base, or any model path; continuing a run's adapter (model.from_run:
-  continue): TRL's frozen "ref" copy of that adapter, kept out of adapter/ and checkpoints;
+  continue): TRL's frozen "ref" copy of that adapter, kept out of adapter/ and checkpoints; a new
+  adapter stacked on a run's frozen one (stack): the new adapter off (train/preference_fast.py);
 - the Trainer: our AtomicCheckpointTrainer (atomic, finite-only checkpoints, the non-finite guard)
   mixed in front of TRL's, so checkpoints, resume, summary and callbacks are those of SFT;
 - the metric names, per named validation set: eval/<set>/preference_accuracy (chosen reward >
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.chat import PreferenceExample
+from ..model.adapters import is_stacked, stack_on
 from ..model.load import load_base
 from .checkpoint import AtomicCheckpointTrainer
 from .preference_fast import PackedPairsDPO
@@ -166,20 +168,14 @@ def _dpo_class():
         def __init__(self, *args, keep_ref_adapter: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             peft_config = getattr(self.model, "peft_config", {})
-            # TRL copies a PeftModel's adapter as "ref": a fresh adapter starts at zero, so the base is the
-            # reference and the copy goes; a continued one (model.from_run: continue) keeps it (TRL uses it)
+            # TRL copies a PeftModel's adapter as "ref": a fresh adapter starts at zero, so the reference is
+            # the model without it (the base; stacked: base + frozen adapter) and the copy goes; a continued
+            # one (model.from_run: continue) keeps it (TRL uses it)
             if "ref" in peft_config and not keep_ref_adapter:
                 self.model.delete_adapter("ref")
                 self.model.set_adapter("default")
-
-        def _save(self, output_dir=None, state_dict=None):
-            """Checkpoints hold the trained adapter only: "ref" is rebuilt from the run started from at every start."""
-            super()._save(output_dir, state_dict)
-            if "ref" in getattr(self.model, "peft_config", {}):
-                import shutil
-                from pathlib import Path
-
-                shutil.rmtree(Path(output_dir or self.args.output_dir) / "ref", ignore_errors=True)
+            if is_stacked(self.model):  # set_adapter("default") left the frozen adapter out of the forward
+                stack_on(self.model)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # already prompt_ids / chosen_ids / rejected_ids (data/chat.encode_pair)

@@ -17,6 +17,11 @@ from the per-token fields (log_probs, entropy, mean_logits, is_top1). It has no 
      ref_rejected_logps: TRL's channel for precomputed references, switched on for the call.
 So the loss, rewards, accuracies, margins, logps, entropy, logits/* and token accuracy are TRL's
 arithmetic on the numbers its padded path would see (up to the attention kernel's rounding).
+
+A stacked run (model.from_run: stack) has its reference inside the policy: the new adapter off, the
+frozen one on (model/adapters.frozen_only). TRL knows two PEFT references only ("ref" adapter, or every
+adapter off: the base without the SFT adapter), so padded batches take the same channel as packed
+ones: the reference log-probs computed here, TRL's _compute_loss for the rest.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import contextlib
 import torch
 
 from ..data.pack_pairs import PackedPairCollator
+from ..model.adapters import frozen_only, is_stacked
 
 # the packed row's keys the model reads (data/pack.flatten)
 ROW_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -77,17 +83,27 @@ class PackedPairsDPO:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(self.data_collator, PackedPairCollator) and self.ld_alpha is not None:
+        if self.ld_alpha is not None and isinstance(self.data_collator, PackedPairCollator):
             raise ValueError("ld_alpha weights the reference's tokens inside TRL's padded path: use padded pairs")
+        if self.ld_alpha is not None and self._stacked():
+            raise ValueError("ld_alpha weights the reference's tokens inside TRL's reference forward: not with a stacked adapter")
         if self.ref_model is not None:  # the frozen reference reads packed rows with the policy's kernel
             from ..model.adapters import base_model
             from ..model.fast.attention import install_attention
 
             install_attention(self.ref_model, base_model(self.model).config._attn_implementation)
 
+    def _stacked(self) -> bool:
+        return self.ref_model is None and is_stacked(self.accelerator.unwrap_model(self.model))
+
     def _compute_loss(self, model, inputs, return_outputs):
         if "pair_index" not in inputs:
-            return super()._compute_loss(model, inputs, return_outputs)
+            if not self._stacked():
+                return super()._compute_loss(model, inputs, return_outputs)
+            ref_chosen, ref_rejected = self.padded_reference_logps(inputs)  # TRL's would be the base (module doc)
+            with _reference_in_batch(self):
+                return super()._compute_loss(model, {**inputs, "ref_chosen_logps": ref_chosen,
+                                                     "ref_rejected_logps": ref_rejected}, return_outputs)
         index, mask = inputs["pair_index"], inputs["pair_mask"]
         ref_chosen, ref_rejected = self.packed_reference_logps(inputs)
         policy = forward_packed(model, inputs)
@@ -103,14 +119,33 @@ class PackedPairsDPO:
     @torch.no_grad()
     def packed_reference_logps(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) reference log-probs of the packed batch, summed per sequence as TRL sums its
-        padded rows: the frozen reference model, or the policy with its "ref" adapter or its adapter disabled."""
+        padded rows: the frozen reference model, or the policy as its own (reference_adapters)."""
         if self.ref_model is not None:
             out = forward_packed(self.ref_model, inputs)
-        else:  # as TRL: the "ref" adapter when continuing one (preference.py), else the adapter disabled
-            from trl.trainer.utils import use_adapter  # the fused LoRA forward falls back to PEFT's on "ref"
-
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            with use_adapter(unwrapped, "ref" if "ref" in unwrapped.peft_config else None):
+        else:
+            with reference_adapters(self.accelerator.unwrap_model(self.model)):
                 out = forward_packed(self.model, inputs)
         logps = padded(out.log_probs, inputs["pair_index"], inputs["pair_mask"]).sum(dim=1)
         return logps.chunk(2, dim=0)  # the padded layout is [chosen..., rejected...]
+
+    @torch.no_grad()
+    def padded_reference_logps(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) reference log-probs of a padded batch as TRL's own reference forward sums
+        them (its compute_ref_log_probs: the fused head's log-probs, 0 off the completion), with ours."""
+        completion = inputs["completion_mask"]
+        row = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        with reference_adapters(self.accelerator.unwrap_model(self.model)):
+            out = self.model(**row, labels=inputs["input_ids"].masked_fill(completion == 0, -100), use_cache=False,
+                             fused_lm_head=True)
+        return out.log_probs[:, -(completion.shape[1] - 1):].sum(dim=1).chunk(2, dim=0)
+
+
+def reference_adapters(model):
+    """The policy as its own DPO reference: a stacked run's frozen adapter alone; else as TRL: the "ref"
+    copy of a continued adapter (train/preference.py), or every adapter off. The fused LoRA forward falls
+    back to PEFT's for any adapter set but the one it fused (model/fast/lora.py)."""
+    if is_stacked(model):
+        return frozen_only(model)
+    from trl.trainer.utils import use_adapter
+
+    return use_adapter(model, "ref" if "ref" in model.peft_config else None)

@@ -143,7 +143,7 @@ def setup(cfg, data_cache=None) -> Run:
     def checked_inputs():
         check_hardware(cfg)
         run_dir, resume_from = prepare_run_dir(cfg)
-        inputs = check_inputs(cfg, data_cache, say)  # model.name a run: its merged base, once (model/from_run.py)
+        inputs = check_inputs(cfg, data_cache, say, resume_from and run_dir)  # model.name a run: model/from_run.py
         loaded["tokenizer"] = inputs.tokenizer, inputs.rules
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir, resume_from, inputs.splits, inputs.data, inputs.cfg, inputs.started_from

@@ -17,7 +17,7 @@ from ..data.preference import check_objective_formats
 from ..errors import LlamaftError
 from ..eval.generation import check_generation_sets
 from ..model.adapters import apply_adapters
-from ..model.from_run import continued_adapter, start_from_run
+from ..model.from_run import check_resumed, continued_adapter, frozen_adapter, start_from_run
 from ..model.fast import apply_fast_path, choose_plan, configure_allocator, make_collator
 from ..model.load import cuda_available, load_base, require_bitsandbytes
 from ..model.preflight import check_model
@@ -198,13 +198,14 @@ def pick_collator_and_plan(cfg, model, pad_id: int, lengths: list[int] | None = 
 
 def build_model(cfg, tokenizer, rules, dtype, started_from: dict | None = None):
     """The base model with its adapters (or all weights trainable), in CPU memory unless bitsandbytes placed it;
-    model.from_run: continue: the started-from run's adapter, trainable (model/from_run.py)."""
+    model.from_run: continue: the started-from run's adapter, trainable; stack: that adapter frozen under a
+    new one (model/from_run.py)."""
     if cfg.fast.enabled:
         configure_allocator()  # before the weights land: every segment expandable (model/fast/memory.py)
     # FSDP + QLoRA: the 4-bit base is loaded in a storage FSDP can shard (model/load.bnb_arguments)
     sharded = distributed.world().size > 1 and cfg.distributed.strategy == "fsdp"
     model = load_base(cfg.model, cfg.quantization, rules, tokenizer, dtype, sharded=sharded)
-    return apply_adapters(model, cfg.model, cfg.lora, continued_adapter(started_from))
+    return apply_adapters(model, cfg.model, cfg.lora, continued_adapter(started_from), frozen_adapter(started_from))
 
 
 def place_on_gpu(cfg, model):
@@ -228,13 +229,15 @@ class Inputs:
     started_from: dict | None = None  # where the run starts when model.name is a run (summary.json)
 
 
-def check_inputs(cfg, data_cache=None, say=None) -> Inputs:
+def check_inputs(cfg, data_cache=None, say=None, resumed: Path | None = None) -> Inputs:
     """Rows, tokenizer and token examples after every data and model check that needs no weights;
     model.name a run directory: its base (a LoRA run's adapter merged once, cached) after the data
-    checks, before the tokenizer."""
+    checks, before the tokenizer. `resumed`: the run directory a resumed run continues."""
     splits = cached_splits(cfg.data, data_cache)  # bad rows fail here, in seconds, before any tokenizer/model load
     check_objective_formats(cfg.train.objective, splits.formats)  # preference rows for dpo / orpo, SFT rows for sft
     model_cfg, started = start_from_run(cfg.model, say)
+    if resumed is not None:
+        check_resumed(started, resumed)  # model.from_run: stack: the frozen adapter as the checkpoint trained on it
     cfg = cfg if started is None else cfg.model_copy(update={"model": model_cfg})
     tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
     data = cached_datasets(cfg.data, tokenizer, rules, splits, data_cache)

@@ -316,6 +316,8 @@ def test_tile_optimizer_compile_lora_nf4_deciders():
     assert P.compile_blocks(cfg(model__method="full"), True)[0] and P.compile_blocks(cfg(model__method="qlora"), True)[0]
     assert P.compile_blocks(cfg(fast__compile="off"), False) == (False, "torch.compile off (fast.compile=off)")
     assert P.fused_lora()[0] is True
+    stacked = type("Stacked", (), {"peft_config": {"default": None, "frozen": None}})()
+    assert P.fused_lora(stacked) == (False, "fused LoRA linears off: two adapters stacked (model.from_run: stack) run PEFT's forward")
     assert P.nf4_kernel(cfg()) == (False, None)
     assert P.nf4_kernel(cfg(model__method="qlora"))[0] and not P.nf4_kernel(cfg(model__method="qlora", fast__nf4_kernel="off"))[0]
 

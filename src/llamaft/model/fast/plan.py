@@ -212,7 +212,7 @@ def _fast_plan(cfg, model, lengths, facts: Facts, log: _Log) -> FastPlan:
     table, layers = log(partial_checkpointing(cfg, model, own, tokens_of(mbs), ga, lean, layout))
     fused_opt = log(fused_optimizer(cfg))
     comp = log(compile_blocks(cfg, gc, lean, own))
-    lora = log(fused_lora())
+    lora = log(fused_lora(model))
     nf4 = log(nf4_kernel(cfg))
     single = log(single_sequence_sdpa(cfg, attention))
     tile = log(tile_mlp(cfg, layout.mlp_rows))
@@ -331,8 +331,13 @@ def compile_blocks(cfg, gc: bool, lean: bool = False, own: bool = False):
     return on, f"torch.compile {'on' if on else 'off'} (auto: {why})"
 
 
-def fused_lora():
-    """PEFT's LoRA linears as our fused GEMMs (lora.py); ineligible layers keep PEFT's forward."""
+def fused_lora(model=None):
+    """PEFT's LoRA linears as our fused GEMMs (lora.py); ineligible layers keep PEFT's forward: all of
+    them under two stacked adapters (model.from_run: stack; lora.py fuses one adapter per layer)."""
+    from ..adapters import is_stacked
+
+    if is_stacked(model):
+        return False, "fused LoRA linears off: two adapters stacked (model.from_run: stack) run PEFT's forward"
     return True, "fused LoRA linears on (fast path): scale and add inside the GEMMs"
 
 

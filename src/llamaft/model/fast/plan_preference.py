@@ -106,7 +106,7 @@ def preference_plan(cfg, model=None, gc: bool = False, facts: Facts | None = Non
     lora = nf4 = comp = own = offload = False
     if kernels:
         if cfg.model.method != "full":
-            lora, why = fused_lora()
+            lora, why = fused_lora(model)
             reasons.append(f"{why}; the reference's adapter-off forward is PEFT's")
             nf4, why = nf4_kernel(cfg)
             reasons += [why] if why else []
