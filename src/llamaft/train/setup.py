@@ -233,7 +233,7 @@ def check_inputs(cfg, data_cache=None, say=None) -> Inputs:
     model.name a run directory: its base (a LoRA run's adapter merged once, cached) after the data
     checks, before the tokenizer."""
     splits = cached_splits(cfg.data, data_cache)  # bad rows fail here, in seconds, before any tokenizer/model load
-    check_objective_formats(cfg.train.objective, splits.formats)  # preference rows for dpo / orpo, SFT rows for sft
+    check_objective_formats(cfg.train.objective, splits.formats)  # preference rows for dpo / orpo / simpo, SFT rows for sft
     model_cfg, started = start_from_run(cfg.model, say)
     cfg = cfg if started is None else cfg.model_copy(update={"model": model_cfg})
     tokenizer, rules = load_tokenizer(cfg.model, cfg.data)
