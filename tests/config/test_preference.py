@@ -1,4 +1,4 @@
-"""train.objective and the dpo: / orpo: sections: defaults, and one-line errors naming the key."""
+"""train.objective and the dpo: / orpo: / simpo: sections: defaults, and one-line errors naming the key."""
 
 import pytest
 
@@ -11,9 +11,11 @@ BASE = {"model": {"name": "m"}, "data": {"train": ["t.jsonl"]}}
 def test_defaults_and_values():
     cfg = config_from_dict(BASE)
     assert cfg.train.objective == "sft" and cfg.dpo.beta == 0.1 and cfg.dpo.loss_type == "sigmoid"
-    assert cfg.dpo.reference == "auto" and cfg.orpo.beta == 0.1
+    assert cfg.dpo.reference == "auto" and cfg.orpo.beta == 0.1 and (cfg.simpo.beta, cfg.simpo.gamma) == (2.0, 0.5)
     cfg = config_from_dict({**BASE, "train": {"objective": "dpo"}, "dpo": {"beta": 0.5, "loss_type": "ipo", "reference": "runs/sft/merged"}})
     assert (cfg.train.objective, cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.reference) == ("dpo", 0.5, "ipo", "runs/sft/merged")
+    cfg = config_from_dict({**BASE, "train": {"objective": "simpo"}, "simpo": {"beta": 2.5, "gamma": 0}})
+    assert (cfg.train.objective, cfg.simpo.beta, cfg.simpo.gamma) == ("simpo", 2.5, 0.0)
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -23,8 +25,12 @@ def test_defaults_and_values():
     ({"dpo": {"label_smoothing": 0.5}}, "dpo.label_smoothing"),
     ({"dpo": {"reference": " "}}, "dpo.reference"),
     ({"orpo": {"beta": -1}}, "orpo.beta"),
+    ({"simpo": {"beta": 0}}, "simpo.beta"),
+    ({"simpo": {"gamma": -0.5}}, "simpo.gamma"),
+    ({"simpo": {"gamma": "nan"}}, "simpo.gamma"),
     ({"model": {"name": "m", "method": "full"}, "train": {"objective": "dpo"}, "dpo": {"reference": "adapter-off"}}, "dpo.reference"),
     ({"data": {"train": ["t.jsonl"], "train_on": "all"}, "train": {"objective": "orpo"}}, "data.train_on"),
+    ({"data": {"train": ["t.jsonl"], "train_on": "all"}, "train": {"objective": "simpo"}}, "data.train_on"),
 ])
 def test_bad_values_name_the_key(raw, key):
     with pytest.raises(ConfigError) as err:

@@ -175,7 +175,7 @@ def test_objective_and_row_kinds_must_agree():
     check_objective_formats("dpo", {"a.jsonl": "preference"})
     with pytest.raises(DataError, match="a.jsonl: train.objective=dpo needs preference rows"):
         check_objective_formats("dpo", {"a.jsonl": "qa"})
-    with pytest.raises(DataError, match="set train.objective=dpo or orpo"):
+    with pytest.raises(DataError, match="set train.objective=dpo, orpo or simpo"):
         check_objective_formats("sft", {"a.jsonl": "preference"})
 
 

@@ -1,7 +1,7 @@
 """Preference objectives through the one training path, on a tiny random Llama (CPU, seconds):
 DPO validation preference accuracy rises, metrics per named set reach metrics.jsonl and
-summary.json, the LoRA reference is the base with the adapter disabled, full fine-tuning and ORPO
-run, and a DPO run merges like an SFT run."""
+summary.json, the LoRA reference is the base with the adapter disabled, full fine-tuning, ORPO and
+SimPO run (SimPO's loss checked against its formula), and a DPO run merges like an SFT run."""
 
 import json
 
@@ -84,12 +84,52 @@ def test_a_dpo_run_merges_like_an_sft_run(dpo_run, tmp_path):
         torch.testing.assert_close(plain(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
-def test_full_finetuning_against_a_frozen_copy_and_orpo(model_dir, tmp_path):
+def test_full_finetuning_against_a_frozen_copy(model_dir, tmp_path):
     full = train(preference_config(model_dir, tmp_path / "full", method="full", max_steps=2, eval_every=0, save_every=0))
     assert any(full.joinpath("model").glob("*.safetensors"))
-    orpo = train(preference_config(model_dir, tmp_path / "orpo", objective="orpo", max_steps=2, eval_every=0, save_every=0))
-    val = json.loads((orpo / "summary.json").read_text())["eval"]["val"]
-    assert {"preference_accuracy", "nll_loss", "log_odds_ratio"} <= set(val)
+
+
+@pytest.mark.parametrize("objective, trainer", [("orpo", "ORPOTrainer"), ("simpo", "CPOTrainer (loss_type=simpo)")])
+def test_reference_free_objectives_write_per_set_metrics(model_dir, tmp_path, objective, trainer):
+    cfg = preference_config(model_dir, tmp_path / objective, objective=objective, max_steps=2, eval_every=0, save_every=0)
+    run = train(cfg)
+    summary = json.loads((run / "summary.json").read_text())
+    val = summary["eval"]["val"]
+    assert {"loss", "preference_accuracy", "reward_margin", "logps_chosen", "logps_rejected"} <= set(val)
+    # ORPO's own terms; SimPO (cpo_alpha=0) computes no NLL term, so none is reported
+    assert ("nll_loss" in val, "log_odds_ratio" in val) == ((True, True) if objective == "orpo" else (False, False))
+    # both rewards are beta x each answer's MEAN token log-prob (length-normalised), with this objective's beta
+    beta = getattr(cfg, objective).beta
+    assert val["reward_margin"] == pytest.approx(beta * (val["logps_chosen"] - val["logps_rejected"]), rel=1e-4, abs=1e-6)
+    assert val["preference_accuracy"] == [r for r in _rows(run) if "eval/val/preference_accuracy" in r][-1][
+        "eval/val/preference_accuracy"]
+    assert f"TRL's {trainer} on padded pairs" in summary["fast_path"][0] and "train/reward_margin" in _rows(run)[0]
+
+
+def test_simpo_loss_is_the_simpo_formula_on_our_ids(model_dir, tmp_path):
+    """The recipe's SimPO loss (TRL's CPOTrainer) equals the formula computed here from the model's own
+    log-probs on data/chat's ids: mean over pairs of -log sigmoid(beta * (mean token log-prob of chosen -
+    that of rejected) - gamma) (TRL writes it beta * (difference - gamma / beta): the same). Other ids,
+    a sum instead of a mean, the NLL term of CPO's default cpo_alpha=1 or a lost gamma: another number."""
+    from llamaft.train.recipe import build_trainer, setup
+
+    cfg = preference_config(model_dir, tmp_path / "simpo", objective="simpo", micro_batch_size=48)
+    cfg.simpo.beta, cfg.simpo.gamma = beta, gamma = 2.5, 0.7
+    run = setup(cfg)
+    trainer, _, _ = build_trainer(run, None, None)
+    model = trainer.model.eval()
+    (batch,) = list(trainer.get_train_dataloader())  # all 48 pairs, padded
+
+    def mean_logp(prompt: list[int], answer: list[int]):
+        ids = torch.tensor([prompt + answer])
+        logps = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+        return logps.gather(-1, ids[0, len(prompt):, None]).mean()
+
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, trainer._prepare_inputs(batch)).item()
+        margins = torch.stack([beta * (mean_logp(e.prompt_ids, e.chosen_ids) - mean_logp(e.prompt_ids, e.rejected_ids))
+                               - gamma for e in run.data.train])
+    assert len(run.data.train) == 48 and loss == pytest.approx(-torch.nn.functional.logsigmoid(margins).mean().item(), abs=1e-5)
 
 
 def test_a_model_path_as_reference(model_dir, tmp_path, monkeypatch):
@@ -129,9 +169,10 @@ def test_objective_needs_its_rows_before_any_run_dir(model_dir, tmp_path):
 def test_trl_names_we_rely_on():
     """We replace TRL's tokenization (our ids go in as they are) and rename its metrics."""
     from trl import DPOTrainer
+    from trl.experimental.cpo import CPOTrainer
     from trl.experimental.orpo import ORPOTrainer
 
-    assert callable(DPOTrainer._prepare_dataset) and callable(ORPOTrainer.tokenize_row)
+    assert callable(DPOTrainer._prepare_dataset) and callable(ORPOTrainer.tokenize_row) and callable(CPOTrainer.tokenize_row)
     src = __import__("inspect").getsource(DPOTrainer._compute_loss)
     for name in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert f'"{name}"' in src

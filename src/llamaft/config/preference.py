@@ -1,9 +1,9 @@
-"""The `dpo:` and `orpo:` sections: preference alignment settings (train.objective picks the method).
+"""The `dpo:`, `orpo:` and `simpo:` sections: preference alignment settings (train.objective picks the method).
 
     train: {objective: dpo}
     dpo: {beta: 0.1, loss_type: sigmoid, reference: auto}
 
-Only what users choose is here; train/preference.py maps it onto TRL's DPOConfig / ORPOConfig.
+Only what users choose is here; train/preference.py maps it onto TRL's DPOConfig / ORPOConfig / CPOConfig.
 """
 
 from __future__ import annotations
@@ -43,6 +43,15 @@ class OrpoConfig(_Section):
     """Odds Ratio Preference Optimization (TRL's ORPOTrainer): SFT on chosen + an odds-ratio penalty, no reference."""
 
     beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term (lambda in the ORPO paper).")
+
+
+class SimpoConfig(_Section):
+    """SimPO (TRL's CPOTrainer, loss_type simpo, no NLL term): reference-free DPO on each answer's mean
+    token log-prob, with a target margin: loss = -log sigmoid(beta * (mean logp chosen - mean logp rejected) - gamma)."""
+
+    beta: float = Field(2.0, gt=0, allow_inf_nan=False, description="Reward scale: beta times the answer's mean token log-prob.")
+    gamma: float = Field(0.5, ge=0, allow_inf_nan=False,
+                         description="Target reward margin between chosen and rejected (TRL's simpo_gamma).")
 
 
 def check_objective(cfg) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from .base import _Section
-from .preference import DpoConfig, OrpoConfig, check_objective
+from .preference import DpoConfig, OrpoConfig, SimpoConfig, check_objective
 
 
 class ModelConfig(_Section):
@@ -71,7 +71,7 @@ class ColumnsConfig(_Section):
     role: str = "role"
     content: str = "content"
     system: str = "system"
-    prompt: str = "prompt"  # preference rows (train.objective dpo / orpo): prompt + chosen / rejected
+    prompt: str = "prompt"  # preference rows (train.objective dpo / orpo / simpo): prompt + chosen / rejected
     chosen: str = "chosen"
     rejected: str = "rejected"
 
@@ -81,7 +81,7 @@ class DataConfig(_Section):
 
     train: list[str] = Field(..., min_length=1, description="Training files (jsonl, json, csv, parquet, or a save_to_disk directory).")
     format: Literal["auto", "text", "qa", "alpaca", "messages", "preference"] = Field(
-        "auto", description="Row format; auto picks it from the columns (chosen + rejected: preference pairs, for train.objective dpo / orpo).")
+        "auto", description="Row format; auto picks it from the columns (chosen + rejected: preference pairs, for train.objective dpo / orpo / simpo).")
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     system_prompt: Optional[str] = Field(None, description="System message added to rows that have none.")
     chat_template: Optional[str] = Field(None, description="Path to a .jinja chat template overriding the tokenizer's.")
@@ -150,8 +150,9 @@ class TrainConfig(_Section):
     save_total_limit: Optional[int] = Field(2, description="Keep at most this many checkpoints.")
     resume: Union[bool, str] = Field(False, description="true: continue from the latest complete checkpoint in output_dir; or a checkpoint path.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Loggers besides metrics.jsonl.")
-    objective: Literal["sft", "dpo", "orpo"] = Field(
-        "sft", description="sft: next-token loss on the answers; dpo / orpo: preference alignment on chosen/rejected pairs (see dpo:, orpo:)."
+    objective: Literal["sft", "dpo", "orpo", "simpo"] = Field(
+        "sft", description="sft: next-token loss on the answers; dpo / orpo / simpo: preference alignment on chosen/rejected "
+        "pairs (see dpo:, orpo:, simpo:)."
     )
 
     @field_validator("max_steps")
@@ -293,6 +294,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     orpo: OrpoConfig = Field(default_factory=OrpoConfig)
+    simpo: SimpoConfig = Field(default_factory=SimpoConfig)
 
     @model_validator(mode="after")
     def _objective(self) -> "RunConfig":

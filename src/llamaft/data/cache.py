@@ -139,7 +139,7 @@ def cached_datasets(data_cfg, tokenizer, rules, splits: pipeline.Splits, cache_d
 
 
 def _conversations_only(splits: pipeline.Splits) -> bool:
-    """Preference pairs (train.objective dpo / orpo) are not cached yet: their rows and three-part
+    """Preference pairs (train.objective dpo / orpo / simpo) are not cached yet: their rows and three-part
     examples have no entry format here, so every run reads and encodes them itself."""
     rows = [*splits.train, *splits.test, *(r for v in splits.validation.values() for r in v)]
     if all(isinstance(r, Conversation) for r in rows):

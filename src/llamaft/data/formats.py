@@ -15,7 +15,7 @@ Formats (column names come from `data.columns.*`):
   are recognised when the column names are left at their defaults).
 - ``text``: plain language-model text; no template, all of it is trained.
 - ``preference``: ``chosen`` + ``rejected`` (+ ``prompt``) columns, read by data/preference.py
-  (train.objective dpo / orpo).
+  (train.objective dpo / orpo / simpo).
 
 A row's own system column (``data.columns.system``) wins over ``data.system_prompt``; a
 ``messages`` row that already starts with a system message keeps it.

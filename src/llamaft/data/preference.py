@@ -1,4 +1,4 @@
-"""Preference rows (train.objective dpo / orpo) -> checked prompt / chosen / rejected pairs.
+"""Preference rows (train.objective dpo / orpo / simpo) -> checked prompt / chosen / rejected pairs.
 
     pair = to_pair(record, cfg.data.columns, system_prompt=None)   # PreferencePair, or DataError naming the field
     ex = chat.encode_pair(pair, tokenizer, rules)                   # token ids: data/chat.py renders them
@@ -127,11 +127,11 @@ def _split_conversations(data: dict, where: str, columns) -> tuple[list[dict], d
 
 
 def check_objective_formats(objective: str, formats: dict[str, str]) -> None:
-    """Every file fits train.objective: preference rows for dpo / orpo, SFT rows for sft (DataError naming the file)."""
+    """Every file fits train.objective: preference rows for dpo / orpo / simpo, SFT rows for sft (DataError naming the file)."""
     for path, fmt in formats.items():
         if objective != "sft" and fmt != "preference":
             raise DataError(path, f"train.objective={objective} needs preference rows ('prompt' + 'chosen' / 'rejected', "
                             f"or whole 'chosen' / 'rejected' conversations); this file reads as {fmt} rows")
         if objective == "sft" and fmt == "preference":
-            raise DataError(path, "preference rows (chosen / rejected): set train.objective=dpo or orpo "
+            raise DataError(path, "preference rows (chosen / rejected): set train.objective=dpo, orpo or simpo "
                             "(train.objective=sft needs text, qa, alpaca or messages rows)")

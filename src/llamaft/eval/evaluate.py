@@ -242,7 +242,7 @@ def _evaluate_model(model, tokenizer, rules, sets: dict, plans: dict, eval_cfg, 
     for name, convs in sets.items():
         plan = plans[name]
         examples, stats = encode_examples(convs, tokenizer, rules, data_cfg)
-        if convs and isinstance(convs[0], PreferencePair):  # dpo / orpo sets: what the model prefers (eval/preference.py)
+        if convs and isinstance(convs[0], PreferencePair):  # dpo / orpo / simpo sets: what the model prefers (eval/preference.py)
             logps = pair_logps(model, examples, rules.pad_id, plan.batch_size)
             metrics = {**pair_metrics(logps), PAIR_LOGPS: logps}
         else:

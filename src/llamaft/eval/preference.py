@@ -1,4 +1,4 @@
-"""Preference metrics of a model on encoded pairs (`llamaft eval` on a dpo / orpo run's preference sets).
+"""Preference metrics of a model on encoded pairs (`llamaft eval` on a dpo / orpo / simpo run's preference sets).
 
     logps = pair_logps(model, examples, pad_id)              # [(chosen_sum, rejected_sum, n_chosen, n_rejected)]
     metrics = pair_metrics(logps)                            # one model alone

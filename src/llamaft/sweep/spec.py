@@ -267,7 +267,7 @@ def _int(raw: dict, key: str, default: int, where: str) -> int:
 
 def _objective(raw: dict, base: dict, where: str) -> tuple[str, str]:
     """(eval/<set>/<metric>, direction): the set must be one the base config evaluates, the metric one
-    it logs for that set (loss, and perplexity for sft or the preference metrics for dpo / orpo;
+    it logs for that set (loss, and perplexity for sft or the preference metrics for dpo / orpo / simpo;
     generation metrics when eval.generation names them)."""
     from ..data.sources import validation_sets
 

@@ -157,7 +157,7 @@ class GenerationEvalCallback(TrainerCallback):
                  metrics_path: str | Path | None = None, generate: Callable | None = None, perplexity: bool = True,
                  every_rank: bool = False):
         """sets: validation set name -> conversations (`split_conversations(...).validation`); log: e.g. trainer.log;
-        perplexity: False for preference objectives, whose eval loss is the DPO / ORPO loss, no token NLL.
+        perplexity: False for preference objectives, whose eval loss is the DPO / ORPO / SimPO loss, no token NLL.
         every_rank: every process generates (FSDP: each forward needs them all; greedy, so all generate alike),
         rank 0 alone logs; else rank 0 alone generates."""
         self.perplexity = perplexity
@@ -221,7 +221,7 @@ DURING_TRAINING_NOTE = (
 def eval_scope(eval_cfg, rows: dict[str, int], examples: dict[str, int], objective: str = "sft") -> dict:
     """summary.json's `eval_during_training`: what each set's numbers in `eval` were computed on.
     rows: set -> its rows (conversations); examples: set -> its token examples (what the loss covers);
-    objective: dpo / orpo sets are scored by the preference loss and metrics, not perplexity."""
+    objective: dpo / orpo / simpo sets are scored by the preference loss and metrics, not perplexity."""
     plan = check_generation_sets(eval_cfg, list(rows))
     sets = {}
     for name, n_rows in rows.items():

@@ -1,9 +1,10 @@
-"""Preference objectives (train.objective dpo / orpo) on TRL's trainers, fed with OUR token ids.
+"""Preference objectives (train.objective dpo / orpo / simpo) on TRL's trainers, fed with OUR token ids.
 
     parts = objective_parts(cfg, run, dtype)     # what the one training path (recipe.py) builds its Trainer from
     trainer = parts.cls(model=..., args=..., train_dataset=parts.train, ..., **parts.kwargs)
 
-The losses are TRL's (DPOTrainer, trl.experimental.orpo.ORPOTrainer); what is ours:
+The losses are TRL's (DPOTrainer, trl.experimental.orpo.ORPOTrainer, and for SimPO
+trl.experimental.cpo.CPOTrainer with loss_type=simpo and cpo_alpha=0: no NLL term); what is ours:
 - the data: data/chat.encode_pair gives prompt_ids / chosen_ids / rejected_ids; TRL's own
   tokenization (`_prepare_dataset`, `tokenize_row`) is replaced by a pass-through, so the prompt
   tokens are exactly SFT's and inference's and each completion ends with its trained turn-end token;
@@ -21,7 +22,7 @@ The losses are TRL's (DPOTrainer, trl.experimental.orpo.ORPOTrainer); what is ou
 The fast path for DPO (fast.preference_packing; model/fast/plan_preference.py decides, its reason
 lines say what runs): pairs packed into padding-free rows (data/pack_pairs.py), the policy and the
 reference each one forward over them, TRL's chunked log-prob head (no full-vocabulary logits) and
-TRL's loss and metrics (train/preference_fast.py). Otherwise, and for ORPO, pairs are padded.
+TRL's loss and metrics (train/preference_fast.py). Otherwise, and for ORPO / SimPO, pairs are padded.
 """
 
 from __future__ import annotations
@@ -57,13 +58,13 @@ class TrainerParts:
     eval: dict
     args_cls: type | None = None  # None: HF TrainingArguments
     args: dict = field(default_factory=dict)  # extra TrainingArguments / TRL config fields
-    collator: Any = None  # None: pick_plan's (SFT, DPO); ORPO: TRL's pair collator with our pad id (never EOS)
+    collator: Any = None  # None: pick_plan's (SFT, DPO); ORPO / SimPO: TRL's pair collator with our pad id (never EOS)
     kwargs: dict = field(default_factory=dict)
     lengths: list[int] = field(default_factory=list)
 
 
 def objective_parts(cfg, run, dtype) -> TrainerParts:
-    """SFT: our Trainer over ListDatasets. dpo / orpo: TRL's trainer (with ours in front) over our pair ids."""
+    """SFT: our Trainer over ListDatasets. dpo / orpo / simpo: TRL's trainer (with ours in front) over our pair ids."""
     objective = cfg.train.objective
     if objective == "sft":
         train = ListDataset(run.data.train)
@@ -75,7 +76,7 @@ def objective_parts(cfg, run, dtype) -> TrainerParts:
 
     disable_progress_bars()  # TRL maps the (already tokenized) sets: no "Map: 100%" bars between our lines
 
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO lives in trl.experimental: the API is pinned in pyproject.toml
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO / CPO live in trl.experimental: the API is pinned in pyproject.toml
 
     def rows(examples):
         return Dataset.from_list([{"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids,
@@ -84,14 +85,8 @@ def objective_parts(cfg, run, dtype) -> TrainerParts:
     train = rows(run.data.train)
     evals = {n: rows(run.data.validation[n]) for n in run.set_names}
     common = dict(remove_unused_columns=False, beta=getattr(cfg, objective).beta, max_length=None)
-    if objective == "orpo":
-        from trl.experimental.orpo import ORPOConfig
-
-        from trl.experimental.utils import DPODataCollatorWithPadding
-
-        return TrainerParts(_orpo_class(), train, evals, ORPOConfig, dict(common, max_length=cfg.data.max_seq_length,
-                            padding_value=run.rules.pad_id), DPODataCollatorWithPadding(pad_token_id=run.rules.pad_id),
-                            kwargs={"processing_class": run.tokenizer})
+    if objective in ("orpo", "simpo"):
+        return _reference_free_parts(cfg, run, train, evals, dict(common, max_length=cfg.data.max_seq_length))
     from trl import DPOConfig
 
     d = cfg.dpo
@@ -102,9 +97,27 @@ def objective_parts(cfg, run, dtype) -> TrainerParts:
                                 "keep_ref_adapter": keep})
 
 
+def _reference_free_parts(cfg, run, train, evals, common: dict) -> TrainerParts:
+    """ORPO (TRL's ORPOTrainer) or SimPO (TRL's CPOTrainer with loss_type=simpo): padded pairs, no reference."""
+    from trl.experimental.utils import DPODataCollatorWithPadding
+
+    if cfg.train.objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        trainer, config, args = ORPOTrainer, ORPOConfig, dict(common, padding_value=run.rules.pad_id)
+    else:  # CPOTrainer pads with the tokenizer's pad id: ours (model/tokenizer.py), never EOS
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        # cpo_alpha=0: SimPO is the margin loss alone (CPO's default 1.0 adds an NLL term on chosen)
+        trainer, config, args = CPOTrainer, CPOConfig, dict(common, loss_type="simpo", cpo_alpha=0.0,
+                                                            simpo_gamma=cfg.simpo.gamma)
+    return TrainerParts(_padded_pairs_class(trainer), train, evals, config, args,
+                        DPODataCollatorWithPadding(pad_token_id=run.rules.pad_id), kwargs={"processing_class": run.tokenizer})
+
+
 def pick_plan(cfg, model, pad_id: int, lengths: list[int]):
-    """setup.pick_collator_and_plan for SFT; dpo / orpo: model/fast/plan_preference's plan (packed DPO
-    pairs, or padded pairs), installed, and its collator (ORPO's comes with objective_parts)."""
+    """setup.pick_collator_and_plan for SFT; dpo / orpo / simpo: model/fast/plan_preference's plan (packed
+    DPO pairs, or padded pairs), installed, and its collator (ORPO's / SimPO's comes with objective_parts)."""
     if cfg.train.objective == "sft":
         return pick_collator_and_plan(cfg, model, pad_id, lengths)
     from ..model.fast import apply_fast_path
@@ -190,14 +203,13 @@ def _dpo_class():
     return DPOOnOurIds
 
 
-def _orpo_class():
-    from trl.experimental.orpo import ORPOTrainer
+def _padded_pairs_class(base: type) -> type:
+    """`base` (TRL's ORPOTrainer or CPOTrainer: the same tokenize_row / _stored_metrics machinery) on
+    data/chat's ids, with our checkpoints and non-finite guard."""
 
-    class ORPOOnOurIds(_PerSetMetrics, AtomicCheckpointTrainer, ORPOTrainer):
-        """ORPOTrainer on data/chat's ids, with our checkpoints and non-finite guard."""
-
+    class PairsOnOurIds(_PerSetMetrics, AtomicCheckpointTrainer, base):
         def __init__(self, *args, eval_dataset=None, **kwargs):
-            # ORPOTrainer maps one eval Dataset, not a dict of named sets: it gets the first, then every
+            # TRL maps one eval Dataset, not a dict of named sets: it gets the first, then every
             # set goes through the same tokenize_row pass-through
             first = next(iter(eval_dataset.values())) if isinstance(eval_dataset, dict) else eval_dataset
             super().__init__(*args, eval_dataset=first, **kwargs)
@@ -219,7 +231,10 @@ def _orpo_class():
             mode = "train" if "loss" in logs else "eval"
             stored = self._stored_metrics.pop(mode, {})
             values = {k.removeprefix("eval_"): sum(v) / len(v) for k, v in stored.items() if v}
+            if getattr(self, "cpo_alpha", None) == 0:  # SimPO: CPO logs nll_loss 0.0, never computed
+                values.pop("nll_loss", None)
             logs.update(_renamed(values, "" if mode == "train" else f"{self._eval_prefix}_"))
             super().log(logs, start_time)
 
-    return ORPOOnOurIds
+    PairsOnOurIds.__name__ = PairsOnOurIds.__qualname__ = f"{base.__name__}OnOurIds"
+    return PairsOnOurIds

@@ -234,7 +234,7 @@ def check_inputs(cfg, data_cache=None, say=None, resumed: Path | None = None) ->
     model.name a run directory: its base (a LoRA run's adapter merged once, cached) after the data
     checks, before the tokenizer. `resumed`: the run directory a resumed run continues."""
     splits = cached_splits(cfg.data, data_cache)  # bad rows fail here, in seconds, before any tokenizer/model load
-    check_objective_formats(cfg.train.objective, splits.formats)  # preference rows for dpo / orpo, SFT rows for sft
+    check_objective_formats(cfg.train.objective, splits.formats)  # preference rows for dpo / orpo / simpo, SFT rows for sft
     model_cfg, started = start_from_run(cfg.model, say)
     if resumed is not None:
         check_resumed(started, resumed)  # model.from_run: stack: the frozen adapter as the checkpoint trained on it

@@ -1,5 +1,6 @@
 """model.fast.plan_preference: which DPO runs pack their pairs, with which attention, and why."""
 
+import pytest
 import torch
 
 from fast_helpers import cfg
@@ -35,9 +36,10 @@ def test_explicit_settings_win():
     assert not on and "fast.preference_packing=off" in why
 
 
-def test_orpo_stays_padded():
-    (on, attention), why = preference_packing(cfg(train__objective="orpo", fast__preference_packing="on"), CUDA)
-    assert (on, attention) == (False, "sdpa") and "ORPOTrainer on padded pairs" in why
+@pytest.mark.parametrize("objective, trainer", [("orpo", "ORPOTrainer"), ("simpo", "CPOTrainer (loss_type=simpo)")])
+def test_reference_free_objectives_stay_padded(objective, trainer):
+    (on, attention), why = preference_packing(cfg(train__objective=objective, fast__preference_packing="on"), CUDA)
+    assert (on, attention) == (False, "sdpa") and f"{trainer} on padded pairs" in why
 
 
 def test_the_plan_installs_packing_attention_and_the_decoder_kernels_on_cuda(monkeypatch):

@@ -1,4 +1,4 @@
-"""The plan for preference objectives (train.objective dpo / orpo): `preference_plan(cfg, model, gc)`.
+"""The plan for preference objectives (train.objective dpo / orpo / simpo): `preference_plan(cfg, model, gc)`.
 
     plan = preference_plan(cfg, model, gc=True)    # a FastPlan: pair packing + its attention, or plain
     print("\\n".join(plan.reasons))               # summary.json's `fast_path`
@@ -11,7 +11,7 @@ NF4 one for QLoRA) as SFT decides them (plan.fused_lora, nf4_kernel), our layer 
 disabled: the fused forward hands that state to PEFT's own (model/fast/lora.py). The
 log-probs come from TRL's own chunked log-prob head (trl's add_fused_lm_head, installed by
 DPOTrainer): no full-vocabulary logits, on packed rows as on padded pairs. Everything else stays off
-(PREFERENCE_OFF); ORPO stays on TRL's plain padded path. Deciders return (value, reason), as in plan.py.
+(PREFERENCE_OFF); ORPO and SimPO stay on TRL's plain padded path. Deciders return (value, reason), as in plan.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def preference_packing(cfg, facts: Facts):
     head = f"fast path off for train.objective={objective}"
     plain = "sdpa" if cfg.fast.attention == "auto" else cfg.fast.attention  # padded rows: HF's mask path
     if objective != "dpo":
-        return (False, plain), (f"{head}: TRL's ORPOTrainer on padded pairs (full-vocabulary logits; "
+        trainer = "ORPOTrainer" if objective == "orpo" else "CPOTrainer (loss_type=simpo)"
+        return (False, plain), (f"{head}: TRL's {trainer} on padded pairs (full-vocabulary logits; "
                                 "fast.preference_packing is DPO's)")
     if setting == "off":
         return (False, plain), f"{head}: pairs padded, not packed (fast.preference_packing=off)"
@@ -91,7 +92,7 @@ def preference_compile(cfg, own: bool = False):
 
 
 def preference_plan(cfg, model=None, gc: bool = False, facts: Facts | None = None) -> FastPlan:
-    """The FastPlan of a dpo / orpo run: packing and its attention kernel, on CUDA fused LoRA / NF4 and
+    """The FastPlan of a dpo / orpo / simpo run: packing and its attention kernel, on CUDA fused LoRA / NF4 and
     compile when asked (install.apply_fast_path installs those and HF's checkpointing), every other piece off. `gc`: HF's gradient
     checkpointing as the plain path decides it (train/setup.gradient_checkpointing)."""
     if facts is None:  # as SFT's plan reads them; the packed kernel probed even with fast.enabled=false: `on` wins
