@@ -125,7 +125,7 @@ def run_trl(model_dir: Path, rows: list[dict], a, work: Path) -> dict:
 
     cuda = torch.cuda.is_available()
     args = DPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=a.batch, max_steps=a.steps,
-                     learning_rate=a.lr, bf16=cuda, use_cpu=not cuda, gradient_checkpointing=cuda, logging_steps=1,
+                     learning_rate=a.lr, bf16=cuda, use_cpu=not cuda, gradient_checkpointing=cuda and a.gc != "off", logging_steps=1,
                      report_to=[], save_strategy="no", max_length=None, beta=0.1, lr_scheduler_type="constant",
                      model_init_kwargs={"dtype": torch.bfloat16 if cuda else torch.float32})
     meter = _Meter()
@@ -199,7 +199,7 @@ def parse_args(argv=None):
     p.add_argument("--packing", default="auto", choices=["auto", "on", "off"],
                    help="fast.preference_packing of the 'llamaft' tool (auto: packed pairs on the GPU)")
     p.add_argument("--gc", default="on", choices=["auto", "on", "off"],
-                   help="llamaft's train.gradient_checkpointing on the GPU (TRL checkpoints by default: on)")
+                   help="llamaft's train.gradient_checkpointing on the GPU; off also turns TRL's off (each tool at its fastest)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="llamaft's fast.compile")
     p.add_argument("--offload", default="auto", choices=["auto", "on", "off"], help="llamaft's fast.offload_checkpoints")
     p.add_argument("--vary", action="store_true", help="mixed pair lengths around the means (module doc)")
