@@ -95,3 +95,25 @@ def test_one_read_conversion_equals_transformers_gguf_loader(tmp_path):
     with torch.no_grad():
         la, lb = (AutoModelForCausalLM.from_pretrained(d).eval()(ids).logits for d in (fast, ref))
     assert torch.equal(la, lb)
+
+
+def test_gguf_reader_parses_exactly_what_gguf_parses(tmp_path):
+    """The plain-view reader is gguf's own parser over the same bytes: every field and tensor equal."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_token_list([f"tok{i}" for i in range(300)])
+    w.add_token_scores([float(i) for i in range(300)])
+    w.add_string("general.name", "tiny")
+    w.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    plain, fast = gguf.GGUFReader(str(path)), assets.gguf_reader(str(path))
+    assert not isinstance(fast.data, np.memmap) and isinstance(plain.data, np.memmap)
+    assert list(fast.fields) == list(plain.fields)
+    for name, field in plain.fields.items():
+        assert fast.fields[name].contents() == field.contents(), name
+    assert fast.fields["tokenizer.ggml.tokens"].contents()[299] == "tok299"
+    assert [(t.name, t.data.tolist()) for t in fast.tensors] == [(t.name, t.data.tolist()) for t in plain.tensors]

@@ -91,6 +91,26 @@ def _save_tokenizer(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def gguf_reader(path):
+    """gguf.GGUFReader reading through a plain ndarray view of its memory map: the same parser and
+    the same file pages, 2-3x faster to open. The reader slices its numpy.memmap once per metadata
+    value, and a memmap slice runs numpy.memmap.__array_finalize__ in Python: over a vocabulary's
+    ~100k-400k strings that was 2.9 of 4.3 s for SmolLM2's GGUF on 2 cores (1.4 s this way)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    class _PlainViewReader(GGUFReader):
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return _PlainViewReader(path)
+
+
 def convert_llama_gguf(gguf: Path, out: Path) -> None:
     """GGUF (llama architecture) -> HF safetensors, reading the file once.
 
@@ -102,13 +122,13 @@ def convert_llama_gguf(gguf: Path, out: Path) -> None:
     """
     import numpy as np
     import torch
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .console import quiet_libraries
 
     quiet_libraries()  # no "Writing model shards" bar when called from Python (the CLI already did this)
-    reader = GGUFReader(gguf)
+    reader = gguf_reader(gguf)
     meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.")
             or name.endswith("_id")}
     if meta.get("general.architecture") != "llama":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .assets import prepare_smollm2, smollm2_prepared
 from .console import make_console
-from .demo_data import CHAT_BOOKINGS, GENERAL_QUESTION, SYSTEM_PROMPT, write_demo_data
+from .demo_data import CHAT_BOOKINGS, GENERAL_QUESTION, N_VAL, SYSTEM_PROMPT, write_demo_data
 from .errors import LlamaftError
 from .paths import check_output_dir, write_text_atomic
 
@@ -86,8 +86,10 @@ def demo_config(model_dir: Path, data: dict[str, Path], out_dir: Path, steps: in
                 "logging_every": 1,
                 "seed": 0,
             },
-            # A small fixed sample during training (CPU time); the evaluate stages score every row.
-            "eval": {"generation": {"*": {"metrics": ["exact_match"], "max_samples": 8, "max_new_tokens": 36}}},
+            # A small fixed sample during training (CPU time); the evaluate stages score every row, all
+            # N_VAL in one generate() batch (3 batches of 8 took 4 s more per stage on 2 cores).
+            "eval": {"generation": {"*": {"metrics": ["exact_match"], "max_samples": 8, "max_new_tokens": 36,
+                                          "batch_size": N_VAL}}},
         },
         source="demo config",
     )

@@ -12,6 +12,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
+from llamaft.assets import gguf_reader  # noqa: E402 - gguf's own reader over a plain ndarray view (faster)
 from llamaft.errors import LlamaftError  # noqa: E402
 from llamaft.export.gguf import export_gguf, llama3_rope_factors, permute_qk, unpermute_qk  # noqa: E402
 
@@ -58,7 +59,7 @@ def test_permute_roundtrip():
 def test_llama31_f16_roundtrip(llama31_dir, tmp_path):
     out = export_gguf(llama31_dir, tmp_path / "m.gguf", "f16", ollama=True)
     assert out == tmp_path / "m.gguf" and not list(tmp_path.glob(".*tmp"))
-    r = gguf.GGUFReader(str(out))
+    r = gguf_reader(str(out))
     f = fields(r)
     assert f["general.architecture"] == "llama"
     assert f["llama.block_count"] == 2 and f["llama.context_length"] == 131072
@@ -126,7 +127,7 @@ def test_rope_factors_match_transformers():
 def test_smollm2_q8_0_roundtrip(smol_dir, tmp_path):
     out = export_gguf(smol_dir, tmp_path, "q8_0", ollama=True)  # a directory: name chosen for us
     assert out == tmp_path / "merged.q8_0.gguf"
-    r = gguf.GGUFReader(str(out))
+    r = gguf_reader(str(out))
     f = fields(r)
     assert f["tokenizer.ggml.pre"] == "smollm" and f["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     assert f["llama.rope.freq_base"] == 100000.0 and f["llama.vocab_size"] == 49152
@@ -152,7 +153,7 @@ def test_smollm2_q8_0_roundtrip(smol_dir, tmp_path):
 
 def test_q4_0_keeps_output_wider(smol_dir, tmp_path):
     out = export_gguf(smol_dir, tmp_path / "m.gguf", "q4_0")
-    got, hf = tensors(gguf.GGUFReader(str(out))), hf_state(smol_dir)
+    got, hf = tensors(gguf_reader(str(out))), hf_state(smol_dir)
     # tied: token_embd is also the output matrix, so it stays 8-bit
     assert got["blk.0.ffn_up.weight"][1] == "Q4_0" and got["token_embd.weight"][1] == "Q8_0"
     w, ref = got["blk.0.ffn_up.weight"][0], hf["model.layers.0.mlp.up_proj.weight"]
@@ -163,7 +164,7 @@ def test_q4_0_keeps_output_wider(smol_dir, tmp_path):
 
 def test_bf16_and_errors(smol_dir, tmp_path):
     out = export_gguf(smol_dir, tmp_path / "m.gguf", "bf16")
-    got, hf = tensors(gguf.GGUFReader(str(out))), hf_state(smol_dir)
+    got, hf = tensors(gguf_reader(str(out))), hf_state(smol_dir)
     assert got["blk.0.attn_v.weight"][1] == "BF16"
     np.testing.assert_allclose(got["blk.0.attn_v.weight"][0], hf["model.layers.0.self_attn.v_proj.weight"], rtol=1e-2, atol=1e-4)
     with pytest.raises(LlamaftError, match="unknown GGUF outtype"):

@@ -12,6 +12,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: run scr
 
 from gguf_helpers import make_model_dir  # noqa: E402
 
+from llamaft.assets import gguf_reader  # noqa: E402 - gguf's own reader over a plain ndarray view (faster)
 from llamaft.model.generate import GenParams  # noqa: E402
 from llamaft.chat.gguf_backend import load_gguf, prompt_tokens, stream_chat_gguf  # noqa: E402
 from llamaft.export.gguf import export_gguf  # noqa: E402
@@ -111,7 +112,7 @@ def test_q4_k_m_through_llama_cpp(tmp_path):
 
     d = make_model_dir(tmp_path / "merged", "smollm2", std=0.3)
     out = export_gguf(d, tmp_path / "m.q4_k_m.gguf", "q4_k_m")
-    r = gguf.GGUFReader(str(out))
+    r = gguf_reader(str(out))
     assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
     assert r.fields["tokenizer.ggml.pre"].contents() == "smollm"
     # 64-wide rows are not whole 256-blocks, so llama.cpp picks its fallbacks (q5_0, q8_0, ...), never f16

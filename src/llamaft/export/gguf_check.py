@@ -217,7 +217,9 @@ def _file_type(gguf_path) -> str:
     """general.file_type as llamaft names it: F32, F16, BF16, Q8_0, Q4_K_M, ..."""
     import gguf
 
-    reader = gguf.GGUFReader(str(gguf_path))
+    from ..assets import gguf_reader
+
+    reader = gguf_reader(str(gguf_path))  # the whole vocabulary is parsed to reach one field: the fast view
     ftype = gguf.LlamaFileType(int(reader.fields["general.file_type"].contents())).name.removeprefix("MOSTLY_")
     return "F32" if ftype == "ALL_F32" else ftype
 
