@@ -443,8 +443,11 @@ def test_compiled_layers_under_ddp_skip_dynamos_ddp_optimizer(monkeypatch):
     layer is compiled -- on 2 x H200 it failed to compile a decoder layer; one process: left as is."""
     from llamaft.model.fast.compile import compile_blocks
 
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert compile_blocks([torch.nn.Linear(2, 2)]) == 1 and torch._dynamo.config.optimize_ddp is True
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert compile_blocks([torch.nn.Linear(2, 2)]) == 1 and torch._dynamo.config.optimize_ddp is False
+    # torch's own config patch, not monkeypatch: monkeypatch's undo left optimize_ddp deleted from
+    # dynamo's config, and every later torch.compile in the session failed reading it
+    with torch._dynamo.config.patch(optimize_ddp=True):
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        assert compile_blocks([torch.nn.Linear(2, 2)]) == 1 and torch._dynamo.config.optimize_ddp is True
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert compile_blocks([torch.nn.Linear(2, 2)]) == 1 and torch._dynamo.config.optimize_ddp is False
+    assert torch._dynamo.config.optimize_ddp is not None  # still there after the test
