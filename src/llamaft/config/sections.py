@@ -231,7 +231,6 @@ class FastConfig(_Section):
         return v
 
 
-
 class FsdpConfig(_Section):
     """FSDP2 (distributed.strategy=fsdp): each process holds 1/N of the weights, gradients and optimizer states."""
 

@@ -52,9 +52,10 @@ class StartRun:
     run_dir: Path | None = None  # the run directory (its config.yaml names its base)
 
 
-def find_run(name: str) -> StartRun | None:
+def find_run(name: str, hashed: bool = True) -> StartRun | None:
     """The llamaft run `name` names, or None (hub ids, model directories, GGUF files). A run without
-    final weights (interrupted, stopped, still training) is one line saying why."""
+    final weights (interrupted, stopped, still training) is one line saying why. `hashed=False`: no
+    adapter hash (`key` None) for a caller that needs only where the weights are."""
     from .inference import resolve_source
 
     p = Path(name).expanduser()
@@ -68,7 +69,7 @@ def find_run(name: str) -> StartRun | None:
         raise LlamaftError(f"model.name: {err}") from None
     if src.kind == "model":
         return None
-    key = adapter_key(src.weights) if src.kind == "adapter" else None
+    key = adapter_key(src.weights) if src.kind == "adapter" and hashed else None
     return StartRun(p.resolve(), src.kind, src.weights.resolve(), key, src.run_dir and Path(src.run_dir).resolve())
 
 
@@ -156,8 +157,9 @@ def frozen_adapter(started: dict | None) -> Path | None:
 
 def frozen_under(model_cfg) -> Path | None:
     """The adapter a stacked run's own adapter goes on when it is loaded (model.name as config.yaml
-    names it: the SFT run), or None for any other run; run_base refuses it if it changed."""
-    start = find_run(model_cfg.name) if model_cfg.from_run == "stack" else None
+    names it: the SFT run), or None for any other run; run_base refuses it if it changed (and hashes it:
+    not here too)."""
+    start = find_run(model_cfg.name, hashed=False) if model_cfg.from_run == "stack" else None
     return start.weights if start is not None and start.kind == "adapter" else None
 
 

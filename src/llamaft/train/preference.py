@@ -32,6 +32,7 @@ from typing import Any
 
 from ..data.chat import PreferenceExample
 from ..model.adapters import is_stacked, stack_on
+from ..model.from_run import continued_adapter
 from ..model.load import load_base
 from .checkpoint import AtomicCheckpointTrainer
 from .preference_fast import PackedPairsDPO
@@ -91,7 +92,7 @@ def objective_parts(cfg, run, dtype) -> TrainerParts:
 
     d = cfg.dpo
     args = dict(common, loss_type=[d.loss_type], label_smoothing=d.label_smoothing, pad_to_multiple_of=None)
-    keep = bool(run.started_from and run.started_from.get("from_run") == "continue")  # reference: the adapter as loaded
+    keep = continued_adapter(run.started_from) is not None  # the reference: the continued adapter as loaded
     return TrainerParts(_dpo_class(), train, evals, DPOConfig, args,  # the collator: pick_plan's (packed or padded)
                         kwargs={"processing_class": run.tokenizer, "ref_model": reference_model(cfg, run, dtype),
                                 "keep_ref_adapter": keep})
